@@ -1,0 +1,114 @@
+"""Shared fixtures: real tokenizers and documents from ../shared/corpus, real shards in a temp dir,
+and a runner that launches train_gpt.py as users do (plain python or torchrun), with a timeout."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "corpus"
+sys.path.insert(0, str(ROOT))
+
+import train_gpt  # noqa: E402
+
+
+def tokenizer_path(vocab: int) -> Path:
+    path = CORPUS / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    if not path.is_file():
+        pytest.skip(f"real tokenizer not found: {path.name} (needs ../shared/corpus beside the repo)")
+    return path
+
+
+def read_docs(relative: str) -> list[str]:
+    import zstandard
+
+    path = CORPUS / relative
+    if not path.is_file():
+        pytest.skip(f"corpus file not found: {relative}")
+    with open(path, "rb") as f:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8").read()
+    return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+
+
+def write_shard(path: Path, tokens) -> None:
+    header = np.zeros(train_gpt.HEADER_INTS, dtype="<i4")
+    header[:3] = (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def encode_docs(sp, docs: list[str]) -> list[int]:
+    tokens = []
+    for ids in sp.encode(docs):
+        tokens += [1] + ids
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def sp1024():
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_path(1024)))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, sp1024) -> Path:
+    """The real FineWeb sample (270 train / 15 val documents) as challenge shards, sp1024."""
+    folder = tmp_path_factory.mktemp("fineweb_sp1024")
+    train = encode_docs(sp1024, read_docs("fineweb_sample/train.jsonl.zst"))
+    write_shard(folder / "fineweb_train_000000.bin", train[: len(train) // 2])
+    write_shard(folder / "fineweb_train_000001.bin", train[len(train) // 2:])
+    write_shard(folder / "fineweb_val_000000.bin", encode_docs(sp1024, read_docs("fineweb_sample/val.jsonl.zst")))
+    return folder
+
+
+def tiny_env(data: Path, **overrides) -> dict[str, str]:
+    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer_path(1024)), VOCAB_SIZE="1024",
+               MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
+               TRAIN_BATCH_TOKENS="2048", ITERATIONS="30", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1",
+               VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="5", VAL_BATCH_SIZE="16384")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def clean_environ() -> dict[str, str]:
+    """The test process's environment minus anything that would be read as (or near) a knob."""
+    env = {k: v for k, v in os.environ.items() if k not in train_gpt.env_knobs()}
+    try:
+        train_gpt.check_typos(env)
+    except train_gpt.ConfigError:
+        env = {k: v for k, v in env.items() if k in ("PATH", "HOME", "LANG") or k.startswith("PYTHON")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_script(env: dict[str, str], cwd: Path, nproc: int = 0, timeout: int = 240,
+               script: Path | None = None) -> subprocess.CompletedProcess:
+    """Run train_gpt.py (or `script`) with `env` added; nproc > 0 launches it under torchrun."""
+    script = script or ROOT / "train_gpt.py"
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    else:
+        cmd = [sys.executable, str(script)]
+    return subprocess.run(cmd, cwd=cwd, env={**clean_environ(), **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def final_summary(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith("final_summary ")]
+    assert len(lines) == 1, output[-3000:]
+    return json.loads(lines[0].removeprefix("final_summary "))
+
+
+def logged_losses(output: str) -> dict[int, float]:
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ train_loss:([\d.]+)", output, re.M)}

@@ -1,0 +1,112 @@
+"""Configuration: strict parsing, relations between knobs, typo detection, and README completeness."""
+from __future__ import annotations
+
+import random
+import re
+import string
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script, tiny_env
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from env_table import render_default  # noqa: E402
+from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, Config, ConfigError, build_config, env_knobs
+
+
+def test_defaults_are_the_upstream_baseline_shape():
+    cfg = build_config({})
+    assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult) == (9, 512, 8, 4, 2.0)
+    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (1024, 1024, 524_288)
+    assert cfg.repeats == 1 and cfg.micro_steps == 8 and cfg.micro_batch_seqs == 64
+    assert build_config({}, world_size=8).micro_steps == 1
+
+
+def test_values_are_parsed_strictly():
+    cfg = build_config({"MLP_MULT": "2.5", "TIE_EMBEDDINGS": "0", "MLP_ACT": "leaky_relu2", "SEED": " 7 "})
+    assert cfg.mlp_mult == 2.5 and cfg.tie_embeddings is False and cfg.mlp_act == "leaky_relu2" and cfg.seed == 7
+    for name, value in [("NUM_LAYERS", "9.0"), ("NUM_LAYERS", "nine"), ("TIE_EMBEDDINGS", "yes"),
+                        ("MATRIX_LR", "nan"), ("MLP_ACT", "gelu"), ("ROPE_BASE", "")]:
+        with pytest.raises(ConfigError, match=name):
+            build_config({name: value})
+
+
+@pytest.mark.parametrize("env, culprit", [
+    ({"MODEL_DIM": "500"}, "NUM_HEADS"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
+    ({"NUM_UNIQUE_LAYERS": "4"}, "NUM_LAYERS"),
+    ({"LOOP_START": "9"}, "LOOP_START"),
+    ({"LOOP_END": "10"}, "LOOP_END"),
+    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
+    ({"ITERATIONS": "0", "MAX_WALLCLOCK_SECONDS": "0"}, "ITERATIONS"),
+    ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL"),
+    ({"XSA_LAST_N": "10"}, "XSA_LAST_N"),
+])
+def test_bad_relations_name_the_variable(env, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        build_config(env)
+
+
+def one_edit(name: str, rng: random.Random) -> str:
+    alphabet = string.ascii_uppercase + "_" + string.digits
+    i = rng.randrange(len(name) + 1)
+    kind = rng.choice(["substitute", "insert", "delete"])
+    if kind == "insert" or i == len(name):
+        return name[:i] + rng.choice(alphabet) + name[i:]
+    if kind == "delete":
+        return name[:i] + name[i + 1:]
+    return name[:i] + rng.choice(alphabet.replace(name[i], "")) + name[i + 1:]
+
+
+def test_random_one_edit_typos_of_every_knob_are_errors():
+    rng, knobs, checked = random.Random(0), env_knobs(), 0
+    for name in knobs:
+        for _ in range(8):
+            typo = one_edit(name, rng)
+            if typo in knobs or typo in ENV_ALLOWLIST or typo.startswith(ENV_ALLOWED_PREFIXES) or not typo:
+                continue
+            with pytest.raises(ConfigError) as err:
+                build_config({typo: "1"})
+            assert typo in str(err.value) and "did you mean" in str(err.value)
+            checked += 1
+    assert checked > 5 * len(knobs)
+
+
+def test_typo_error_names_the_knob():
+    with pytest.raises(ConfigError, match="NUM_LAYERS"):
+        build_config({"NUM_LAYER": "9"})
+    with pytest.raises(ConfigError, match="MAX_WALLCLOCK_SECONDS"):
+        build_config({"MAX_WALCLOCK_SECOND": "60"})
+
+
+def test_launcher_and_system_variables_are_allowed():
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "x",
+           "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x", "NCCL_DEBUG": "INFO", "CUDA_VISIBLE_DEVICES": "0",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": ".", "PATH": "/bin", "PWD": "/", "HOME": "/"}
+    assert build_config(env).world_size == 1
+
+
+def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path, tiny_data):
+    result = run_script(tiny_env(tiny_data, NUM_HEADS="3"), tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "NUM_HEADS" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_readme_documents_every_knob_with_its_default():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", readme, re.M)}
+    for name, field in env_knobs().items():
+        assert name in rows, f"README table lacks {name}"
+        shown = render_default(field.default)
+        assert rows[name] == shown, f"README default of {name} is {rows[name]!r}, code has {shown!r}"
+    assert set(rows) <= set(env_knobs()), f"README documents unknown knobs: {set(rows) - set(env_knobs())}"
+
+
+def test_config_is_frozen():
+    cfg = build_config({})
+    with pytest.raises(Exception):
+        cfg.seed = 1  # type: ignore[misc]
+    assert isinstance(cfg, Config)

@@ -1,0 +1,110 @@
+"""Shard reading, rank-disjoint loading, and one-line errors for bad inputs (run as users run it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, tiny_env, tokenizer_path, write_shard
+from train_gpt import DataError, TrainLoader, load_shard, read_shard_header
+
+
+def position_shards(folder, sizes):
+    """Shards whose tokens are their global positions (mod 65536), so a batch tells where it came from."""
+    paths, pos = [], 0
+    for i, n in enumerate(sizes):
+        path = folder / f"fineweb_train_{i:06d}.bin"
+        write_shard(path, (np.arange(pos, pos + n) % 65536))
+        paths.append(path)
+        pos += n
+    return paths
+
+
+def test_shard_round_trip(tmp_path):
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, [1, 2, 65535, 0])
+    assert read_shard_header(path) == 4 and path.stat().st_size == 1024 + 8
+    assert load_shard(path).tolist() == [1, 2, 65535, 0]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_loader_ranks_are_disjoint_and_contiguous(tmp_path, world_size):
+    paths = position_shards(tmp_path, [700, 333, 1500])
+    seqs, seq_len, steps = 2, 16, 5
+    seen = []
+    for rank in range(world_size):
+        loader = TrainLoader(paths, rank, world_size, seqs, seq_len, torch.device("cpu"))
+        for _ in range(steps):
+            x, y = loader.next_batch()
+            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+            seen.append(torch.cat([x.flatten(), y.flatten()[-1:]]))
+    # each rank's span per step covers seqs*seq_len+1 consecutive positions; spans never overlap
+    positions = torch.cat(seen)
+    span = seqs * seq_len + 1
+    assert len(positions) == len(set(positions.tolist())) == span * world_size * steps
+    assert sorted(positions.tolist()) == list(range(span * world_size * steps))
+
+
+def test_loader_wraps_to_the_first_shard(tmp_path):
+    paths = position_shards(tmp_path, [50, 30])
+    loader = TrainLoader(paths, 0, 1, 1, 32, torch.device("cpu"))
+    firsts = [loader.next_batch()[0][0, 0].item() for _ in range(4)]
+    assert firsts == [0, 33, 66 % 80, (99 % 80)]
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-3]), "does not match its header"),
+    (lambda p: p.write_bytes(b"\0" * 4 + p.read_bytes()[4:]), "not a token shard"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "truncated header"),
+])
+def test_bad_shards_name_the_file(tmp_path, corrupt, message):
+    path = tmp_path / "fineweb_val_000000.bin"
+    write_shard(path, list(range(100)))
+    corrupt(path)
+    with pytest.raises(DataError, match=message) as err:
+        read_shard_header(path)
+    assert str(path) in str(err.value)
+
+
+def copy_data(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def bad_input_cases(tiny_data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    truncated = copy_data(tiny_data, tmp_path / "truncated")
+    shard = truncated / "fineweb_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    magic = copy_data(tiny_data, tmp_path / "magic")
+    shard_m = magic / "fineweb_val_000000.bin"
+    shard_m.write_bytes(b"\x01\x02\x03\x04" + shard_m.read_bytes()[4:])
+    short = copy_data(tiny_data, tmp_path / "short")
+    write_shard(short / "fineweb_val_000000.bin", list(range(64)))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("precious")
+    return [
+        (dict(DATA_PATH=str(tmp_path / "missing")), "DATA_PATH"),
+        (dict(DATA_PATH=str(empty)), "no fineweb_train_"),
+        (dict(DATA_PATH=str(truncated)), "fineweb_train_000001.bin"),
+        (dict(DATA_PATH=str(magic)), "fineweb_val_000000.bin: not a token shard"),
+        (dict(TOKENIZER_PATH=str(tmp_path / "nope.model")), "TOKENIZER_PATH"),
+        (dict(VOCAB_SIZE="8192", TOKENIZER_PATH=str(tokenizer_path(1024))), "VOCAB_SIZE=8192"),
+        (dict(DATA_PATH=str(short)), "shorter than one sequence"),
+        (dict(OUT_DIR=str(taken)), "already exists"),
+    ]
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tiny_data, tmp_path):
+    for overrides, culprit in bad_input_cases(tiny_data, tmp_path):
+        result = run_script(tiny_env(tiny_data, **overrides), tmp_path, timeout=60)
+        assert result.returncode == 2, (overrides, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (overrides, lines)
+        assert "Traceback" not in result.stdout + result.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    assert list((tmp_path / "taken").iterdir()) == [tmp_path / "taken" / "keep.txt"]

@@ -1,0 +1,68 @@
+"""Whole runs on the CPU, launched as users launch them: plain python and 2-process torchrun (gloo)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import ROOT, final_summary, logged_losses, run_script, tiny_env
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("single")
+    result = run_script(tiny_env(tiny_data, RUN_ID="single"), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result.stdout
+
+
+def test_loss_falls_and_artifact_is_written(single_run):
+    cwd, out = single_run
+    losses = logged_losses(out)
+    assert losses[1] > 6.5  # ln(1024) = 6.93 at init
+    assert losses[30] < losses[1] - 0.8, losses
+    summary = final_summary(out)
+    run_dir = cwd / "runs" / "single"
+    artifact = run_dir / "final_model.int8.ptz"
+    assert summary["bytes_model"] == artifact.stat().st_size
+    assert summary["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
+    assert summary["bytes_total"] == summary["bytes_model"] + summary["bytes_code"]
+    assert summary["steps"] == 30 and summary["val_loss"] < losses[1] - 0.8
+    log = (run_dir / "single.txt").read_text()
+    assert log.startswith("config {") and (ROOT / "train_gpt.py").read_text() in log
+    assert summary["score_line"] in log
+
+
+def test_final_lines_have_the_documented_format(single_run):
+    _, out = single_run
+    rt = re.search(r"^final_int8_zstd_roundtrip val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:\d+ms$", out, re.M)
+    exact = re.search(r"^final_int8_zstd_roundtrip_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", out, re.M)
+    assert rt and exact
+    assert abs(float(rt[2]) - float(exact[2])) < 1e-4
+    assert abs(final_summary(out)["val_bpb"] - float(exact[2])) < 1e-8
+    pre = re.search(r"^step:30/30 val_loss:[\d.]+ val_bpb:([\d.]+)", out, re.M)
+    assert pre and abs(float(pre[1]) - float(rt[2])) < 0.05  # int8 costs little
+    assert re.search(r"^Total submission size int8\+zstd: \d+ bytes$", out, re.M)
+
+
+def test_existing_run_folder_is_refused(single_run, tiny_data):
+    cwd, _ = single_run
+    before = (cwd / "runs" / "single" / "final_model.int8.ptz").read_bytes()
+    result = run_script(tiny_env(tiny_data, RUN_ID="single"), cwd, timeout=60)
+    assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
+    assert (cwd / "runs" / "single" / "final_model.int8.ptz").read_bytes() == before
+
+
+def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_path):
+    """Same global batch: 2 ranks x 4 micro-steps see the same sequences as 1 rank x 8, so the
+    runs agree up to float reduction order."""
+    _, single = single_run
+    result = run_script(tiny_env(tiny_data, RUN_ID="ddp"), tmp_path, nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final_summary ") == 1  # rank 0 logs alone
+    multi = final_summary(result.stdout)
+    assert multi["world_size"] == 2 and multi["steps"] == 30
+    one, two = logged_losses(single), logged_losses(result.stdout)
+    assert abs(one[1] - two[1]) < 1e-4
+    assert abs(one[30] - two[30]) < 0.03
+    assert abs(final_summary(single)["val_bpb"] - multi["val_bpb"]) < 0.02

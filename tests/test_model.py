@@ -1,0 +1,122 @@
+"""The depth plan, the model and the optimizer's pieces, on CPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train_gpt import (GPT, ConfigError, build_config, core_repeats, depth_plan, newton_schulz, plan_for,
+                       unet_pairs)
+
+
+@pytest.mark.parametrize("unique, start, end, layers, expected", [
+    (3, 0, 2, 9, [0, 1, 2, 0, 1, 2, 0, 1, 2]),
+    (9, 0, 8, 9, list(range(9))),
+    (11, 3, 5, 17, [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]),
+    (1, 0, 0, 9, [0] * 9),
+    (5, 2, 2, 7, [0, 1, 2, 2, 2, 3, 4]),
+])
+def test_design_examples(unique, start, end, layers, expected):
+    repeats = core_repeats(unique, start, end, layers)
+    assert list(depth_plan(unique, start, end, repeats).blocks) == expected
+
+
+@pytest.mark.parametrize("unique, start, end, layers, hint", [
+    (3, 0, 2, 10, "9, 12"), (11, 3, 5, 16, "11, 14, 17"), (4, 0, 3, 3, "4, 8")])
+def test_impossible_depth_names_values_that_work(unique, start, end, layers, hint):
+    with pytest.raises(ConfigError, match=f"NUM_LAYERS={layers}.*{hint}"):
+        core_repeats(unique, start, end, layers)
+
+
+def test_plan_from_config_and_xsa_on_last_layers():
+    cfg = build_config({"NUM_LAYERS": "17", "NUM_UNIQUE_LAYERS": "11", "LOOP_START": "3", "LOOP_END": "5",
+                        "XSA_LAST_N": "4"})
+    plan = plan_for(cfg, cfg.repeats)
+    assert cfg.repeats == 3 and len(plan.blocks) == 17
+    assert plan.xsa == tuple([False] * 13 + [True] * 4)
+    assert list(plan_for(cfg, 1).blocks) == list(range(11))
+
+
+@pytest.mark.parametrize("depth", range(1, 20))
+def test_unet_pairs_mirror_and_precede(depth):
+    pairs = unet_pairs(depth)
+    assert len(pairs) == depth // 2
+    encoders, decoders = [e for e, _ in pairs], [d for _, d in pairs]
+    assert sorted(encoders) == list(range(depth // 2)) and len(set(decoders)) == len(decoders)
+    assert all(e < d < depth for e, d in pairs)
+    assert all(e + d == 2 * (depth // 2) - 1 for e, d in pairs)
+
+
+def tiny_cfg(**env):
+    base = {"VOCAB_SIZE": "256", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16",
+            "TRAIN_BATCH_TOKENS": "128"}
+    return build_config({**base, **{k: str(v) for k, v in env.items()}})
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameters_grow_with_passes_only_by_per_layer_rows():
+    dim = 32
+    one = GPT(tiny_cfg(NUM_LAYERS=3, NUM_UNIQUE_LAYERS=3))
+    three = GPT(tiny_cfg(NUM_LAYERS=9, NUM_UNIQUE_LAYERS=3))
+    unshared = GPT(tiny_cfg(NUM_LAYERS=9))
+    # per virtual layer: loop embedding, attention scale, MLP scale, 2 residual-mix rows; a skip row per pair
+    rows = lambda depth: depth * 5 * dim + max(1, depth // 2) * dim  # noqa: E731
+    assert count(three) - count(one) == rows(9) - rows(3)
+    block = sum(p.numel() for p in unshared.blocks[0].parameters())
+    assert count(unshared) - count(three) == 6 * block
+
+
+def test_loss_at_init_is_log_vocab():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(NUM_LAYERS=4, NUM_UNIQUE_LAYERS=2, XSA_LAST_N=2)
+    model = GPT(cfg)
+    x = torch.randint(0, 256, (4, 16))
+    loss = model(x, torch.randint(0, 256, (4, 16)), plan_for(cfg, cfg.repeats))
+    assert abs(loss.item() - math.log(256)) < 0.02
+
+
+@pytest.mark.parametrize("env", [dict(NUM_LAYERS=4), dict(NUM_LAYERS=6, NUM_UNIQUE_LAYERS=2, XSA_LAST_N=3,
+                                                          MLP_ACT="leaky_relu2", TIE_EMBEDDINGS=0)])
+def test_model_is_causal(env):
+    """Changing token t changes no logit before t (after training-like random weights)."""
+    torch.manual_seed(1)
+    cfg = tiny_cfg(**env)
+    model = GPT(cfg)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    plan = plan_for(cfg, cfg.repeats)
+    x = torch.randint(0, 256, (2, 16))
+    t = 9
+    y = x.clone()
+    y[:, t] = (y[:, t] + 1) % 256
+    a, b = model.logits(x, plan), model.logits(y, plan)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_xsa_removes_the_component_along_the_own_value():
+    torch.manual_seed(2)
+    cfg = tiny_cfg(NUM_LAYERS=1, XSA_LAST_N=1)
+    attn = GPT(cfg).blocks[0].attn
+    captured = {}
+    attn.proj.register_forward_hook(lambda m, inp, out: captured.setdefault("y", inp[0]))
+    x = torch.randn(2, 16, 32)
+    from train_gpt import rotary_tables
+    attn(x, rotary_tables(16, 8, 10000.0, x.device), xsa=True)
+    y = captured["y"].view(2, 16, 4, 8)
+    v = attn.c_v(x).view(2, 16, 2, 8).repeat_interleave(2, dim=2)
+    along_own_value = (y * torch.nn.functional.normalize(v, dim=-1)).sum(-1)
+    assert along_own_value.abs().max() < 1e-5 and y[:, 1:].norm() > 1.0
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (256, 64), (128, 512), (96, 300)])
+def test_newton_schulz_singular_values(shape):
+    torch.manual_seed(3)
+    g = torch.randn(*shape)
+    s = torch.linalg.svdvals(newton_schulz(g, 5).float())
+    assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
+    assert newton_schulz(g, 5).shape == g.shape

@@ -1,0 +1,1201 @@
+"""Parameter Golf training script: a shared-block GPT trained, quantized, reloaded and scored.
+
+One file, read top to bottom: config -> optimizer -> data -> model -> evaluation ->
+quantization/export -> training -> main(). Every knob is an environment variable (see the
+Config dataclass or README.md); `torchrun --standalone --nproc_per_node=N train_gpt.py` runs it
+on N GPUs, plain `python train_gpt.py` on one GPU or on the CPU (tiny configurations).
+
+Importing this file does nothing: no environment reads, no CUDA, no process group.
+Line budget: 1,800 lines. No function over ~80 lines.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARTIFACT_LIMIT_BYTES = 16_000_000
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+#
+# Every knob is a field of one frozen dataclass; the field `num_unique_layers` is the environment
+# variable NUM_UNIQUE_LAYERS. build_config() parses a mapping (os.environ in main, a dict in
+# tests) strictly, checks relations between knobs, and raises ConfigError naming the variable.
+# Names of the upstream baseline keep their meaning. Unknown variables one typo away from a knob
+# are errors too: a misspelt knob silently ignored costs a competitor a paid ten-minute run.
+# ----------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+class DataError(UserError):
+    pass
+
+
+def knob(default, help: str, choices: tuple = ()):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def derived():
+    return dataclasses.field(default=None, metadata={"derived": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # data and run
+    data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder with fineweb_train_*.bin and fineweb_val_*.bin")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece .model used for byte counting")
+    run_id: str = knob("", "run name; empty = time stamp + random suffix")
+    out_dir: str = knob("", "folder for the log and artifact; empty = runs/<RUN_ID>; must not exist or be empty")
+    seed: int = knob(1337, "seed for initialization")
+    # model shape
+    vocab_size: int = knob(1024, "vocabulary size; must equal the tokenizer's")
+    num_layers: int = knob(9, "virtual depth L at full depth (layers run per forward)")
+    num_unique_layers: int = knob(0, "physical blocks U; 0 = NUM_LAYERS (no sharing)")
+    loop_start: int = knob(0, "first physical block of the looped core")
+    loop_end: int = knob(-1, "last physical block of the looped core (inclusive); -1 = U-1")
+    eval_repeats: int = knob(0, "passes through the core at evaluation; 0 = the training passes R")
+    model_dim: int = knob(512, "residual width")
+    num_heads: int = knob(8, "query heads")
+    num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS")
+    mlp_mult: float = knob(2.0, "MLP hidden width as a multiple of MODEL_DIM (fractions allowed)")
+    mlp_act: str = knob("relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2"))
+    tie_embeddings: bool = knob(True, "share the token embedding with the output head")
+    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
+    rope_base: float = knob(10000.0, "RoPE base frequency")
+    logit_softcap: float = knob(30.0, "tanh soft-cap on logits")
+    qk_gain_init: float = knob(1.5, "initial per-head query gain (after QK RMSNorm)")
+    xsa_last_n: int = knob(0, "exclusive self-attention on the last N virtual layers")
+    # batch and schedule
+    train_seq_len: int = knob(1024, "training sequence length (also the evaluation window)")
+    train_batch_tokens: int = knob(524_288, "tokens per optimizer step, all ranks together")
+    grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE (upstream)")
+    iterations: int = knob(20_000, "maximum optimizer steps")
+    max_wallclock_seconds: float = knob(600.0, "training time cap in seconds; 0 = no cap")
+    warmup_steps: int = knob(20, "compile/priming steps whose updates are thrown away (not an LR warmup)")
+    warmdown_iters: int = knob(0, "upstream: LR decays linearly over the last N steps; 0 = use WARMDOWN_FRAC")
+    warmdown_frac: float = knob(0.4, "LR decays linearly to 0 over this last fraction of the run")
+    val_loss_every: int = knob(1000, "validate every N steps (0 = only at the end)")
+    val_batch_size: int = knob(524_288, "evaluation tokens per forward, all ranks together")
+    train_log_every: int = knob(200, "log a train line every N steps")
+    # optimizer
+    embed_lr: float = knob(0.6, "Adam LR of the untied token embedding")
+    head_lr: float = knob(0.008, "Adam LR of the untied output head")
+    tied_embed_lr: float = knob(0.05, "Adam LR of the tied embedding")
+    matrix_lr: float = knob(0.04, "Muon LR of block matrices")
+    scalar_lr: float = knob(0.04, "Adam LR of vectors, scales and per-layer rows")
+    muon_momentum: float = knob(0.95, "Muon momentum (Nesterov)")
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
+    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at the start of its warmup")
+    muon_momentum_warmup_steps: int = knob(0, "upstream: momentum warmup steps; 0 = use MUON_MOMENTUM_WARMUP_FRAC")
+    muon_momentum_warmup_frac: float = knob(0.05, "momentum warmup as a fraction of the run")
+    muon_weight_decay: float = knob(0.0, "decoupled weight decay of Muon matrices (times LR)")
+    beta1: float = knob(0.9, "Adam beta1")
+    beta2: float = knob(0.95, "Adam beta2")
+    adam_eps: float = knob(1e-8, "Adam epsilon")
+    grad_clip_norm: float = knob(0.0, "clip the global gradient norm; 0 = off")
+    # runtime and export
+    compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
+    zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
+    # derived once by build_config (not environment variables)
+    world_size: int = derived()
+    micro_steps: int = derived()
+    micro_batch_seqs: int = derived()
+    repeats: int = derived()
+
+
+def env_knobs() -> dict[str, dataclasses.Field]:
+    return {f.name.upper(): f for f in dataclasses.fields(Config) if not f.metadata.get("derived")}
+
+
+# Launcher and system variables that may sit next to our knobs without being typo-checked.
+ENV_ALLOWLIST = {"RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+                 "GROUP_WORLD_SIZE", "PATH", "PWD", "OLDPWD", "HOME", "USER", "SHELL", "TERM", "LANG",
+                 "HOSTNAME", "TMPDIR", "LOGNAME", "SHLVL", "CI", "_", "DISPLAY", "EDITOR", "TZ"}
+ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", "PYTHON", "LC_", "HF_",
+                        "TRITON_", "NVIDIA_", "NV_", "PYTEST_", "XDG_", "SSH_", "MKL_", "KMP_", "GLOO_",
+                        "LD_", "PIP_", "CONDA_", "VIRTUAL_ENV", "OPENBLAS_", "CUBLAS_", "CUDNN_", "GIT_")
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def check_typos(env: Mapping[str, str]) -> None:
+    knobs = env_knobs()
+    for name in sorted(env):
+        if name in knobs or name in ENV_ALLOWLIST or name.startswith(ENV_ALLOWED_PREFIXES):
+            continue
+        for knob_name in knobs:
+            limit = 2 if len(knob_name) > 8 else 1
+            if abs(len(name) - len(knob_name)) <= limit and edit_distance(name, knob_name) <= limit:
+                raise ConfigError(f"{name}: unknown variable; did you mean {knob_name}?")
+
+
+def parse_value(name: str, text: str, kind, choices: tuple):
+    text = text.strip()
+    try:
+        if kind == "bool":
+            if text.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return text.lower() in ("1", "true")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        allowed = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}[kind]
+        raise ConfigError(f"{name}={text!r}: expected {allowed}") from None
+    if choices and text not in choices:
+        raise ConfigError(f"{name}={text!r}: expected one of {', '.join(choices)}")
+    return text
+
+
+def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
+    """Parse knobs from `env`, validate them, and fill the derived fields."""
+    check_typos(env)
+    values = {}
+    for name, field in env_knobs().items():
+        if name in env:
+            values[field.name] = parse_value(name, env[name], field.type, field.metadata["choices"])
+    cfg = Config(**values)
+    repeats = validate(cfg)
+    micro_steps = cfg.grad_accum_steps or max(1, 8 // world_size)
+    per_micro = world_size * micro_steps * cfg.train_seq_len
+    if cfg.train_batch_tokens % per_micro:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
+                          f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {micro_steps} x {cfg.train_seq_len}")
+    return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
+                               micro_batch_seqs=cfg.train_batch_tokens // per_micro, repeats=repeats)
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> int:
+    """Check relations between knobs; return the number of core passes R at full depth."""
+    for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
+                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size"):
+        require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
+    for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
+                 "grad_accum_steps", "xsa_last_n", "eval_repeats", "muon_momentum_warmup_steps"):
+        require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
+    for name in ("max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
+                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps"):
+        require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
+    for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
+                 "muon_momentum_warmup_start"):
+        require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
+    require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
+    require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
+    require((cfg.model_dim // cfg.num_heads) % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
+    require(cfg.num_heads % cfg.num_kv_heads == 0, f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
+    require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
+    require(cfg.logit_softcap > 0, f"LOGIT_SOFTCAP={cfg.logit_softcap}: must be > 0")
+    require(cfg.rope_base > 0, f"ROPE_BASE={cfg.rope_base}: must be > 0")
+    require(1 <= cfg.zstd_level <= 22, f"ZSTD_LEVEL={cfg.zstd_level}: must be in 1..22")
+    unique = cfg.num_unique_layers or cfg.num_layers
+    loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
+    require(0 <= cfg.loop_start < unique, f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
+    require(cfg.loop_start <= loop_end < unique, f"LOOP_END={cfg.loop_end}: must be in LOOP_START..{unique - 1} or -1")
+    repeats = core_repeats(unique, cfg.loop_start, loop_end, cfg.num_layers)
+    require(cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n}: must be <= NUM_LAYERS={cfg.num_layers}")
+    return repeats
+
+
+# ----------------------------------------------------------------------------------------------
+# Depth plan
+#
+# The only place that knows about sharing and looping. U physical blocks; the core
+# LOOP_START..LOOP_END is run R times, the blocks before it once at the start and those after it
+# once at the end. A plan lists the physical block of every virtual layer; the model iterates it.
+# ----------------------------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    blocks: tuple[int, ...]  # physical block index of each virtual layer
+    xsa: tuple[bool, ...]  # exclusive self-attention at each virtual layer
+
+
+def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -> int:
+    """R such that NUM_LAYERS = (U - core) + R * core; ConfigError naming the values that work."""
+    core = loop_end - loop_start + 1
+    outside = unique - core
+    if num_layers <= outside or (num_layers - outside) % core:
+        options = ", ".join(str(outside + r * core) for r in range(1, 5))
+        raise ConfigError(f"NUM_LAYERS={num_layers}: with NUM_UNIQUE_LAYERS={unique} and core "
+                          f"{loop_start}..{loop_end} it must be {options}, ...")
+    return (num_layers - outside) // core
+
+
+def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0) -> Plan:
+    core = list(range(loop_start, loop_end + 1))
+    blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
+    xsa = [i >= len(blocks) - xsa_last_n for i in range(len(blocks))]
+    return Plan(tuple(blocks), tuple(xsa))
+
+
+def unet_pairs(depth: int) -> list[tuple[int, int]]:
+    """(encoder layer, decoder layer) skip pairs: the first depth//2 layers store their output,
+    the following ones add it back in reverse order."""
+    half = depth // 2
+    return [(half - 1 - i, half + i) for i in range(half)]
+
+
+def plan_for(cfg: Config, repeats: int) -> Plan:
+    unique = cfg.num_unique_layers or cfg.num_layers
+    loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
+    return depth_plan(unique, cfg.loop_start, loop_end, repeats, cfg.xsa_last_n)
+
+
+def max_depth(cfg: Config) -> int:
+    return max(len(plan_for(cfg, cfg.repeats).blocks), len(plan_for(cfg, cfg.eval_repeats or cfg.repeats).blocks))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: pure functions of the run fraction t in [0, 1]
+#
+# t = elapsed / MAX_WALLCLOCK_SECONDS with a cap, else step / ITERATIONS, so one set of defaults
+# fits 5 minutes on one GPU and 4 hours on eight. Upstream step-count knobs (WARMDOWN_ITERS,
+# MUON_MOMENTUM_WARMUP_STEPS) keep their step meaning when set.
+# ----------------------------------------------------------------------------------------------
+
+
+def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
+    if cfg.max_wallclock_seconds > 0:
+        t = elapsed_s / cfg.max_wallclock_seconds
+        if cfg.iterations:
+            t = max(t, step / cfg.iterations)
+        return min(1.0, t)
+    return min(1.0, step / cfg.iterations)
+
+
+def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
+    """1 until the warmdown, then linear to 0 at the end of the run (the cap or ITERATIONS)."""
+    if cfg.warmdown_iters:
+        if cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
+            remaining_ms = (1 - t) * cfg.max_wallclock_seconds * 1000
+            return min(1.0, remaining_ms / (cfg.warmdown_iters * step_ms))
+        return min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
+    if cfg.warmdown_frac == 0:
+        return 1.0
+    return min(1.0, max(0.0, (1 - t) / cfg.warmdown_frac))
+
+
+def muon_momentum(cfg: Config, step: int, t: float) -> float:
+    if cfg.muon_momentum_warmup_steps:
+        ramp = min(1.0, step / cfg.muon_momentum_warmup_steps)
+    elif cfg.muon_momentum_warmup_frac > 0:
+        ramp = min(1.0, t / cfg.muon_momentum_warmup_frac)
+    else:
+        ramp = 1.0
+    return cfg.muon_momentum_warmup_start + ramp * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+#
+# Muon (momentum, then orthogonalize the update with a Newton-Schulz iteration) for the 2-D
+# matrices of the blocks; Adam for embeddings, the head and every vector/scale. Muon's
+# orthogonalization is split across ranks: each rank orthogonalizes every world_size-th matrix
+# and one all-reduce of a flat buffer shares the results (the idea of modded-nanogpt's Muon).
+# ----------------------------------------------------------------------------------------------
+
+
+def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize `grad` (U S V^T -> U V^T) with a quintic iteration in bf16.
+    The coefficients push singular values into roughly [0.7, 1.2] fast rather than exactly to 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = grad.bfloat16()
+    x = x / (x.norm() + eps)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    update = newton_schulz(update, group["backend_steps"])
+                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    matrix_ids = {id(p) for p in matrices}
+    embed = [model.tok_emb.weight]
+    head = [model.lm_head.weight] if model.lm_head is not None else []
+    named = {id(p) for p in matrices + embed + head}
+    scalars = [p for p in model.parameters() if id(p) not in named]
+    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+    groups = [dict(params=embed, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
+              dict(params=scalars, lr=cfg.scalar_lr)]
+    if head:
+        groups.append(dict(params=head, lr=cfg.head_lr))
+    optimizers = [torch.optim.Adam(groups, **adam),
+                  Muon(matrices, cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps,
+                       cfg.muon_weight_decay, rank, world_size)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    assert len(matrix_ids) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
+    return optimizers
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+#
+# The challenge's shard format: a 256 x int32 little-endian header (magic 20240520, version 1,
+# token count) followed by the tokens as little-endian uint16. Every rank reads the same stream
+# and takes its own disjoint slice of each chunk, so any world size sees each token once per pass.
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def read_shard_header(path: Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    if not path.is_file():
+        raise DataError(f"{path}: shard not found")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+    if header.size != HEADER_INTS:
+        raise DataError(f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes)")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}; "
+                        f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    count = int(header[2])
+    size = path.stat().st_size
+    if size != HEADER_INTS * 4 + 2 * count:
+        raise DataError(f"{path}: size {size} bytes does not match its header ({count} tokens -> "
+                        f"{HEADER_INTS * 4 + 2 * count} bytes); truncated or corrupt")
+    return count
+
+
+def load_shard(path: Path) -> np.ndarray:
+    count = read_shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_INTS * 4)
+
+
+def find_shards(data_path: str, split: str) -> list[Path]:
+    folder = Path(data_path)
+    if not folder.is_dir():
+        raise DataError(f"DATA_PATH={data_path}: folder not found")
+    shards = sorted(folder.glob(f"fineweb_{split}_*.bin"))
+    if not shards:
+        raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in it")
+    for shard in shards:
+        read_shard_header(shard)
+    return shards
+
+
+class TokenStream:
+    """Tokens of the shards in order, looping back to the first shard after the last."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.index, self.pos = paths, 0, 0
+        self.tokens = load_shard(paths[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.paths)
+                self.tokens, self.pos = load_shard(self.paths[self.index]), 0
+            part = self.tokens[self.pos:self.pos + n]
+            parts.append(part)
+            self.pos += len(part)
+            n -= len(part)
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each micro-step, the stream yields world_size consecutive spans of (seqs*seq_len + 1) tokens;
+    rank r takes span r, so ranks never share a token and the union is a contiguous stretch."""
+
+    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device):
+        self.stream, self.rank, self.world_size = TokenStream(paths), rank, world_size
+        self.seqs, self.seq_len, self.device = seqs, seq_len, device
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.seqs * self.seq_len + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64))
+        x, y = local[:-1].view(self.seqs, self.seq_len), local[1:].view(self.seqs, self.seq_len)
+        pin = self.device.type == "cuda"
+        return (x.pin_memory().to(self.device, non_blocking=True) if pin else x,
+                y.pin_memory().to(self.device, non_blocking=True) if pin else y)
+
+
+def load_val_tokens(cfg: Config) -> torch.Tensor:
+    tokens = np.concatenate([load_shard(p) for p in find_shards(cfg.data_path, "val")])
+    if len(tokens) - 1 < cfg.train_seq_len:
+        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {len(tokens)} tokens, shorter "
+                        f"than one sequence (TRAIN_SEQ_LEN={cfg.train_seq_len} + 1)")
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def load_tokenizer(cfg: Config):
+    import sentencepiece as spm
+
+    if not Path(cfg.tokenizer_path).is_file():
+        raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path}: file not found")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    except Exception as exc:
+        raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path}: not a SentencePiece model ({exc})") from None
+    if sp.vocab_size() != cfg.vocab_size:
+        raise DataError(f"VOCAB_SIZE={cfg.vocab_size}: the tokenizer {cfg.tokenizer_path} has "
+                        f"{sp.vocab_size()} pieces")
+    return sp
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+#
+# A GPT whose blocks may be shared across virtual layers. Per-virtual-layer parameters (loop
+# embedding, attention/MLP scales, residual mix, U-Net skip weights) are rows of a few tensors
+# indexed by virtual position, so every plan touches the same parameter objects and parameters
+# grow with passes only by those rows. Attention: GQA + RoPE + QK-RMSNorm + per-head query gain;
+# optional XSA (exclusive self-attention: each head's output loses its component along the
+# token's own value vector). MLP: relu^2 (or leaky_relu(0.5)^2). Tied embedding, tanh soft-cap.
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, computed in the input's dtype."""
+
+    def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
+        super().__init__(fan_in, fan_out, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos()[None, None], angles.sin()[None, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: bool) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        if xsa:
+            own = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
+            y = y - (y * own).sum(-1, keepdim=True) * own
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: float, act: str):
+        super().__init__()
+        hidden = int(mult * dim)
+        self.fc, self.proj, self.act = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, 0.5) if self.act == "leaky_relu2" else F.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    """One physical block; the per-virtual-layer rows it uses are passed in by the model."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init)
+        self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
+
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, xsa: bool):
+        x = mix[0] * x + mix[1] * x0
+        x = x + attn_scale * self.attn(rms_norm(x), rope, xsa)
+        return x + mlp_scale * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg, self.compute_dtype = cfg, compute_dtype
+        unique, depth, dim = cfg.num_unique_layers or cfg.num_layers, max_depth(cfg), cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(unique))
+        # Rows indexed by virtual position, sized for the deepest plan.
+        self.loop_emb = nn.Parameter(torch.zeros(depth, dim))  # zero-init: no pull toward the input
+        self.attn_scale = nn.Parameter(torch.ones(depth, dim))
+        self.mlp_scale = nn.Parameter(torch.ones(depth, dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(depth, dim), torch.zeros(depth, dim)], dim=1))
+        self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
+
+    def hidden(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+        dt = self.compute_dtype
+        x = rms_norm(self.tok_emb(input_ids)).to(dt)
+        x0, depth, stored = x, len(plan.blocks), []
+        rope = rotary_tables(input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.device)
+        half = depth // 2
+        for v, b in enumerate(plan.blocks):
+            if v >= half and stored:  # U-Net: decoder layer half+i adds encoder layer half-1-i
+                x = x + self.skip_weight[v - half].to(dt) * stored.pop()
+            x = x + self.loop_emb[v].to(dt)
+            x = self.blocks[b](x, x0, self.resid_mix[v].to(dt), self.attn_scale[v].to(dt),
+                               self.mlp_scale[v].to(dt), rope, plan.xsa[v])
+            if v < half:
+                stored.append(x)
+        return rms_norm(x)
+
+    def logits(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+        h = self.hidden(input_ids, plan)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight.to(h.dtype)).float()
+        return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+        logits = self.logits(input_ids, plan)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+#
+# val_bpb = (sum of CE in nats / ln 2) / (sum of UTF-8 bytes of the scored tokens). Byte counts
+# follow the challenge exactly: a piece's bytes without its leading "▁" (byte-fallback pieces 1,
+# control/unknown/unused 0) plus 1 for the leading space unless the previous token is a control,
+# unknown or unused id. Scoring runs over windows of fixed length: each window scores its targets
+# from `score_from` on, and the window plan guarantees each target is scored exactly once. Round
+# trip, sliding window and test-time training share this one scorer.
+# ----------------------------------------------------------------------------------------------
+
+
+class ByteTables(NamedTuple):
+    base_bytes: torch.Tensor  # int16 [V]
+    leading_space: torch.Tensor  # bool [V]
+    boundary: torch.Tensor  # bool [V]: control, unknown or unused
+
+
+def byte_tables(sp, vocab_size: int) -> ByteTables:
+    base = np.zeros(vocab_size, dtype=np.int16)
+    space = np.zeros(vocab_size, dtype=np.bool_)
+    boundary = np.ones(vocab_size, dtype=np.bool_)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("▁"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def token_bytes(tables: ByteTables, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    return tables.base_bytes[target_ids].long() + (tables.leading_space[target_ids] & ~tables.boundary[prev_ids]).long()
+
+
+def plan_windows(num_targets: int, window: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `window` targets that score every target in [0, num_targets) exactly once.
+    Window k starts at k*stride and scores its last `stride` targets (the first scores all); a
+    final window aligned to the end scores what is left. Returns (starts, score_from)."""
+    assert num_targets >= window and 0 < stride <= window
+    starts = list(range(0, num_targets - window + 1, stride))
+    score_from = [0] + [window - stride] * (len(starts) - 1)
+    covered = starts[-1] + window
+    if covered < num_targets:
+        starts.append(num_targets - window)
+        score_from.append(window - (num_targets - covered))
+    return torch.tensor(starts, dtype=torch.long), torch.tensor(score_from, dtype=torch.long)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, near-equal share [lo, hi) of n items for `rank`."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+@torch.no_grad()
+def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                  starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
+                  tables: ByteTables) -> torch.Tensor:
+    """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows.
+    `tokens` holds the whole split (targets of window s are tokens[s+1 : s+window+1])."""
+    device = tokens.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    offsets = torch.arange(window + 1, device=device)
+    tables = ByteTables(*(t.to(device) for t in tables))
+    for lo in range(0, len(starts), batch):
+        seq = tokens[starts[lo:lo + batch].to(device)[:, None] + offsets].long()
+        x, y = seq[:, :-1], seq[:, 1:]
+        nll = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        mask = offsets[None, :-1] >= score_from[lo:lo + batch].to(device)[:, None]
+        sums[0] += nll.double()[mask].sum()
+        sums[1] += mask.sum()
+        sums[2] += token_bytes(tables, x, y)[mask].sum()
+    return sums
+
+
+def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
+             tables: ByteTables, autocast) -> tuple[float, float]:
+    """Round-trip evaluation (non-overlapping windows) of the whole split; returns (val_loss, val_bpb)."""
+    window = cfg.train_seq_len
+    starts, score_from = plan_windows(len(tokens) - 1, window, window)
+    lo, hi = shard_range(len(starts), rank, world_size)
+    batch = max(1, cfg.val_batch_size // (world_size * window))
+
+    def logits_fn(x):
+        with autocast():
+            return model.logits(x, plan)
+
+    was_training = model.training
+    model.eval()
+    sums = score_windows(logits_fn, tokens, starts[lo:hi], score_from[lo:hi], window, batch, tables)
+    model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss, count, nbytes = sums.tolist()
+    return loss / count, loss / math.log(2) / nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization and export
+#
+# Per-row symmetric int8 for every large float matrix (scale = the row's max |w| / 127 with no
+# floor at 1/127, which would flatten small rows), float for small tensors, packed
+# with torch.save and compressed with zstd. Pure functions on CPU tensors and bytes.
+# ----------------------------------------------------------------------------------------------
+
+KEEP_FLOAT_MAX_NUMEL = 65_536
+SCALE_DTYPE = torch.bfloat16  # fp32's range in 2 bytes: tiny rows never underflow to a zero scale
+
+
+def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization. The scale is stored as bf16, rounded up (a 2^-8 margin
+    covers bf16's rounding) so no code clips, and the codes are computed with that stored scale,
+    so dequantization reproduces exactly what was rounded: |error| <= scale / 2 everywhere."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float()
+    exact = (w.abs().amax(dim=1) / qmax).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    scale = (exact * (1 + 2**-8)).to(SCALE_DTYPE)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> dict:
+    packed = {"format": "pg-int8-v1", "quantized": {}, "float": {}}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL:
+            q, scale = quantize_rows(t)
+            packed["quantized"][name] = {"q": q, "scale": scale, "dtype": str(t.dtype).removeprefix("torch.")}
+        else:
+            packed["float"][name] = t.clone()
+    return packed
+
+
+def dequantize_state(packed: dict) -> dict[str, torch.Tensor]:
+    state = {name: t for name, t in packed["float"].items()}
+    for name, entry in packed["quantized"].items():
+        state[name] = dequantize_rows(entry["q"], entry["scale"]).to(getattr(torch, entry["dtype"]))
+    return state
+
+
+def pack_artifact(state: dict[str, torch.Tensor], level: int) -> bytes:
+    import zstandard
+
+    buffer = io.BytesIO()
+    torch.save(quantize_state(state), buffer)
+    return zstandard.ZstdCompressor(level=level).compress(buffer.getvalue())
+
+
+def unpack_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompress(blob)
+    return dequantize_state(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: rank, world, device, autocast and the rank-0 logger
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    log_path: Path | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, message: str, console: bool = True) -> None:
+        if not self.main:
+            return
+        if console:
+            print(message, flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def agree_max(self, value: float) -> float:
+        """The maximum of `value` over ranks: every rank acts on the same number."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def broadcast(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def code_file() -> Path:
+    """The file that is run (a self-extracting wrapper, when one is shipped), as counted bytes."""
+    main_module = sys.modules.get("__main__")
+    return Path(getattr(main_module, "__file__", None) or __file__)
+
+
+def environment_report(device: torch.device) -> str:
+    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+             f"platform:{platform.platform()}"]
+    if device.type == "cuda":
+        lines.append(f"cuda:{torch.version.cuda} gpu:{torch.cuda.get_device_name(device)} "
+                     f"count:{torch.cuda.device_count()}")
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+            lines.append(smi)
+        except (OSError, subprocess.TimeoutExpired):
+            lines.append("nvidia-smi: unavailable")
+    else:
+        lines.append(f"device:cpu threads:{torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+#
+# Warm up (compile, prime kernels) on real batches, restore the initial weights and optimizer
+# state, then start the clock. Each step: micro-batches with gradient accumulation, optimizer
+# steps with LR and momentum from the schedules, then one all-reduced elapsed time that every rank
+# uses for the run fraction and the stop decision.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0
+    elapsed_ms: float = 0.0
+    last_loss: float = float("nan")
+    first_loss: float = float("nan")
+
+
+def train_step(model, loader: TrainLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
+    total = torch.zeros((), device=rt.device)
+    for micro in range(cfg.micro_steps):
+        x, y = loader.next_batch()
+        if rt.distributed:
+            model.require_backward_grad_sync = micro == cfg.micro_steps - 1
+        with rt.autocast():
+            loss = model(x, y, plan)
+        (loss / cfg.micro_steps).backward()
+        total += loss.detach()
+    if cfg.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / cfg.micro_steps
+
+
+def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> float:
+    step_ms = state.elapsed_ms / max(state.step, 1)
+    mult = lr_multiplier(cfg, state.step, t, step_ms)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(cfg, state.step, t)
+    return mult
+
+
+def warmup(model, cfg: Config, rt: Runtime, plan: Plan, optimizers, make_loader) -> float:
+    """Run WARMUP_STEPS real steps (compiles the graph), then restore the initial state."""
+    if cfg.warmup_steps == 0:
+        return 0.0
+    start = time.perf_counter()
+    base = model.module if rt.distributed else model
+    base = getattr(base, "_orig_mod", base)
+    saved_model = copy.deepcopy(base.state_dict())
+    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = make_loader()
+    for i in range(cfg.warmup_steps):
+        train_step(model, loader, rt, cfg, plan, optimizers)
+        if i == 0 or i == cfg.warmup_steps - 1:
+            rt.synchronize()
+            rt.log(f"warmup_step:{i + 1}/{cfg.warmup_steps} elapsed:{time.perf_counter() - start:.1f}s")
+    base.load_state_dict(saved_model)
+    for opt, saved in zip(optimizers, saved_opts):
+        opt.load_state_dict(saved)
+    rt.synchronize()
+    return time.perf_counter() - start
+
+
+def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float) -> None:
+    step_avg = state.elapsed_ms / max(state.step, 1)
+    tokens_per_s = cfg.train_batch_tokens * state.step / max(state.elapsed_ms / 1000, 1e-9)
+    if cfg.max_wallclock_seconds > 0:
+        eta_s = (1 - t) * cfg.max_wallclock_seconds
+        if cfg.iterations:
+            eta_s = min(eta_s, (cfg.iterations - state.step) * step_avg / 1000)
+    else:
+        eta_s = (cfg.iterations - state.step) * step_avg / 1000
+    total = cfg.iterations if cfg.iterations else "?"
+    rt.log(f"step:{state.step}/{total} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
+           f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
+
+
+def train(model, base: GPT, cfg: Config, rt: Runtime, plan: Plan, optimizers, make_loader, validate) -> TrainState:
+    state, loader = TrainState(), make_loader()
+    rt.synchronize()
+    clock = time.perf_counter()
+    stop = False
+    while True:
+        last = stop or (cfg.iterations and state.step >= cfg.iterations)
+        if last or (cfg.val_loss_every and state.step and state.step % cfg.val_loss_every == 0):
+            rt.synchronize()
+            state.elapsed_ms += 1000 * (time.perf_counter() - clock)
+            val_loss, val_bpb = validate()
+            rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                   f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms")
+            rt.synchronize()
+            clock = time.perf_counter()
+        if last:
+            return state
+        t = run_fraction(cfg, state.step, state.elapsed_ms / 1000 + time.perf_counter() - clock)
+        set_schedules(cfg, optimizers, state, t)
+        loss = train_step(model, loader, rt, cfg, plan, optimizers)
+        state.step += 1
+        rt.synchronize()
+        now = time.perf_counter()
+        elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (now - clock))
+        state.elapsed_ms, clock = elapsed_ms, now
+        stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
+        final = stop or state.step == cfg.iterations
+        if state.step == 1 or state.step % cfg.train_log_every == 0 or final:
+            if rt.distributed:  # the loss of the whole global batch, not rank 0's share
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            state.last_loss = loss.item()
+            if state.step == 1:
+                state.first_loss = state.last_loss
+            log_step(rt, cfg, state, state.last_loss, run_fraction(cfg, state.step, elapsed_ms / 1000))
+        if stop:
+            rt.log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{state.step}/{cfg.iterations}")
+
+
+# ----------------------------------------------------------------------------------------------
+# main(): the run as a table of contents
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_out_dir(cfg: Config, env: Mapping[str, str]) -> Path | None:
+    """The run's folder when it is fixed by RUN_ID/OUT_DIR (checked before any GPU work), else None
+    (rank 0 then picks a fresh name). An existing non-empty folder is refused, never overwritten."""
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+    elif cfg.run_id:
+        out = Path("runs") / cfg.run_id
+    else:
+        return None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        name = "OUT_DIR" if cfg.out_dir else "RUN_ID"
+        raise UserError(f"{name}: output folder {out} already exists and is not empty; choose another")
+    return out
+
+
+def check_inputs(cfg: Config) -> None:
+    """Everything that can be wrong with the inputs, checked on the CPU before any GPU work."""
+    find_shards(cfg.data_path, "train")
+    total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
+    load_tokenizer(cfg)
+    if total - 1 < cfg.train_seq_len:
+        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
+                        f"sequence (TRAIN_SEQ_LEN={cfg.train_seq_len} + 1)")
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        raise UserError("the zstandard package is missing: pip install -r requirements.txt") from None
+
+
+def setup_runtime() -> Runtime:
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
+    if out is None:
+        name = f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}" if rt.main else None
+        out = Path("runs") / rt.broadcast(name)
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        rt.log_path = out / f"{cfg.run_id or out.name}.txt"
+    if rt.distributed:
+        dist.barrier()
+    return out
+
+
+def log_header(cfg: Config, rt: Runtime) -> None:
+    resolved = {k: v for k, v in dataclasses.asdict(cfg).items()}
+    rt.log("config " + json.dumps(resolved, sort_keys=True))
+    rt.log(code_file().read_text(encoding="utf-8"), console=False)
+    rt.log("=" * 100, console=False)
+    rt.log(environment_report(rt.device), console=False)
+
+
+def build_model(cfg: Config, rt: Runtime):
+    torch.manual_seed(cfg.seed)
+    compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    base = GPT(cfg, compute_dtype).to(rt.device)
+    model = base
+    if cfg.compile and rt.device.type == "cuda":
+        model = torch.compile(base, dynamic=False, fullgraph=True)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+    params = sum(p.numel() for p in base.parameters())
+    rt.log(f"model_params:{params} unique_blocks:{len(base.blocks)} plan:{list(plan_for(cfg, cfg.repeats).blocks)} "
+           f"repeats:{cfg.repeats} world_size:{rt.world_size} micro_steps:{cfg.micro_steps} "
+           f"micro_batch_seqs:{cfg.micro_batch_seqs}")
+    return base, model
+
+
+def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[int, int]:
+    """Write the compressed artifact (rank 0), then load it back into `base` on every rank."""
+    path = out / "final_model.int8.ptz"
+    if rt.main:
+        blob = pack_artifact(base.state_dict(), cfg.zstd_level)
+        path.write_bytes(blob)
+    if rt.distributed:
+        dist.barrier()
+    model_bytes, code_bytes = path.stat().st_size, code_file().stat().st_size
+    rt.log(f"Serialized model int8+zstd: {model_bytes} bytes")
+    rt.log(f"Code size: {code_bytes} bytes")
+    total = model_bytes + code_bytes
+    rt.log(f"Total submission size int8+zstd: {total} bytes")
+    if total > ARTIFACT_LIMIT_BYTES:
+        rt.log(f"WARNING: artifact is {total} bytes, OVER the {ARTIFACT_LIMIT_BYTES} byte limit "
+               f"by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is not a valid submission")
+    state = unpack_artifact(path.read_bytes())
+    base.load_state_dict(state, strict=True)
+    return code_bytes, model_bytes
+
+
+def compile_report() -> str:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return "compile_stats unavailable"
+    breaks = sum(counters["graph_break"].values())
+    return (f"compile_stats graph_breaks:{breaks} unique_graphs:{counters['stats'].get('unique_graphs', 0)} "
+            f"recompiles:{counters['recompiles'].get('total', 0) if 'recompiles' in counters else 0}")
+
+
+def run(cfg: Config, rt: Runtime, out: Path) -> dict:
+    sp = load_tokenizer(cfg)
+    tables = byte_tables(sp, cfg.vocab_size)
+    val_tokens = load_val_tokens(cfg).to(rt.device)
+    train_shards = find_shards(cfg.data_path, "train")
+    base, model = build_model(cfg, rt)
+    optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
+    plan = plan_for(cfg, cfg.repeats)
+    eval_plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+
+    def make_loader():
+        return TrainLoader(train_shards, rt.rank, rt.world_size, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
+
+    def validate():
+        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
+
+    warmup_s = warmup(model, cfg, rt, plan, optimizers, make_loader)
+    rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
+    state = train(model, base, cfg, rt, plan, optimizers, make_loader, validate)
+    peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
+    rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
+    rt.log(compile_report())
+    code_bytes, model_bytes = export_and_reload(base, cfg, rt, out)
+    rt.synchronize()
+    start = time.perf_counter()
+    val_loss, val_bpb = validate()
+    rt.synchronize()
+    eval_ms = 1000 * (time.perf_counter() - start)
+    name = "final_int8_zstd_roundtrip"
+    score_line = f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
+    rt.log(score_line)
+    rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    summary = dict(val_bpb=val_bpb, val_loss=val_loss, score_line=score_line, bytes_code=code_bytes,
+                   bytes_model=model_bytes, bytes_total=code_bytes + model_bytes, steps=state.step,
+                   train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2), eval_time_ms=round(eval_ms),
+                   first_train_loss=state.first_loss, last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib),
+                   world_size=rt.world_size, seed=cfg.seed, artifact=str(out / "final_model.int8.ptz"))
+    rt.log("final_summary " + json.dumps(summary, sort_keys=True))
+    return summary
+
+
+def main() -> int:
+    env = dict(os.environ)
+    is_main = int(env.get("RANK", 0)) == 0
+    try:
+        cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
+        out = resolve_out_dir(cfg, env)
+        check_inputs(cfg)
+    except UserError as exc:
+        if is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    rt = setup_runtime()
+    try:
+        out = open_run_folder(cfg, rt, out)
+        log_header(cfg, rt)
+        run(cfg, rt, out)
+    except UserError as exc:
+        if rt.main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
