@@ -1121,13 +1121,13 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
 
 
 def compile_report() -> str:
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:
-        return "compile_stats unavailable"
-    breaks = sum(counters["graph_break"].values())
-    return (f"compile_stats graph_breaks:{breaks} unique_graphs:{counters['stats'].get('unique_graphs', 0)} "
-            f"recompiles:{counters['recompiles'].get('total', 0) if 'recompiles' in counters else 0}")
+    """Dynamo's counters: graph breaks (fullgraph=True turns any into an error) and graphs built."""
+    from torch._dynamo.utils import counters
+
+    stats = dict(counters["stats"])
+    return (f"compile_stats graph_breaks:{sum(counters['graph_break'].values())} "
+            f"unique_graphs:{stats.get('unique_graphs', 0)} recompiles:{sum(counters['recompiles'].values())} "
+            f"stats:{json.dumps(stats, sort_keys=True)}")
 
 
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
@@ -1164,6 +1164,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     summary = dict(val_bpb=val_bpb, val_loss=val_loss, score_line=score_line, bytes_code=code_bytes,
                    bytes_model=model_bytes, bytes_total=code_bytes + model_bytes, steps=state.step,
+                   train_tokens=state.step * cfg.train_batch_tokens,
                    train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2), eval_time_ms=round(eval_ms),
                    first_train_loss=state.first_loss, last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib),
                    world_size=rt.world_size, seed=cfg.seed, artifact=str(out / "final_model.int8.ptz"))
