@@ -93,7 +93,8 @@ class Config:
     # batch and schedule
     train_seq_len: int = knob(1024, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(524_288, "tokens per optimizer step, all ranks together")
-    grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE (upstream)")
+    grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = the fewest with <= MICRO_BATCH_TOKENS per GPU")
+    micro_batch_tokens: int = knob(131_072, "largest micro-batch per GPU in tokens when GRAD_ACCUM_STEPS=0")
     iterations: int = knob(20_000, "maximum optimizer steps")
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds; 0 = no cap")
     warmup_steps: int = knob(20, "compile/priming steps whose updates are thrown away (not an LR warmup)")
@@ -121,6 +122,7 @@ class Config:
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
     zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
+    dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
     micro_steps: int = derived()
@@ -192,13 +194,27 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
             values[field.name] = parse_value(name, env[name], field.type, field.metadata["choices"])
     cfg = Config(**values)
     repeats = validate(cfg)
-    micro_steps = cfg.grad_accum_steps or max(1, 8 // world_size)
+    local_tokens, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
+    if rem:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
+                          f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
+    micro_steps = cfg.grad_accum_steps or auto_micro_steps(local_tokens, cfg.micro_batch_tokens // cfg.train_seq_len)
     per_micro = world_size * micro_steps * cfg.train_seq_len
     if cfg.train_batch_tokens % per_micro:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
-                          f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {micro_steps} x {cfg.train_seq_len}")
+        raise ConfigError(f"GRAD_ACCUM_STEPS={cfg.grad_accum_steps}: TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must "
+                          f"be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = "
+                          f"{world_size} x {micro_steps} x {cfg.train_seq_len}")
     return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
                                micro_batch_seqs=cfg.train_batch_tokens // per_micro, repeats=repeats)
+
+
+def auto_micro_steps(local_seqs: int, max_micro_seqs: int) -> int:
+    """The fewest micro-steps that split `local_seqs` evenly into micro-batches of at most
+    `max_micro_seqs` sequences (fewer, larger micro-batches run faster while memory lasts)."""
+    for steps in range(1, local_seqs + 1):
+        if local_seqs % steps == 0 and local_seqs // steps <= max(1, max_micro_seqs):
+            return steps
+    return local_seqs
 
 
 def require(ok: bool, message: str) -> None:
@@ -211,6 +227,7 @@ def validate(cfg: Config) -> int:
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
+    require(cfg.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS={cfg.micro_batch_tokens}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "xsa_last_n", "eval_repeats", "muon_momentum_warmup_steps"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
@@ -337,21 +354,26 @@ def muon_momentum(cfg: Config, step: int, t: float) -> float:
 
 
 def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize `grad` (U S V^T -> U V^T) with a quintic iteration in bf16.
-    The coefficients push singular values into roughly [0.7, 1.2] fast rather than exactly to 1."""
+    """Approximately orthogonalize each matrix of `grad` (..., m, n): U S V^T -> U V^T, with a
+    quintic iteration in bf16 whose coefficients push singular values into roughly [0.7, 1.2]
+    fast rather than exactly to 1. Batched: one call handles a stack of same-shape matrices."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.bfloat16()
-    x = x / (x.norm() + eps)
-    tall = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
+    """Each rank orthogonalizes the matrices i with i % world_size == rank, stacked by shape so
+    one batched Newton-Schulz call serves all matrices of a shape; a flat all-reduce shares the
+    updates. Updates are scaled by sqrt(max(1, rows/cols)) as in the reference Muon."""
+
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
@@ -362,27 +384,35 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            if not params:
-                continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = newton_schulz(update, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = update.flatten()
-                offset += p.numel()
+            mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
+            updates = dict(zip(map(id, mine), self._updates(mine, group)))
             if self.world_size > 1:
+                flat = torch.cat([updates[id(p)].flatten() if id(p) in updates
+                                  else torch.zeros(p.numel(), device=p.device, dtype=torch.bfloat16) for p in params])
                 dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                updates = {id(p): u.view_as(p) for p, u in zip(params, flat.split([p.numel() for p in params]))}
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [updates[id(p)].to(p.dtype) for p in params], alpha=-group["lr"])
+
+    def _updates(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        if not params:
+            return []
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
+        out: list[torch.Tensor | None] = [None] * len(params)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for (rows, cols), idx in by_shape.items():
+            ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"])
+            ortho *= max(1.0, rows / cols) ** 0.5
+            for i, u in zip(idx, ortho.unbind(0)):
+                out[i] = u
+        return out
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
@@ -481,15 +511,22 @@ class TrainLoader:
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device):
         self.stream, self.rank, self.world_size = TokenStream(paths), rank, world_size
         self.seqs, self.seq_len, self.device = seqs, seq_len, device
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prepared batch; the following one is prepared (and its copy queued) right away, so
+        the CPU work of the first micro-batch of a step overlaps the GPU work of the last step."""
+        batch = self._pending if self._pending is not None else self._load()
+        self._pending = self._load()
+        return batch
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         span = self.seqs * self.seq_len + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
         local = torch.from_numpy(chunk.astype(np.int64))
-        x, y = local[:-1].view(self.seqs, self.seq_len), local[1:].view(self.seqs, self.seq_len)
-        pin = self.device.type == "cuda"
-        return (x.pin_memory().to(self.device, non_blocking=True) if pin else x,
-                y.pin_memory().to(self.device, non_blocking=True) if pin else y)
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        return local[:-1].view(self.seqs, self.seq_len), local[1:].view(self.seqs, self.seq_len)
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
@@ -639,14 +676,25 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-        h = self.hidden(input_ids, plan)
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, weight.to(h.dtype)).float()
-        return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return softcap_logits(self.hidden(input_ids, plan), self.head_weight(), self.cfg.logit_softcap)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-        logits = self.logits(input_ids, plan)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1))
+        return self.head_loss(self.hidden(input_ids, plan), self.head_weight(), target_ids, self.cfg.logit_softcap)
+
+    head_loss = staticmethod(lambda h, w, t, cap: softcap_cross_entropy(h, w, t, cap))
+
+
+def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
+    logits = F.linear(h, weight.to(h.dtype)).float()
+    return softcap * torch.tanh(logits / softcap)
+
+
+def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    logits = softcap_logits(h, weight, softcap)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -944,7 +992,6 @@ def warmup(model, cfg: Config, rt: Runtime, plan: Plan, optimizers, make_loader)
         return 0.0
     start = time.perf_counter()
     base = model.module if rt.distributed else model
-    base = getattr(base, "_orig_mod", base)
     saved_model = copy.deepcopy(base.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
@@ -1081,13 +1128,25 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     rt.log(environment_report(rt.device), console=False)
 
 
+def compile_blocks(model: GPT) -> None:
+    """Compile each block and the loss head, not the whole model. Measured on one H100 at the
+    baseline shape (docs/perf.md): 9% faster steps than compiling the model whole, because the
+    whole-model graph fused the input/residual-mix gradients of all layers into slow reduction
+    kernels, and 2-3x faster compilation (one block graph serves every block of the same shape;
+    a plan change only re-runs the eager loop over blocks)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.compile(dynamic=False, fullgraph=True)
+    model.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True)
+
+
 def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
     compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     base = GPT(cfg, compute_dtype).to(rt.device)
     model = base
     if cfg.compile and rt.device.type == "cuda":
-        model = torch.compile(base, dynamic=False, fullgraph=True)
+        compile_blocks(base)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1127,7 +1186,40 @@ def compile_report() -> str:
     stats = dict(counters["stats"])
     return (f"compile_stats graph_breaks:{sum(counters['graph_break'].values())} "
             f"unique_graphs:{stats.get('unique_graphs', 0)} recompiles:{sum(counters['recompiles'].values())} "
-            f"stats:{json.dumps(stats, sort_keys=True)}")
+            f"fx_cache_hits:{counters['inductor'].get('fxgraph_cache_hit', 0)} "
+            f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}")
+
+
+def estimate_artifact_bytes(model: GPT, cfg: Config) -> int:
+    """Code bytes + the packed size of Gaussian weights of the model's shapes: trained matrices
+    are roughly Gaussian per row (the zero-initialized ones are not zero after training)."""
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return code_file().stat().st_size + len(pack_artifact({k: v.cpu() for k, v in state.items()}, cfg.zstd_level))
+
+
+def dry_run(cfg: Config, rt: Runtime) -> None:
+    """Everything a run would decide up front, and a few timed steps, without training."""
+    base, model = build_model(cfg, rt)
+    estimate = estimate_artifact_bytes(base, cfg)
+    verdict = "fits" if estimate <= ARTIFACT_LIMIT_BYTES else "DOES NOT FIT"
+    rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in {ARTIFACT_LIMIT_BYTES})")
+    optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
+    loader = TrainLoader(find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, cfg.micro_batch_seqs,
+                         cfg.train_seq_len, rt.device)
+    plan, times = plan_for(cfg, cfg.repeats), []
+    for i in range(4):  # the first step compiles; the next three are timed
+        rt.synchronize()
+        start = time.perf_counter()
+        train_step(model, loader, rt, cfg, plan, optimizers)
+        rt.synchronize()
+        times.append(time.perf_counter() - start)
+        rt.log(f"dry_run step:{i + 1} time:{1000 * times[-1]:.1f}ms" + (" (compile)" if i == 0 else ""))
+    step_ms = 1000 * rt.agree_max(sorted(times[1:])[1])
+    tokens_per_s = cfg.train_batch_tokens / (step_ms / 1000)
+    projected = (f"projected_steps:{int(cfg.max_wallclock_seconds * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
+                 f"{cfg.max_wallclock_seconds:g}" if cfg.max_wallclock_seconds > 0 else
+                 f"projected_time:{cfg.iterations * step_ms / 1000:.0f}s for ITERATIONS={cfg.iterations}")
+    rt.log(f"dry_run step_ms:{step_ms:.1f} tok/s:{tokens_per_s:.0f} {projected}")
 
 
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
@@ -1185,6 +1277,10 @@ def main() -> int:
         return 2
     rt = setup_runtime()
     try:
+        if cfg.dry_run:
+            rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+            dry_run(cfg, rt)
+            return 0
         out = open_run_folder(cfg, rt, out)
         log_header(cfg, rt)
         run(cfg, rt, out)

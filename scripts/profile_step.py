@@ -41,10 +41,31 @@ def timed(fn, events: list) -> None:
     events.append((start, end))
 
 
+def one_step(model, x, y, plan, optimizers, cfg, rt) -> None:
+    for _ in range(cfg.micro_steps):
+        with rt.autocast():
+            loss = model(x, y, plan)
+        (loss / cfg.micro_steps).backward()
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def print_kernels(step, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=400))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--trace", type=int, default=0, help="also print the top N CUDA kernels of 2 steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: profile_step.py needs a CUDA GPU")
@@ -59,6 +80,8 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_seqs, cfg.train_seq_len), device=rt.device)
     y = torch.randint(0, cfg.vocab_size, x.shape, device=rt.device)
     parts = {name: [] for name in ("forward", "backward", "muon", "adam", "zero_grad", "step")}
+    import time
+    compile_start = time.perf_counter()
     for step in range(args.steps + 3):  # 3 warmup steps (compile)
         step_start = torch.cuda.Event(enable_timing=True)
         step_start.record()
@@ -78,9 +101,13 @@ def main() -> None:
         parts["step"].append((step_start, step_end))
         if step < 3:
             torch.cuda.synchronize()
+            if step == 2:
+                print(f"compile+3 warmup steps: {time.perf_counter() - compile_start:.1f} s")
             for name in parts:
                 parts[name].clear()
     torch.cuda.synchronize()
+    if args.trace:
+        print_kernels(lambda: one_step(model, x, y, plan, optimizers, cfg, rt), args.trace)
     fpt = flops_per_token(cfg)
     print(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
           f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} micro_steps={cfg.micro_steps}")

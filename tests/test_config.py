@@ -19,8 +19,12 @@ def test_defaults_are_the_upstream_baseline_shape():
     cfg = build_config({})
     assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult) == (9, 512, 8, 4, 2.0)
     assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (1024, 1024, 524_288)
-    assert cfg.repeats == 1 and cfg.micro_steps == 8 and cfg.micro_batch_seqs == 64
+    assert cfg.repeats == 1 and cfg.micro_steps == 4 and cfg.micro_batch_seqs == 128
     assert build_config({}, world_size=8).micro_steps == 1
+    assert build_config({"GRAD_ACCUM_STEPS": "8"}).micro_batch_seqs == 64
+    assert build_config({"MICRO_BATCH_TOKENS": "300000"}).micro_steps == 2
+    assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 1024 * 40)}, world_size=1).micro_steps == 1
+    assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 1024 * 200)}, world_size=1).micro_steps == 5  # 600 = 5 x 120
 
 
 def test_values_are_parsed_strictly():
@@ -36,6 +40,7 @@ def test_values_are_parsed_strictly():
     ({"MODEL_DIM": "500"}, "NUM_HEADS"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
+    ({"GRAD_ACCUM_STEPS": "3"}, "GRAD_ACCUM_STEPS"),
     ({"NUM_UNIQUE_LAYERS": "4"}, "NUM_LAYERS"),
     ({"LOOP_START": "9"}, "LOOP_START"),
     ({"LOOP_END": "10"}, "LOOP_END"),

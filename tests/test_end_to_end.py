@@ -11,7 +11,7 @@ from conftest import ROOT, final_summary, logged_losses, run_script, tiny_env
 @pytest.fixture(scope="module")
 def single_run(tiny_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("single")
-    result = run_script(tiny_env(tiny_data, RUN_ID="single"), cwd)
+    result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -48,7 +48,7 @@ def test_final_lines_have_the_documented_format(single_run):
 def test_existing_run_folder_is_refused(single_run, tiny_data):
     cwd, _ = single_run
     before = (cwd / "runs" / "single" / "final_model.int8.ptz").read_bytes()
-    result = run_script(tiny_env(tiny_data, RUN_ID="single"), cwd, timeout=60)
+    result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd, timeout=60)
     assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
     assert (cwd / "runs" / "single" / "final_model.int8.ptz").read_bytes() == before
 
@@ -57,7 +57,7 @@ def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_pat
     """Same global batch: 2 ranks x 4 micro-steps see the same sequences as 1 rank x 8, so the
     runs agree up to float reduction order."""
     _, single = single_run
-    result = run_script(tiny_env(tiny_data, RUN_ID="ddp"), tmp_path, nproc=2, timeout=300)
+    result = run_script(tiny_env(tiny_data, RUN_ID="ddp", GRAD_ACCUM_STEPS=4), tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final_summary ") == 1  # rank 0 logs alone
     multi = final_summary(result.stdout)
@@ -66,3 +66,16 @@ def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_pat
     assert abs(one[1] - two[1]) < 1e-4
     assert abs(one[30] - two[30]) < 0.03
     assert abs(final_summary(single)["val_bpb"] - multi["val_bpb"]) < 0.02
+
+
+def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
+    result = run_script(tiny_env(tiny_data, DRY_RUN=1, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4,
+                                 NUM_UNIQUE_LAYERS=2), tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    estimate = re.search(r"dry_run estimated_artifact_bytes:(\d+) \(fits", result.stdout)
+    projected = re.search(r"dry_run step_ms:([\d.]+) tok/s:\d+ projected_steps:(\d+) in MAX_WALLCLOCK_SECONDS=300",
+                          result.stdout)
+    assert estimate and projected, result.stdout[-2000:]
+    assert int(projected[2]) == int(300_000 / float(projected[1])) or abs(int(projected[2]) - 300_000 / float(projected[1])) < 2
+    assert "plan:[0, 1, 0, 1]" in result.stdout
+    assert not (tmp_path / "runs").exists() and "final_summary" not in result.stdout

@@ -120,3 +120,25 @@ def test_newton_schulz_singular_values(shape):
     s = torch.linalg.svdvals(newton_schulz(g, 5).float())
     assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
     assert newton_schulz(g, 5).shape == g.shape
+
+
+def test_batched_muon_matches_a_per_matrix_reference():
+    from train_gpt import Muon
+
+    torch.manual_seed(4)
+    shapes = [(64, 32), (32, 64), (64, 32), (48, 48), (32, 64)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    opt = Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):  # the textbook update, one matrix at a time
+            bufs[i] = 0.9 * bufs[i] + g
+            u = newton_schulz(g + 0.9 * bufs[i], 5).float() * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            ref[i] = ref[i] * (1 - 0.1 * 0.01) - 0.1 * u
+    for p, r in zip(params, ref):
+        assert torch.allclose(p.detach(), r, atol=2e-3), (p.detach() - r).abs().max()
