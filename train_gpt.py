@@ -514,11 +514,15 @@ class TrainLoader:
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prepared batch; the following one is prepared (and its copy queued) right away, so
-        the CPU work of the first micro-batch of a step overlaps the GPU work of the last step."""
-        batch = self._pending if self._pending is not None else self._load()
-        self._pending = self._load()
+        """The batch prepared by prefetch(), else a fresh one."""
+        batch, self._pending = self._pending or self._load(), None
         return batch
+
+    def prefetch(self) -> None:
+        """Prepare the next batch (and queue its copy) now: called after a micro-step's GPU work
+        is launched, so the CPU work overlaps it, also across the sync at the end of a step."""
+        if self._pending is None:
+            self._pending = self._load()
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         span = self.seqs * self.seq_len + 1
@@ -965,6 +969,7 @@ def train_step(model, loader: TrainLoader, rt: Runtime, cfg: Config, plan: Plan,
         with rt.autocast():
             loss = model(x, y, plan)
         (loss / cfg.micro_steps).backward()
+        loader.prefetch()
         total += loss.detach()
     if cfg.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)

@@ -34,8 +34,10 @@ def test_loader_ranks_are_disjoint_and_contiguous(tmp_path, world_size):
     seen = []
     for rank in range(world_size):
         loader = TrainLoader(paths, rank, world_size, seqs, seq_len, torch.device("cpu"))
-        for _ in range(steps):
+        for step in range(steps):
             x, y = loader.next_batch()
+            if step % 2:
+                loader.prefetch()  # as train_step does; must not change the order
             assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
             seen.append(torch.cat([x.flatten(), y.flatten()[-1:]]))
     # each rank's span per step covers seqs*seq_len+1 consecutive positions; spans never overlap
