@@ -79,6 +79,9 @@ class Config:
     loop_start: int = knob(0, "first physical block of the looped core")
     loop_end: int = knob(-1, "last physical block of the looped core (inclusive); -1 = U-1")
     eval_repeats: int = knob(0, "passes through the core at evaluation; 0 = the training passes R")
+    prog_depth: str = knob("", "progressive depth 'f1:r1,f2:r2,...,1.0:R': r_i core passes while the run fraction < f_i")
+    cross_repeat_skip: bool = knob(False, "mix a block's output from its previous pass into its next input (zero-init scales)")
+    value_embeds: int = knob(0, "extra embedding tables added into the residual at every virtual layer (learned scales)")
     model_dim: int = knob(512, "residual width")
     num_heads: int = knob(8, "query heads")
     num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS")
@@ -251,6 +254,11 @@ def validate(cfg: Config) -> int:
     require(cfg.loop_start <= loop_end < unique, f"LOOP_END={cfg.loop_end}: must be in LOOP_START..{unique - 1} or -1")
     repeats = core_repeats(unique, cfg.loop_start, loop_end, cfg.num_layers)
     require(cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n}: must be <= NUM_LAYERS={cfg.num_layers}")
+    require(cfg.value_embeds >= 0, f"VALUE_EMBEDS={cfg.value_embeds}: must be >= 0")
+    if cfg.prog_depth:
+        phases = parse_prog_depth(cfg.prog_depth)
+        require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
+                                          f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
     return repeats
 
 
@@ -279,6 +287,38 @@ def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -
     return (num_layers - outside) // core
 
 
+def parse_prog_depth(text: str) -> list[tuple[float, int]]:
+    """'0.4:2,0.65:3,1.0:4' -> [(0.4, 2), (0.65, 3), (1.0, 4)]; fractions rising, ending at 1.0."""
+    phases = []
+    try:
+        for item in text.split(","):
+            frac, passes = item.split(":")
+            phases.append((float(frac), int(passes)))
+    except ValueError:
+        raise ConfigError(f"PROG_DEPTH={text!r}: expected 'f1:r1,f2:r2,...,1.0:R' (fraction:passes)") from None
+    fracs = [f for f, _ in phases]
+    if fracs[-1] != 1.0 or any(not 0 < a < b for a, b in zip(fracs, fracs[1:])) or fracs[0] <= 0:
+        raise ConfigError(f"PROG_DEPTH={text!r}: fractions must rise strictly and end at 1.0")
+    if any(r < 1 for _, r in phases):
+        raise ConfigError(f"PROG_DEPTH={text!r}: passes must be >= 1")
+    return phases
+
+
+def depth_phase(cfg: Config, t: float) -> int:
+    """Core passes to use at run fraction t (all ranks use the same all-reduced t)."""
+    if not cfg.prog_depth:
+        return cfg.repeats
+    for frac, passes in parse_prog_depth(cfg.prog_depth):
+        if t < frac:
+            return passes
+    return cfg.repeats
+
+
+def training_repeats(cfg: Config) -> list[int]:
+    """Every pass count a training run uses, in order (one compiled/primed plan each)."""
+    return [r for _, r in parse_prog_depth(cfg.prog_depth)] if cfg.prog_depth else [cfg.repeats]
+
+
 def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0) -> Plan:
     core = list(range(loop_start, loop_end + 1))
     blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
@@ -300,7 +340,8 @@ def plan_for(cfg: Config, repeats: int) -> Plan:
 
 
 def max_depth(cfg: Config) -> int:
-    return max(len(plan_for(cfg, cfg.repeats).blocks), len(plan_for(cfg, cfg.eval_repeats or cfg.repeats).blocks))
+    passes = training_repeats(cfg) + [cfg.eval_repeats or cfg.repeats]
+    return max(len(plan_for(cfg, r).blocks) for r in passes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +459,7 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     matrix_ids = {id(p) for p in matrices}
-    embed = [model.tok_emb.weight]
+    embed = [model.tok_emb.weight] + [table.weight for table in model.value_embeds]
     head = [model.lm_head.weight] if model.lm_head is not None else []
     named = {id(p) for p in matrices + embed + head}
     scalars = [p for p in model.parameters() if id(p) not in named]
@@ -662,21 +703,40 @@ class GPT(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(depth, dim), torch.zeros(depth, dim)], dim=1))
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
+        # Cross-repeat skip: at each virtual position, a zero-init scale on the same block's output
+        # from its previous pass. Value embeddings: extra tables added at every virtual layer.
+        self.repeat_mix = nn.Parameter(torch.zeros(depth, dim)) if cfg.cross_repeat_skip else None
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
+        for table in self.value_embeds:
+            nn.init.normal_(table.weight, std=cfg.tied_embed_init_std)
+        self.value_scale = nn.Parameter(torch.zeros(depth, cfg.value_embeds)) if cfg.value_embeds else None
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
         dt = self.compute_dtype
         x = rms_norm(self.tok_emb(input_ids)).to(dt)
-        x0, depth, stored = x, len(plan.blocks), []
+        x0, depth, stored, previous = x, len(plan.blocks), [], {}
         rope = rotary_tables(input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.device)
+        values = [rms_norm(table(input_ids)).to(dt) for table in self.value_embeds]
         half = depth // 2
         for v, b in enumerate(plan.blocks):
             if v >= half and stored:  # U-Net: decoder layer half+i adds encoder layer half-1-i
                 x = x + self.skip_weight[v - half].to(dt) * stored.pop()
             x = x + self.loop_emb[v].to(dt)
+            if self.repeat_mix is not None and b in previous:
+                x = x + self.repeat_mix[v].to(dt) * previous[b]
+            for k, value in enumerate(values):
+                x = x + self.value_scale[v, k].to(dt) * value
             x = self.blocks[b](x, x0, self.resid_mix[v].to(dt), self.attn_scale[v].to(dt),
                                self.mlp_scale[v].to(dt), rope, plan.xsa[v])
+            previous[b] = x
             if v < half:
                 stored.append(x)
+        # A plan too shallow to use a tensor still touches it (zero gradient), so DDP needs no
+        # find_unused_parameters and every phase of a progressive run trains the same parameters.
+        if half == 0:
+            x = x + 0 * self.skip_weight[0].to(dt)
+        if self.repeat_mix is not None and len(previous) == depth:
+            x = x + 0 * self.repeat_mix[0].to(dt)
         return rms_norm(x)
 
     def logits(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -912,6 +972,14 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
+    def all_equal(self, obj) -> bool:
+        """Whether every rank holds the same (picklable) value."""
+        if not self.distributed:
+            return True
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return all(g == gathered[0] for g in gathered)
+
     def broadcast(self, obj):
         if not self.distributed:
             return obj
@@ -958,6 +1026,11 @@ class TrainState:
     elapsed_ms: float = 0.0
     last_loss: float = float("nan")
     first_loss: float = float("nan")
+    passes: int = 0  # core passes of the plan in use
+    full_depth_from: int | None = None  # first step at full depth: averaging (EMA/SWA) may start here
+    switched_at: int = -1  # the step that switched depth last
+    step_ms: list = dataclasses.field(default_factory=list)  # recent step times
+    phase_ms: dict = dataclasses.field(default_factory=dict)  # passes -> every step time at that depth
 
 
 def train_step(model, loader: TrainLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
@@ -991,20 +1064,24 @@ def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> float
     return mult
 
 
-def warmup(model, cfg: Config, rt: Runtime, plan: Plan, optimizers, make_loader) -> float:
-    """Run WARMUP_STEPS real steps (compiles the graph), then restore the initial state."""
+def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
+    """Run WARMUP_STEPS real steps cycling through every depth phase's plan (compiles and primes
+    each, so a switch mid-run costs no compilation), then restore the initial state."""
     if cfg.warmup_steps == 0:
         return 0.0
+    order = training_repeats(cfg)
+    steps = max(cfg.warmup_steps, len(order))
     start = time.perf_counter()
     base = model.module if rt.distributed else model
     saved_model = copy.deepcopy(base.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
-    for i in range(cfg.warmup_steps):
-        train_step(model, loader, rt, cfg, plan, optimizers)
-        if i == 0 or i == cfg.warmup_steps - 1:
+    for i in range(steps):
+        train_step(model, loader, rt, cfg, plans[order[i % len(order)]], optimizers)
+        if i < len(order) or i == steps - 1:
             rt.synchronize()
-            rt.log(f"warmup_step:{i + 1}/{cfg.warmup_steps} elapsed:{time.perf_counter() - start:.1f}s")
+            rt.log(f"warmup_step:{i + 1}/{steps} passes:{order[i % len(order)]} "
+                   f"elapsed:{time.perf_counter() - start:.1f}s")
     base.load_state_dict(saved_model)
     for opt, saved in zip(optimizers, saved_opts):
         opt.load_state_dict(saved)
@@ -1026,7 +1103,40 @@ def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float)
            f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
 
 
-def train(model, base: GPT, cfg: Config, rt: Runtime, plan: Plan, optimizers, make_loader, validate) -> TrainState:
+def choose_depth(cfg: Config, rt: Runtime, state: TrainState, t: float) -> None:
+    """Set the passes for the next step from the agreed run fraction; log a switch."""
+    passes = depth_phase(cfg, t)
+    if passes != state.passes:
+        if state.passes:
+            agreed = rt.all_equal((state.step + 1, passes))
+            rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
+            state.switched_at = state.step + 1
+        state.passes = passes
+    if passes == cfg.repeats and state.full_depth_from is None:
+        state.full_depth_from = state.step + 1
+
+
+def record_step_time(rt: Runtime, state: TrainState, step_ms: float) -> None:
+    if state.step == state.switched_at and state.step_ms:
+        median = sorted(state.step_ms)[len(state.step_ms) // 2]
+        rt.log(f"depth_switch_first_step step:{state.step} time:{step_ms:.1f}ms median_before:{median:.1f}ms")
+    state.step_ms = (state.step_ms + [step_ms])[-50:]
+    state.phase_ms.setdefault(state.passes, []).append(step_ms)
+
+
+def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
+    """Median step time per depth phase, and what the run would have done at full depth only."""
+    for passes, times in state.phase_ms.items():
+        rt.log(f"phase passes:{passes} steps:{len(times)} median_step_ms:{sorted(times)[len(times) // 2]:.1f}")
+    full = state.phase_ms.get(cfg.repeats)
+    if len(state.phase_ms) > 1 and full and len(full) > 2:
+        fixed_steps = int(state.elapsed_ms / sorted(full)[len(full) // 2])
+        rt.log(f"progressive_depth steps:{state.step} fixed_full_depth_estimate:{fixed_steps} "
+               f"gained:{state.step - fixed_steps}")
+
+
+def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
+          validate) -> TrainState:
     state, loader = TrainState(), make_loader()
     rt.synchronize()
     clock = time.perf_counter()
@@ -1043,13 +1153,15 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plan: Plan, optimizers, ma
             clock = time.perf_counter()
         if last:
             return state
-        t = run_fraction(cfg, state.step, state.elapsed_ms / 1000 + time.perf_counter() - clock)
+        t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
+        choose_depth(cfg, rt, state, t)
         set_schedules(cfg, optimizers, state, t)
-        loss = train_step(model, loader, rt, cfg, plan, optimizers)
+        loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
         rt.synchronize()
         now = time.perf_counter()
         elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (now - clock))
+        record_step_time(rt, state, elapsed_ms - state.elapsed_ms)
         state.elapsed_ms, clock = elapsed_ms, now
         stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
         final = stop or state.step == cfg.iterations
@@ -1062,6 +1174,11 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plan: Plan, optimizers, ma
             log_step(rt, cfg, state, state.last_loss, run_fraction(cfg, state.step, elapsed_ms / 1000))
         if stop:
             rt.log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{state.step}/{cfg.iterations}")
+
+
+def parameter_checksum(model: GPT) -> float:
+    return float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
+                     for p in model.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1234,7 +1351,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     train_shards = find_shards(cfg.data_path, "train")
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    plan = plan_for(cfg, cfg.repeats)
+    plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
     eval_plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
 
     def make_loader():
@@ -1243,9 +1360,13 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     def validate():
         return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
 
-    warmup_s = warmup(model, cfg, rt, plan, optimizers, make_loader)
+    warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
-    state = train(model, base, cfg, rt, plan, optimizers, make_loader, validate)
+    state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate)
+    log_phase_times(rt, cfg, state)
+    checksum = parameter_checksum(base)
+    rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
+           f"full_depth_from_step:{state.full_depth_from}")
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
