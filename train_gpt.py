@@ -726,8 +726,11 @@ class GPT(nn.Module):
                 x = x + self.repeat_mix[v].to(dt) * previous[b]
             for k, value in enumerate(values):
                 x = x + self.value_scale[v, k].to(dt) * value
-            x = self.blocks[b](x, x0, self.resid_mix[v].to(dt), self.attn_scale[v].to(dt),
-                               self.mlp_scale[v].to(dt), rope, plan.xsa[v])
+            # Evaluation runs the blocks eagerly: its batch shapes differ from training's, and
+            # compiling them cost ~20 s per shape on a fresh machine for a ~1 s gain (docs/perf.md).
+            block = self.blocks[b] if self.training else self.blocks[b].forward
+            x = block(x, x0, self.resid_mix[v].to(dt), self.attn_scale[v].to(dt), self.mlp_scale[v].to(dt),
+                      rope, plan.xsa[v])
             previous[b] = x
             if v < half:
                 stored.append(x)
