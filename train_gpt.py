@@ -125,6 +125,13 @@ class Config:
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
     zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
+    compressor: str = knob("zstd", "artifact compressor: zstd (ZSTD_LEVEL) or lzma (xz, preset 9 extreme)", ("zstd", "lzma"))
+    quant_bits_attn: int = knob(8, "bits per weight of attention matrices in the artifact (5-8)")
+    quant_bits_mlp: int = knob(8, "bits per weight of MLP matrices in the artifact (5-8)")
+    quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
+    eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
+    eval_stride: int = knob(64, "sliding-window evaluation stride (each token scored once with up to "
+                                "EVAL_SEQ_LEN - stride tokens of context); 0 or >= the window = round trip only")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
@@ -248,6 +255,10 @@ def validate(cfg: Config) -> int:
     require(cfg.logit_softcap > 0, f"LOGIT_SOFTCAP={cfg.logit_softcap}: must be > 0")
     require(cfg.rope_base > 0, f"ROPE_BASE={cfg.rope_base}: must be > 0")
     require(1 <= cfg.zstd_level <= 22, f"ZSTD_LEVEL={cfg.zstd_level}: must be in 1..22")
+    for name in ("quant_bits_attn", "quant_bits_mlp", "quant_bits_embed"):
+        require(5 <= getattr(cfg, name) <= 8, f"{name.upper()}={getattr(cfg, name)}: must be in 5..8")
+    require(cfg.eval_seq_len >= 0, f"EVAL_SEQ_LEN={cfg.eval_seq_len}: must be >= 0 (0 = TRAIN_SEQ_LEN)")
+    require(cfg.eval_stride >= 0, f"EVAL_STRIDE={cfg.eval_stride}: must be >= 0 (0 = round trip only)")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
     require(0 <= cfg.loop_start < unique, f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
@@ -576,10 +587,15 @@ class TrainLoader:
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([load_shard(p) for p in find_shards(cfg.data_path, "val")])
-    if len(tokens) - 1 < cfg.train_seq_len:
-        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {len(tokens)} tokens, shorter "
-                        f"than one sequence (TRAIN_SEQ_LEN={cfg.train_seq_len} + 1)")
+    check_val_length(cfg, len(tokens))
     return torch.from_numpy(tokens.astype(np.int32))
+
+
+def check_val_length(cfg: Config, total: int) -> None:
+    window = max(cfg.train_seq_len, cfg.eval_seq_len)
+    if total - 1 < window:
+        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
+                        f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
 
 
 def load_tokenizer(cfg: Config):
@@ -845,10 +861,11 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
 
 
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
-             tables: ByteTables, autocast) -> tuple[float, float]:
-    """Round-trip evaluation (non-overlapping windows) of the whole split; returns (val_loss, val_bpb)."""
-    window = cfg.train_seq_len
-    starts, score_from = plan_windows(len(tokens) - 1, window, window)
+             tables: ByteTables, autocast, stride: int = 0) -> tuple[float, float]:
+    """Score the whole split; returns (val_loss, val_bpb). stride = 0: non-overlapping windows of
+    TRAIN_SEQ_LEN (the round trip); else sliding windows of EVAL_SEQ_LEN moved by `stride`."""
+    window = (cfg.eval_seq_len or cfg.train_seq_len) if stride else cfg.train_seq_len
+    starts, score_from = plan_windows(len(tokens) - 1, window, min(stride, window) or window)
     lo, hi = shard_range(len(starts), rank, world_size)
     batch = max(1, cfg.val_batch_size // (world_size * window))
 
@@ -894,13 +911,37 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_state(state: dict[str, torch.Tensor]) -> dict:
-    packed = {"format": "pg-int8-v1", "quantized": {}, "float": {}}
+def weight_group(name: str) -> str:
+    """Which bit-width knob governs a tensor: attention, MLP or embedding."""
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    return "embed"
+
+
+def quant_bits(cfg: Config) -> dict[str, int]:
+    return {"attn": cfg.quant_bits_attn, "mlp": cfg.quant_bits_mlp, "embed": cfg.quant_bits_embed}
+
+
+def export_label(bits: dict[str, int]) -> str:
+    """'int8' when every group has the same width, else 'mixed' (e.g. final_int6_zstd_sliding)."""
+    widths = set(bits.values())
+    return f"int{widths.pop()}" if len(widths) == 1 else "mixed"
+
+
+def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None = None) -> dict:
+    """Large float matrices -> per-row codes of their group's width (stored in int8; the
+    compressor removes the unused range); small tensors stay float."""
+    bits = bits or {"attn": 8, "mlp": 8, "embed": 8}
+    packed = {"format": "pg-rows-v1", "quantized": {}, "float": {}}
     for name, t in state.items():
         t = t.detach().cpu()
         if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL:
-            q, scale = quantize_rows(t)
-            packed["quantized"][name] = {"q": q, "scale": scale, "dtype": str(t.dtype).removeprefix("torch.")}
+            width = bits[weight_group(name)]
+            q, scale = quantize_rows(t, width)
+            packed["quantized"][name] = {"q": q, "scale": scale, "bits": width,
+                                         "dtype": str(t.dtype).removeprefix("torch.")}
         else:
             packed["float"][name] = t.clone()
     return packed
@@ -913,18 +954,34 @@ def dequantize_state(packed: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def pack_artifact(state: dict[str, torch.Tensor], level: int) -> bytes:
+ZSTD_MAGIC, XZ_MAGIC = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"
+
+
+def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = "zstd",
+                  bits: dict[str, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(quantize_state(state, bits), buffer)
+    if compressor == "lzma":
+        import lzma
+
+        return lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
     import zstandard
 
-    buffer = io.BytesIO()
-    torch.save(quantize_state(state), buffer)
     return zstandard.ZstdCompressor(level=level).compress(buffer.getvalue())
 
 
 def unpack_artifact(blob: bytes) -> dict[str, torch.Tensor]:
-    import zstandard
+    """Inverse of pack_artifact; the compressor is recognized by its magic bytes."""
+    if blob.startswith(XZ_MAGIC):
+        import lzma
 
-    raw = zstandard.ZstdDecompressor().decompress(blob)
+        raw = lzma.decompress(blob)
+    elif blob.startswith(ZSTD_MAGIC):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().decompress(blob)
+    else:
+        raise DataError("artifact: neither zstd nor xz data")
     return dequantize_state(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
 
 
@@ -1209,9 +1266,7 @@ def check_inputs(cfg: Config) -> None:
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
-    if total - 1 < cfg.train_seq_len:
-        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
-                        f"sequence (TRAIN_SEQ_LEN={cfg.train_seq_len} + 1)")
+    check_val_length(cfg, total)
     try:
         import zstandard  # noqa: F401
     except ImportError:
@@ -1283,25 +1338,54 @@ def build_model(cfg: Config, rt: Runtime):
     return base, model
 
 
-def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[int, int]:
+def artifact_name(cfg: Config) -> str:
+    return f"{export_label(quant_bits(cfg))}_{cfg.compressor}"
+
+
+def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[int, int, Path]:
     """Write the compressed artifact (rank 0), then load it back into `base` on every rank."""
-    path = out / "final_model.int8.ptz"
+    name = artifact_name(cfg)
+    path = out / f"final_model.{name}.ptz"
     if rt.main:
-        blob = pack_artifact(base.state_dict(), cfg.zstd_level)
-        path.write_bytes(blob)
+        start = time.perf_counter()
+        path.write_bytes(pack_artifact(base.state_dict(), cfg.zstd_level, cfg.compressor, quant_bits(cfg)))
+        rt.log(f"export_time:{time.perf_counter() - start:.1f}s bits:{json.dumps(quant_bits(cfg), sort_keys=True)}")
     if rt.distributed:
         dist.barrier()
     model_bytes, code_bytes = path.stat().st_size, code_file().stat().st_size
-    rt.log(f"Serialized model int8+zstd: {model_bytes} bytes")
+    label = name.replace("_", "+")
+    rt.log(f"Serialized model {label}: {model_bytes} bytes")
     rt.log(f"Code size: {code_bytes} bytes")
     total = model_bytes + code_bytes
-    rt.log(f"Total submission size int8+zstd: {total} bytes")
+    rt.log(f"Total submission size {label}: {total} bytes")
     if total > ARTIFACT_LIMIT_BYTES:
         rt.log(f"WARNING: artifact is {total} bytes, OVER the {ARTIFACT_LIMIT_BYTES} byte limit "
                f"by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is not a valid submission")
     state = unpack_artifact(path.read_bytes())
     base.load_state_dict(state, strict=True)
-    return code_bytes, model_bytes
+    return code_bytes, model_bytes, path
+
+
+def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str, float, float, float]]:
+    """Evaluate the reloaded artifact: round trip, then sliding window when EVAL_STRIDE is set.
+    Returns (line name, val_loss, val_bpb, ms) in that order; the last one is the score."""
+    window = cfg.eval_seq_len or cfg.train_seq_len
+    strides = [0] + ([cfg.eval_stride] if cfg.eval_stride else [])
+    results = []
+    for stride in strides:
+        kind = "sliding" if stride else "roundtrip"
+        if stride >= window and window == cfg.train_seq_len:
+            continue  # the same windows as the round trip
+        rt.synchronize()
+        start = time.perf_counter()
+        val_loss, val_bpb = evaluate_with(stride)
+        rt.synchronize()
+        ms = 1000 * (time.perf_counter() - start)
+        name = f"final_{artifact_name(cfg)}_{kind}"
+        rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
+        rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        results.append((name, val_loss, val_bpb, ms))
+    return results
 
 
 def compile_report() -> str:
@@ -1319,7 +1403,8 @@ def estimate_artifact_bytes(model: GPT, cfg: Config) -> int:
     """Code bytes + the packed size of Gaussian weights of the model's shapes: trained matrices
     are roughly Gaussian per row (the zero-initialized ones are not zero after training)."""
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    return code_file().stat().st_size + len(pack_artifact({k: v.cpu() for k, v in state.items()}, cfg.zstd_level))
+    blob = pack_artifact({k: v.cpu() for k, v in state.items()}, cfg.zstd_level, cfg.compressor, quant_bits(cfg))
+    return code_file().stat().st_size + len(blob)
 
 
 def dry_run(cfg: Config, rt: Runtime) -> None:
@@ -1373,22 +1458,18 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
-    code_bytes, model_bytes = export_and_reload(base, cfg, rt, out)
-    rt.synchronize()
-    start = time.perf_counter()
-    val_loss, val_bpb = validate()
-    rt.synchronize()
-    eval_ms = 1000 * (time.perf_counter() - start)
-    name = "final_int8_zstd_roundtrip"
-    score_line = f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
-    rt.log(score_line)
-    rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    summary = dict(val_bpb=val_bpb, val_loss=val_loss, score_line=score_line, bytes_code=code_bytes,
-                   bytes_model=model_bytes, bytes_total=code_bytes + model_bytes, steps=state.step,
-                   train_tokens=state.step * cfg.train_batch_tokens,
-                   train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2), eval_time_ms=round(eval_ms),
+    code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
+    results = final_evaluations(cfg, rt, lambda stride: evaluate(base, eval_plan, val_tokens, cfg, rt.rank,
+                                                                 rt.world_size, tables, rt.autocast, stride))
+    name, val_loss, val_bpb, eval_ms = results[-1]
+    summary = dict(val_bpb=val_bpb, val_loss=val_loss,
+                   score_line=f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms",
+                   evals={n: dict(val_loss=l, val_bpb=b, eval_time_ms=round(ms)) for n, l, b, ms in results},
+                   bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=code_bytes + model_bytes,
+                   steps=state.step, train_tokens=state.step * cfg.train_batch_tokens,
+                   train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2),
                    first_train_loss=state.first_loss, last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib),
-                   world_size=rt.world_size, seed=cfg.seed, artifact=str(out / "final_model.int8.ptz"))
+                   world_size=rt.world_size, seed=cfg.seed, artifact=str(artifact))
     rt.log("final_summary " + json.dumps(summary, sort_keys=True))
     return summary
 

@@ -48,6 +48,9 @@ def test_values_are_parsed_strictly():
     ({"ITERATIONS": "0", "MAX_WALLCLOCK_SECONDS": "0"}, "ITERATIONS"),
     ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL"),
     ({"XSA_LAST_N": "10"}, "XSA_LAST_N"),
+    ({"QUANT_BITS_MLP": "4"}, "QUANT_BITS_MLP"),
+    ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
+    ({"COMPRESSOR": "brotli"}, "COMPRESSOR"),
 ])
 def test_bad_relations_name_the_variable(env, culprit):
     with pytest.raises(ConfigError, match=culprit):

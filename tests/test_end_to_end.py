@@ -23,7 +23,7 @@ def test_loss_falls_and_artifact_is_written(single_run):
     assert losses[30] < losses[1] - 0.8, losses
     summary = final_summary(out)
     run_dir = cwd / "runs" / "single"
-    artifact = run_dir / "final_model.int8.ptz"
+    artifact = run_dir / "final_model.int8_zstd.ptz"
     assert summary["bytes_model"] == artifact.stat().st_size
     assert summary["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
     assert summary["bytes_total"] == summary["bytes_model"] + summary["bytes_code"]
@@ -35,22 +35,28 @@ def test_loss_falls_and_artifact_is_written(single_run):
 
 def test_final_lines_have_the_documented_format(single_run):
     _, out = single_run
-    rt = re.search(r"^final_int8_zstd_roundtrip val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:\d+ms$", out, re.M)
-    exact = re.search(r"^final_int8_zstd_roundtrip_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", out, re.M)
-    assert rt and exact
-    assert abs(float(rt[2]) - float(exact[2])) < 1e-4
-    assert abs(final_summary(out)["val_bpb"] - float(exact[2])) < 1e-8
+    lines = {}
+    for kind in ("roundtrip", "sliding"):
+        rt = re.search(rf"^final_int8_zstd_{kind} val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:\d+ms$", out, re.M)
+        exact = re.search(rf"^final_int8_zstd_{kind}_exact val_loss:(\d+\.\d{{8}}) val_bpb:(\d+\.\d{{8}})$", out, re.M)
+        assert rt and exact, kind
+        assert abs(float(rt[2]) - float(exact[2])) < 1e-4
+        lines[kind] = float(exact[2])
+    summary = final_summary(out)
+    assert abs(summary["val_bpb"] - lines["sliding"]) < 1e-8  # the score is the last evaluation
+    assert set(summary["evals"]) == {"final_int8_zstd_roundtrip", "final_int8_zstd_sliding"}
+    assert summary["score_line"].startswith("final_int8_zstd_sliding ")
     pre = re.search(r"^step:30/30 val_loss:[\d.]+ val_bpb:([\d.]+)", out, re.M)
-    assert pre and abs(float(pre[1]) - float(rt[2])) < 0.05  # int8 costs little
+    assert pre and abs(float(pre[1]) - lines["roundtrip"]) < 0.05  # int8 costs little
     assert re.search(r"^Total submission size int8\+zstd: \d+ bytes$", out, re.M)
 
 
 def test_existing_run_folder_is_refused(single_run, tiny_data):
     cwd, _ = single_run
-    before = (cwd / "runs" / "single" / "final_model.int8.ptz").read_bytes()
+    before = (cwd / "runs" / "single" / "final_model.int8_zstd.ptz").read_bytes()
     result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd, timeout=60)
     assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
-    assert (cwd / "runs" / "single" / "final_model.int8.ptz").read_bytes() == before
+    assert (cwd / "runs" / "single" / "final_model.int8_zstd.ptz").read_bytes() == before
 
 
 def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_path):

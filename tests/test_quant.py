@@ -50,3 +50,38 @@ def test_artifact_is_smaller_than_raw_int8():
     state = {"w": torch.randn(1024, 512) * 0.02}
     blob = pack_artifact(state, level=22)
     assert len(blob) < 1024 * 512  # zstd squeezes the int8 codes of Gaussian weights below 8 bits
+
+
+def test_narrow_widths_stay_in_range_and_shrink_the_artifact():
+    from train_gpt import export_label, weight_group
+
+    torch.manual_seed(3)
+    state = {"blocks.0.attn.c_q.weight": torch.randn(512, 512), "blocks.0.mlp.fc.weight": torch.randn(512, 512),
+             "tok_emb.weight": torch.randn(512, 512)}
+    assert [weight_group(n) for n in state] == ["attn", "mlp", "embed"]
+    for bits in (5, 6, 7):
+        q, scale = quantize_rows(state["tok_emb.weight"], bits)
+        assert q.abs().max() <= 2 ** (bits - 1) - 1
+        err = (dequantize_rows(q, scale) - state["tok_emb.weight"]).abs()
+        assert (err <= scale.float()[:, None] / 2 + 1e-12).all()
+    sizes = {b: len(pack_artifact(state, 22, bits={"attn": b, "mlp": b, "embed": b})) for b in (8, 6)}
+    assert sizes[6] < 0.85 * sizes[8]
+    mixed = quantize_state(state, {"attn": 6, "mlp": 5, "embed": 8})
+    assert [mixed["quantized"][n]["bits"] for n in state] == [6, 5, 8]
+    assert export_label({"attn": 6, "mlp": 6, "embed": 6}) == "int6"
+    assert export_label({"attn": 6, "mlp": 5, "embed": 8}) == "mixed"
+
+
+def test_lzma_artifact_round_trips_and_is_recognized():
+    import pytest
+
+    from train_gpt import DataError
+
+    torch.manual_seed(4)
+    state = {"w": torch.randn(300, 256), "v": torch.randn(7)}
+    blob = pack_artifact(state, 22, compressor="lzma")
+    assert blob[:6] == b"\xfd7zXZ\x00"
+    back = unpack_artifact(blob)
+    assert torch.equal(back["v"], state["v"]) and torch.equal(back["w"], unpack_artifact(pack_artifact(state, 3))["w"])
+    with pytest.raises(DataError, match="artifact"):
+        unpack_artifact(b"not an artifact")
