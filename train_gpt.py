@@ -122,6 +122,11 @@ class Config:
     beta2: float = knob(0.95, "Adam beta2")
     adam_eps: float = knob(1e-8, "Adam epsilon")
     grad_clip_norm: float = knob(0.0, "clip the global gradient norm; 0 = off")
+    # weight averaging (both off by default until measured)
+    ema_horizon: float = knob(0.0, "EMA of the weights with this time constant, as a fraction of the run; 0 = off")
+    swa_start: float = knob(0.0, "SWA: average snapshots from this run fraction on (at full depth); 0 = off")
+    swa_every: int = knob(10, "SWA: take a snapshot every N steps")
+    export_weights: str = knob("last", "weights to export: last, ema or swa", ("last", "ema", "swa"))
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
     zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
@@ -258,6 +263,11 @@ def validate(cfg: Config) -> int:
     for name in ("quant_bits_attn", "quant_bits_mlp", "quant_bits_embed"):
         require(5 <= getattr(cfg, name) <= 8, f"{name.upper()}={getattr(cfg, name)}: must be in 5..8")
     require(cfg.eval_seq_len >= 0, f"EVAL_SEQ_LEN={cfg.eval_seq_len}: must be >= 0 (0 = TRAIN_SEQ_LEN)")
+    require(0 <= cfg.ema_horizon <= 1 and 0 <= cfg.swa_start < 1 and cfg.swa_every > 0,
+            f"EMA_HORIZON={cfg.ema_horizon} / SWA_START={cfg.swa_start} / SWA_EVERY={cfg.swa_every}: "
+            "expected fractions in [0, 1] and SWA_EVERY > 0")
+    require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
+    require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
     require(cfg.eval_stride >= 0, f"EVAL_STRIDE={cfg.eval_stride}: must be >= 0 (0 = round trip only)")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
@@ -1080,6 +1090,50 @@ def environment_report(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+class WeightAverages:
+    """EMA and SWA of the parameters in fp32, only over steps at full depth (a shallower phase's
+    weights belong to a different function). The EMA's time constant is a fraction of the run:
+    after a step that advanced the run fraction by dt, the old average keeps exp(-dt / horizon),
+    so the same setting means the same thing for 5 minutes on one GPU and 4 hours on eight."""
+
+    def __init__(self, cfg: Config, model: GPT):
+        self.cfg, self.model = cfg, model
+        self.ema: list[torch.Tensor] | None = None
+        self.swa: list[torch.Tensor] | None = None
+        self.swa_count, self.last_t = 0, 0.0
+
+    @torch.no_grad()
+    def update(self, step: int, t: float, full_depth: bool) -> None:
+        if self.cfg.ema_horizon == 0 and self.cfg.swa_start == 0:
+            return
+        params = [p.detach().float() for p in self.model.parameters()]
+        if full_depth and self.cfg.ema_horizon > 0:
+            if self.ema is None:
+                self.ema = [p.clone() for p in params]
+            else:
+                torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
+        if full_depth and 0 < self.cfg.swa_start <= t and step % self.cfg.swa_every == 0:
+            if self.swa is None:
+                self.swa = [torch.zeros_like(p) for p in params]
+            torch._foreach_add_(self.swa, params)
+            self.swa_count += 1
+        self.last_t = t
+
+    @torch.no_grad()
+    def export_into_model(self) -> str:
+        """Load the chosen weights into the model; returns what was exported (for the log)."""
+        choice = self.cfg.export_weights
+        if choice == "ema" and self.ema is not None:
+            averaged = self.ema
+        elif choice == "swa" and self.swa_count:
+            averaged = [s / self.swa_count for s in self.swa]
+        else:
+            return "last" if choice == "last" else f"last (no {choice} average was taken: no full-depth steps in range)"
+        for p, a in zip(self.model.parameters(), averaged):
+            p.copy_(a.to(p.dtype))
+        return f"{choice} ({self.swa_count} snapshots)" if choice == "swa" else f"ema (horizon {self.cfg.ema_horizon})"
+
+
 @dataclasses.dataclass
 class TrainState:
     step: int = 0
@@ -1196,7 +1250,7 @@ def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
 
 
 def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
-          validate) -> TrainState:
+          validate, averages: WeightAverages) -> TrainState:
     state, loader = TrainState(), make_loader()
     rt.synchronize()
     clock = time.perf_counter()
@@ -1223,6 +1277,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (now - clock))
         record_step_time(rt, state, elapsed_ms - state.elapsed_ms)
         state.elapsed_ms, clock = elapsed_ms, now
+        averages.update(state.step, run_fraction(cfg, state.step, elapsed_ms / 1000), state.passes == cfg.repeats)
         stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
         final = stop or state.step == cfg.iterations
         if state.step == 1 or state.step % cfg.train_log_every == 0 or final:
@@ -1450,7 +1505,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
 
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
-    state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate)
+    averages = WeightAverages(cfg, base)
+    state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages)
     log_phase_times(rt, cfg, state)
     checksum = parameter_checksum(base)
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
@@ -1458,6 +1514,11 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
+    exported = averages.export_into_model()
+    rt.log(f"export_weights:{exported}")
+    if exported != "last":
+        val_loss, val_bpb = validate()
+        rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
     code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
     results = final_evaluations(cfg, rt, lambda stride: evaluate(base, eval_plan, val_tokens, cfg, rt.rank,
                                                                  rt.world_size, tables, rt.autocast, stride))
@@ -1469,7 +1530,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
                    steps=state.step, train_tokens=state.step * cfg.train_batch_tokens,
                    train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2),
                    first_train_loss=state.first_loss, last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib),
-                   world_size=rt.world_size, seed=cfg.seed, artifact=str(artifact))
+                   world_size=rt.world_size, seed=cfg.seed, artifact=str(artifact), export_weights=exported)
     rt.log("final_summary " + json.dumps(summary, sort_keys=True))
     return summary
 
