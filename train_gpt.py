@@ -1516,7 +1516,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     rt.log(compile_report())
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
-    if exported != "last":
+    if not exported.startswith("last"):
         val_loss, val_bpb = validate()
         rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
     code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
