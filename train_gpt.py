@@ -137,6 +137,8 @@ class Config:
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
     eval_stride: int = knob(64, "sliding-window evaluation stride (each token scored once with up to "
                                 "EVAL_SEQ_LEN - stride tokens of context); 0 or >= the window = round trip only")
+    eval_only: str = knob("", "skip training: evaluate this artifact (.ptz) or re-export and evaluate this float "
+                              "checkpoint (final_model.float.pt, weights chosen by EXPORT_WEIGHTS)")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
@@ -1119,15 +1121,28 @@ class WeightAverages:
             self.swa_count += 1
         self.last_t = t
 
+    def averaged(self, choice: str) -> list[torch.Tensor] | None:
+        if choice == "ema":
+            return self.ema
+        if choice == "swa" and self.swa_count:
+            return [s / self.swa_count for s in self.swa]
+        return None
+
+    def checkpoint(self) -> dict:
+        """Float weights for EVAL_ONLY: the last ones and every average that was taken."""
+        names = [n for n, _ in self.model.named_parameters()]
+        state = {"last": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+        for choice in ("ema", "swa"):
+            averaged = self.averaged(choice)
+            state[choice] = None if averaged is None else dict(zip(names, (a.cpu() for a in averaged)))
+        return state
+
     @torch.no_grad()
     def export_into_model(self) -> str:
         """Load the chosen weights into the model; returns what was exported (for the log)."""
         choice = self.cfg.export_weights
-        if choice == "ema" and self.ema is not None:
-            averaged = self.ema
-        elif choice == "swa" and self.swa_count:
-            averaged = [s / self.swa_count for s in self.swa]
-        else:
+        averaged = self.averaged(choice) if choice != "last" else None
+        if averaged is None:
             return "last" if choice == "last" else f"last (no {choice} average was taken: no full-depth steps in range)"
         for p, a in zip(self.model.parameters(), averaged):
             p.copy_(a.to(p.dtype))
@@ -1318,6 +1333,8 @@ def resolve_out_dir(cfg: Config, env: Mapping[str, str]) -> Path | None:
 
 def check_inputs(cfg: Config) -> None:
     """Everything that can be wrong with the inputs, checked on the CPU before any GPU work."""
+    if cfg.eval_only and not Path(cfg.eval_only).is_file():
+        raise UserError(f"EVAL_ONLY={cfg.eval_only}: file not found")
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
@@ -1514,6 +1531,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
+    if rt.main:
+        torch.save(averages.checkpoint(), out / "final_model.float.pt")
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
     if not exported.startswith("last"):
@@ -1522,17 +1541,56 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
     results = final_evaluations(cfg, rt, lambda stride: evaluate(base, eval_plan, val_tokens, cfg, rt.rank,
                                                                  rt.world_size, tables, rt.autocast, stride))
+    return log_summary(rt, results, code_bytes, model_bytes, artifact, steps=state.step,
+                       train_tokens=state.step * cfg.train_batch_tokens, train_time_ms=round(state.elapsed_ms),
+                       warmup_time_s=round(warmup_s, 2), first_train_loss=state.first_loss,
+                       last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib), world_size=rt.world_size,
+                       seed=cfg.seed, export_weights=exported)
+
+
+def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:
+    """The final_summary line: the score is the last evaluation; bytes are the files on disk."""
     name, val_loss, val_bpb, eval_ms = results[-1]
     summary = dict(val_bpb=val_bpb, val_loss=val_loss,
                    score_line=f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms",
                    evals={n: dict(val_loss=l, val_bpb=b, eval_time_ms=round(ms)) for n, l, b, ms in results},
                    bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=code_bytes + model_bytes,
-                   steps=state.step, train_tokens=state.step * cfg.train_batch_tokens,
-                   train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2),
-                   first_train_loss=state.first_loss, last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib),
-                   world_size=rt.world_size, seed=cfg.seed, artifact=str(artifact), export_weights=exported)
+                   artifact=str(artifact), **extra)
     rt.log("final_summary " + json.dumps(summary, sort_keys=True))
     return summary
+
+
+def load_weights(model: GPT, state: dict, source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"EVAL_ONLY={source}: does not fit the configured model ({first}); "
+                        "set the same shape variables as the run that wrote it") from None
+
+
+def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
+    """Evaluate a written artifact as is, or re-export a float checkpoint with this run's export
+    settings (how exports of one trained model are compared) and evaluate the result."""
+    source = Path(cfg.eval_only)
+    tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
+    val_tokens = load_val_tokens(cfg).to(rt.device)
+    base = GPT(cfg, torch.bfloat16 if rt.device.type == "cuda" else torch.float32).to(rt.device)
+    if source.suffix == ".pt":
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        if checkpoint.get(cfg.export_weights) is None:
+            raise UserError(f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
+        load_weights(base, checkpoint[cfg.export_weights], cfg.eval_only)
+        code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
+    else:
+        load_weights(base, unpack_artifact(source.read_bytes()), cfg.eval_only)
+        code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
+        rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes})")
+    plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+    results = final_evaluations(cfg, rt, lambda stride: evaluate(base, plan, val_tokens, cfg, rt.rank,
+                                                                 rt.world_size, tables, rt.autocast, stride))
+    return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
+                       export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
 
 def main() -> int:
@@ -1554,7 +1612,7 @@ def main() -> int:
             return 0
         out = open_run_folder(cfg, rt, out)
         log_header(cfg, rt)
-        run(cfg, rt, out)
+        (eval_only if cfg.eval_only else run)(cfg, rt, out)
     except UserError as exc:
         if rt.main:
             print(f"error: {exc}", file=sys.stderr, flush=True)

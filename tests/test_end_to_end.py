@@ -85,3 +85,34 @@ def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
     assert int(projected[2]) == int(300_000 / float(projected[1])) or abs(int(projected[2]) - 300_000 / float(projected[1])) < 2
     assert "plan:[0, 1, 0, 1]" in result.stdout
     assert not (tmp_path / "runs").exists() and "final_summary" not in result.stdout
+
+
+def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path):
+    cwd, out = single_run
+    artifact = cwd / "runs" / "single" / "final_model.int8_zstd.ptz"
+    result = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact), tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again, original = final_summary(result.stdout), final_summary(out)
+    assert again["val_bpb"] == original["val_bpb"] and again["bytes_model"] == original["bytes_model"]
+    assert "step:" not in result.stdout  # no training
+
+
+def test_eval_only_reexports_the_float_checkpoint_narrower(single_run, tiny_data, tmp_path):
+    cwd, out = single_run
+    checkpoint = cwd / "runs" / "single" / "final_model.float.pt"
+    env = tiny_env(tiny_data, RUN_ID="int6", EVAL_ONLY=checkpoint, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6,
+                   QUANT_BITS_EMBED=6, COMPRESSOR="lzma")
+    result = run_script(env, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    int6, int8 = final_summary(result.stdout), final_summary(out)
+    assert "final_int6_lzma_sliding" in int6["evals"] and (tmp_path / "runs/int6/final_model.int6_lzma.ptz").is_file()
+    assert int6["bytes_model"] < int8["bytes_model"] and abs(int6["val_bpb"] - int8["val_bpb"]) < 0.05
+
+
+@pytest.mark.parametrize("overrides, culprit", [(dict(MODEL_DIM=32), "does not fit"), (dict(), "file not found")])
+def test_eval_only_errors_name_the_variable(single_run, tiny_data, tmp_path, overrides, culprit):
+    cwd, _ = single_run
+    source = cwd / "runs" / "single" / ("final_model.float.pt" if overrides else "missing.ptz")
+    result = run_script(tiny_env(tiny_data, EVAL_ONLY=source, **overrides), tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "EVAL_ONLY=" in result.stderr and culprit in result.stderr
