@@ -134,6 +134,9 @@ class Config:
     quant_bits_attn: int = knob(8, "bits per weight of attention matrices in the artifact (5-8)")
     quant_bits_mlp: int = knob(8, "bits per weight of MLP matrices in the artifact (5-8)")
     quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
+    gptq: bool = knob(False, "quantize block matrices with GPTQ (full Hessian from training batches) instead of rounding")
+    gptq_batches: int = knob(8, "GPTQ calibration micro-batches of training data")
+    export_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for export work (GPTQ calibration)")
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
     eval_stride: int = knob(64, "sliding-window evaluation stride (each token scored once with up to "
                                 "EVAL_SEQ_LEN - stride tokens of context); 0 or >= the window = round trip only")
@@ -270,6 +273,9 @@ def validate(cfg: Config) -> int:
             "expected fractions in [0, 1] and SWA_EVERY > 0")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
+    require(cfg.gptq_batches > 0, f"GPTQ_BATCHES={cfg.gptq_batches}: must be > 0")
+    require(0 <= cfg.export_reserve_seconds < max(cfg.max_wallclock_seconds, 1e-9) or cfg.export_reserve_seconds == 0,
+            f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
     require(cfg.eval_stride >= 0, f"EVAL_STRIDE={cfg.eval_stride}: must be >= 0 (0 = round trip only)")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
@@ -376,9 +382,14 @@ def max_depth(cfg: Config) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def training_seconds(cfg: Config) -> float:
+    """The training clock's cap: MAX_WALLCLOCK_SECONDS less what is reserved for export work."""
+    return cfg.max_wallclock_seconds - cfg.export_reserve_seconds
+
+
 def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
     if cfg.max_wallclock_seconds > 0:
-        t = elapsed_s / cfg.max_wallclock_seconds
+        t = elapsed_s / training_seconds(cfg)
         if cfg.iterations:
             t = max(t, step / cfg.iterations)
         return min(1.0, t)
@@ -389,7 +400,7 @@ def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
     """1 until the warmdown, then linear to 0 at the end of the run (the cap or ITERATIONS)."""
     if cfg.warmdown_iters:
         if cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
-            remaining_ms = (1 - t) * cfg.max_wallclock_seconds * 1000
+            remaining_ms = (1 - t) * training_seconds(cfg) * 1000
             return min(1.0, remaining_ms / (cfg.warmdown_iters * step_ms))
         return min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
     if cfg.warmdown_frac == 0:
@@ -907,16 +918,74 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 SCALE_DTYPE = torch.bfloat16  # fp32's range in 2 bytes: tiny rows never underflow to a zero scale
 
 
-def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization. The scale is stored as bf16, rounded up (a 2^-8 margin
-    covers bf16's rounding) so no code clips, and the codes are computed with that stored scale,
-    so dequantization reproduces exactly what was rounded: |error| <= scale / 2 everywhere."""
+def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row scale: the row's max |w| / qmax, stored as bf16 and rounded up (a 2^-8 margin
+    covers bf16's rounding) so no code clips."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    exact = (w.abs().amax(dim=1) / qmax).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
-    scale = (exact * (1 + 2**-8)).to(SCALE_DTYPE)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    exact = (w.float().abs().amax(dim=1) / qmax).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    return (exact * (1 + 2**-8)).to(SCALE_DTYPE)
+
+
+def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric rounding to nearest with the stored scale, so dequantization reproduces
+    exactly what was rounded: |error| <= scale / 2 everywhere."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = row_scales(w, bits)
+    q = torch.round(w.float() / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al.): quantize columns in order, spreading each column's rounding error
+    over the columns not yet quantized through the inverse Hessian of the layer's inputs, which
+    minimizes the error of the layer's output (not of its weights) on the calibration inputs.
+    Same per-row scales and code range as quantize_rows."""
+    qmax = 2 ** (bits - 1) - 1
+    W = w.float().clone()
+    scale = row_scales(W, bits)
+    s = scale.float()[:, None]
+    H = hessian.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for lo in range(0, W.size(1), block):
+        hi = min(lo + block, W.size(1))
+        Wb, Ub, errors = W[:, lo:hi].clone(), U[lo:hi, lo:hi], torch.zeros(W.size(0), hi - lo)
+        for i in range(hi - lo):
+            q = torch.round(Wb[:, i:i + 1] / s).clamp_(-qmax, qmax)
+            Q[:, lo + i:lo + i + 1] = q
+            err = (Wb[:, i:i + 1] - q * s) / Ub[i, i]
+            Wb[:, i + 1:] -= err * Ub[i:i + 1, i + 1:]
+            errors[:, i:i + 1] = err
+        W[:, hi:] -= errors @ U[lo:hi, hi:]
+    return Q.to(torch.int8), scale
+
+
+@torch.no_grad()
+def collect_hessians(model: "GPT", plan: Plan, batches, autocast) -> dict[str, torch.Tensor]:
+    """Sum of x x^T over every input row of each block matrix (shared blocks see all passes)."""
+    hessians, hooks = {}, []
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, CastedLinear):
+            def hook(mod, inputs, output, key=f"blocks.{name}.weight"):
+                x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
+                hessians[key] = hessians.get(key, 0) + x.T @ x
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()  # eager blocks, so the hooks see every call
+    try:
+        for x in batches:
+            with autocast():
+                model.hidden(x, plan)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {k: v.cpu() for k, v in hessians.items()}
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -942,7 +1011,8 @@ def export_label(bits: dict[str, int]) -> str:
     return f"int{widths.pop()}" if len(widths) == 1 else "mixed"
 
 
-def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None = None) -> dict:
+def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None = None,
+                   hessians: dict[str, torch.Tensor] | None = None) -> dict:
     """Large float matrices -> per-row codes of their group's width (stored in int8; the
     compressor removes the unused range); small tensors stay float."""
     bits = bits or {"attn": 8, "mlp": 8, "embed": 8}
@@ -951,7 +1021,10 @@ def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None =
         t = t.detach().cpu()
         if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL:
             width = bits[weight_group(name)]
-            q, scale = quantize_rows(t, width)
+            if hessians and name in hessians:
+                q, scale = gptq_quantize(t, hessians[name], width)
+            else:
+                q, scale = quantize_rows(t, width)
             packed["quantized"][name] = {"q": q, "scale": scale, "bits": width,
                                          "dtype": str(t.dtype).removeprefix("torch.")}
         else:
@@ -970,9 +1043,9 @@ ZSTD_MAGIC, XZ_MAGIC = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"
 
 
 def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = "zstd",
-                  bits: dict[str, int] | None = None) -> bytes:
+                  bits: dict[str, int] | None = None, hessians: dict[str, torch.Tensor] | None = None) -> bytes:
     buffer = io.BytesIO()
-    torch.save(quantize_state(state, bits), buffer)
+    torch.save(quantize_state(state, bits, hessians), buffer)
     if compressor == "lzma":
         import lzma
 
@@ -1222,7 +1295,7 @@ def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float)
     step_avg = state.elapsed_ms / max(state.step, 1)
     tokens_per_s = cfg.train_batch_tokens * state.step / max(state.elapsed_ms / 1000, 1e-9)
     if cfg.max_wallclock_seconds > 0:
-        eta_s = (1 - t) * cfg.max_wallclock_seconds
+        eta_s = (1 - t) * training_seconds(cfg)
         if cfg.iterations:
             eta_s = min(eta_s, (cfg.iterations - state.step) * step_avg / 1000)
     else:
@@ -1293,7 +1366,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         record_step_time(rt, state, elapsed_ms - state.elapsed_ms)
         state.elapsed_ms, clock = elapsed_ms, now
         averages.update(state.step, run_fraction(cfg, state.step, elapsed_ms / 1000), state.passes == cfg.repeats)
-        stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
+        stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * training_seconds(cfg)
         final = stop or state.step == cfg.iterations
         if state.step == 1 or state.step % cfg.train_log_every == 0 or final:
             if rt.distributed:  # the loss of the whole global batch, not rank 0's share
@@ -1411,7 +1484,21 @@ def build_model(cfg: Config, rt: Runtime):
 
 
 def artifact_name(cfg: Config) -> str:
-    return f"{export_label(quant_bits(cfg))}_{cfg.compressor}"
+    return f"{export_label(quant_bits(cfg))}{'gptq' if cfg.gptq else ''}_{cfg.compressor}"
+
+
+def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor] | None:
+    """GPTQ calibration on the first GPTQ_BATCHES micro-batches of the training data (never
+    validation data), at full depth; its time is logged against EXPORT_RESERVE_SECONDS."""
+    if not cfg.gptq:
+        return None
+    start = time.perf_counter()
+    loader = TrainLoader(find_shards(cfg.data_path, "train"), 0, 1, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
+    batches = [loader.next_batch()[0] for _ in range(cfg.gptq_batches)]
+    hessians = collect_hessians(base, plan_for(cfg, cfg.repeats), batches, rt.autocast)
+    rt.log(f"gptq_calibration matrices:{len(hessians)} batches:{cfg.gptq_batches} "
+           f"time:{time.perf_counter() - start:.1f}s reserve:{cfg.export_reserve_seconds:g}s")
+    return hessians
 
 
 def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[int, int, Path]:
@@ -1419,8 +1506,10 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
     name = artifact_name(cfg)
     path = out / f"final_model.{name}.ptz"
     if rt.main:
+        hessians = gptq_hessians(cfg, rt, base)
         start = time.perf_counter()
-        path.write_bytes(pack_artifact(base.state_dict(), cfg.zstd_level, cfg.compressor, quant_bits(cfg)))
+        blob = pack_artifact(base.state_dict(), cfg.zstd_level, cfg.compressor, quant_bits(cfg), hessians)
+        path.write_bytes(blob)
         rt.log(f"export_time:{time.perf_counter() - start:.1f}s bits:{json.dumps(quant_bits(cfg), sort_keys=True)}")
     if rt.distributed:
         dist.barrier()
@@ -1498,7 +1587,7 @@ def dry_run(cfg: Config, rt: Runtime) -> None:
         rt.log(f"dry_run step:{i + 1} time:{1000 * times[-1]:.1f}ms" + (" (compile)" if i == 0 else ""))
     step_ms = 1000 * rt.agree_max(sorted(times[1:])[1])
     tokens_per_s = cfg.train_batch_tokens / (step_ms / 1000)
-    projected = (f"projected_steps:{int(cfg.max_wallclock_seconds * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
+    projected = (f"projected_steps:{int(training_seconds(cfg) * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
                  f"{cfg.max_wallclock_seconds:g}" if cfg.max_wallclock_seconds > 0 else
                  f"projected_time:{cfg.iterations * step_ms / 1000:.0f}s for ITERATIONS={cfg.iterations}")
     rt.log(f"dry_run step_ms:{step_ms:.1f} tok/s:{tokens_per_s:.0f} {projected}")

@@ -116,3 +116,13 @@ def test_eval_only_errors_name_the_variable(single_run, tiny_data, tmp_path, ove
     result = run_script(tiny_env(tiny_data, EVAL_ONLY=source, **overrides), tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "EVAL_ONLY=" in result.stderr and culprit in result.stderr
+
+
+def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
+    cwd, _ = single_run
+    env = tiny_env(tiny_data, RUN_ID="gptq", EVAL_ONLY=cwd / "runs" / "single" / "final_model.float.pt", GPTQ=1,
+                   GPTQ_BATCHES=2, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=6)
+    result = run_script(env, tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^gptq_calibration matrices:12 batches:2 time:[\d.]+s", result.stdout, re.M)  # 2 blocks x 6
+    assert "final_int6gptq_zstd_sliding" in final_summary(result.stdout)["evals"]

@@ -142,3 +142,12 @@ def test_batched_muon_matches_a_per_matrix_reference():
             ref[i] = ref[i] * (1 - 0.1 * 0.01) - 0.1 * u
     for p, r in zip(params, ref):
         assert torch.allclose(p.detach(), r, atol=2e-3), (p.detach() - r).abs().max()
+
+
+def test_export_reserve_shortens_the_training_clock():
+    from train_gpt import run_fraction, training_seconds
+
+    cfg = build_config({"MAX_WALLCLOCK_SECONDS": "100", "EXPORT_RESERVE_SECONDS": "10", "ITERATIONS": "0"})
+    assert training_seconds(cfg) == 90 and run_fraction(cfg, 5, 45.0) == 0.5 and run_fraction(cfg, 9, 95.0) == 1.0
+    with pytest.raises(ConfigError, match="EXPORT_RESERVE_SECONDS"):
+        build_config({"MAX_WALLCLOCK_SECONDS": "100", "EXPORT_RESERVE_SECONDS": "100"})
