@@ -136,6 +136,7 @@ class Config:
     quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
     gptq: bool = knob(False, "quantize block matrices with GPTQ (full Hessian from training batches) instead of rounding")
     gptq_batches: int = knob(8, "GPTQ calibration micro-batches of training data")
+    qat_start: float = knob(0.0, "quantization-aware training (fake-quant at the export widths) from this run fraction; 0 = off")
     export_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for export work (GPTQ calibration)")
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
     eval_stride: int = knob(64, "sliding-window evaluation stride (each token scored once with up to "
@@ -273,6 +274,7 @@ def validate(cfg: Config) -> int:
             "expected fractions in [0, 1] and SWA_EVERY > 0")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
+    require(0 <= cfg.qat_start < 1, f"QAT_START={cfg.qat_start}: must be in [0, 1)")
     require(cfg.gptq_batches > 0, f"GPTQ_BATCHES={cfg.gptq_batches}: must be > 0")
     require(0 <= cfg.export_reserve_seconds < max(cfg.max_wallclock_seconds, 1e-9) or cfg.export_reserve_seconds == 0,
             f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
@@ -660,8 +662,25 @@ class CastedLinear(nn.Linear):
         if zero_init:
             nn.init.zeros_(self.weight)
 
+    qat_bits = 0  # set by enable_qat: fake-quantize the weight at this width while qat_on is 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        if self.qat_bits:  # straight-through: forward sees the export's rounding, backward is identity
+            qmax = 2 ** (self.qat_bits - 1) - 1
+            scale = row_scales(w.detach(), self.qat_bits).float()[:, None]
+            w = w + self.qat_on * (torch.round(w / scale).clamp(-qmax, qmax) * scale - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def enable_qat(model: "GPT", cfg: Config) -> None:
+    """Give every block matrix its export width and a 0/1 switch (a buffer, so turning QAT on
+    mid-run changes a value, not the compiled graph)."""
+    bits = quant_bits(cfg)
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, CastedLinear):
+            module.qat_bits = bits[weight_group(f"blocks.{name}.weight")]
+            module.register_buffer("qat_on", torch.zeros((), device=module.weight.device), persistent=False)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1233,6 +1252,7 @@ class TrainState:
     switched_at: int = -1  # the step that switched depth last
     step_ms: list = dataclasses.field(default_factory=list)  # recent step times
     phase_ms: dict = dataclasses.field(default_factory=dict)  # passes -> every step time at that depth
+    qat: bool = False  # fake quantization switched on
 
 
 def train_step(model, loader: TrainLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
@@ -1357,6 +1377,12 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
         choose_depth(cfg, rt, state, t)
+        if cfg.qat_start and t >= cfg.qat_start and not state.qat:
+            state.qat = True
+            for module in base.modules():
+                if isinstance(module, CastedLinear) and module.qat_bits:
+                    module.qat_on.fill_(1.0)
+            rt.log(f"qat_on step:{state.step + 1} t:{t:.3f} bits:{json.dumps(quant_bits(cfg), sort_keys=True)}")
         set_schedules(cfg, optimizers, state, t)
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
@@ -1469,6 +1495,8 @@ def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
     compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     base = GPT(cfg, compute_dtype).to(rt.device)
+    if cfg.qat_start:
+        enable_qat(base, cfg)
     model = base
     if cfg.compile and rt.device.type == "cuda":
         compile_blocks(base)

@@ -126,3 +126,10 @@ def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"^gptq_calibration matrices:12 batches:2 time:[\d.]+s", result.stdout, re.M)  # 2 blocks x 6
     assert "final_int6gptq_zstd_sliding" in final_summary(result.stdout)["evals"]
+
+
+def test_qat_switches_on_at_its_run_fraction(tiny_data, tmp_path):
+    result = run_script(tiny_env(tiny_data, RUN_ID="qat", QAT_START=0.5, QUANT_BITS_MLP=6), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r'^qat_on step:16 t:0\.500 bits:\{"attn": 8, "embed": 8, "mlp": 6\}$', result.stdout, re.M)
+    assert final_summary(result.stdout)["steps"] == 30

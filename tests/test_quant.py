@@ -115,3 +115,28 @@ def test_gptq_on_identity_hessian_is_rounding():
     q_rtn, _ = quantize_rows(w, 6)
     q_gptq, _ = gptq_quantize(w, torch.eye(96), 6, damp=0.0)
     assert torch.equal(q_rtn, q_gptq)  # uncorrelated inputs: no error to spread
+
+
+def test_qat_forward_sees_the_export_rounding_and_backward_passes_straight():
+    from train_gpt import CastedLinear, build_config, enable_qat, GPT
+
+    torch.manual_seed(7)
+    cfg = build_config({"VOCAB_SIZE": "64", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+                        "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64", "QAT_START": "0.5",
+                        "QUANT_BITS_MLP": "5"})
+    model = GPT(cfg)
+    enable_qat(model, cfg)
+    fc = model.blocks[0].mlp.fc
+    assert fc.qat_bits == 5 and model.blocks[0].attn.c_q.qat_bits == 8
+    assert "blocks.0.mlp.fc.qat_on" not in model.state_dict()  # the switch is not exported
+    x = torch.randn(4, 32)
+    assert torch.equal(fc(x), torch.nn.functional.linear(x, fc.weight))  # off: plain
+    fc.qat_on.fill_(1.0)
+    q, scale = quantize_rows(fc.weight.detach(), 5)
+    plain = CastedLinear(32, fc.weight.size(0))
+    plain.weight.data.copy_(dequantize_rows(q, scale))
+    out, ref = fc(x), plain(x)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert torch.allclose(fc.weight.grad, plain.weight.grad, atol=1e-5)
