@@ -683,6 +683,12 @@ def enable_qat(model: "GPT", cfg: Config) -> None:
             module.register_buffer("qat_on", torch.zeros((), device=module.weight.device), persistent=False)
 
 
+def set_qat(model: "GPT", on: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, CastedLinear) and module.qat_bits:
+            module.qat_on.fill_(float(on))
+
+
 def rotary_tables(seq_len: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -1379,9 +1385,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         choose_depth(cfg, rt, state, t)
         if cfg.qat_start and t >= cfg.qat_start and not state.qat:
             state.qat = True
-            for module in base.modules():
-                if isinstance(module, CastedLinear) and module.qat_bits:
-                    module.qat_on.fill_(1.0)
+            set_qat(base, True)
             rt.log(f"qat_on step:{state.step + 1} t:{t:.3f} bits:{json.dumps(quant_bits(cfg), sort_keys=True)}")
         set_schedules(cfg, optimizers, state, t)
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
@@ -1642,6 +1646,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     averages = WeightAverages(cfg, base)
     state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages)
     log_phase_times(rt, cfg, state)
+    set_qat(base, False)  # from here on the weights are what gets exported, and the artifact is scored as is
     checksum = parameter_checksum(base)
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
            f"full_depth_from_step:{state.full_depth_from}")

@@ -7,7 +7,7 @@ import torch
 
 import pytest
 
-from train_gpt import GPT, CastedLinear, build_config, compile_blocks, enable_qat, plan_for
+from train_gpt import GPT, build_config, compile_blocks, enable_qat, plan_for, set_qat
 
 
 @pytest.mark.parametrize("qat", [False, True])
@@ -21,9 +21,7 @@ def test_compiled_matches_eager_loss_and_gradients(qat):
         p.data.add_(0.05 * torch.randn_like(p))
     if qat:
         enable_qat(eager, cfg)
-        for m in eager.modules():
-            if isinstance(m, CastedLinear) and m.qat_bits:
-                m.qat_on.fill_(1.0)
+        set_qat(eager, True)
     compiled = copy.deepcopy(eager)
     compile_blocks(compiled)
     plan = plan_for(cfg, cfg.repeats)
