@@ -1373,7 +1373,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         last = stop or (cfg.iterations and state.step >= cfg.iterations)
         if last or (cfg.val_loss_every and state.step and state.step % cfg.val_loss_every == 0):
             rt.synchronize()
-            state.elapsed_ms += 1000 * (time.perf_counter() - clock)
+            state.elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (time.perf_counter() - clock))
             val_loss, val_bpb = validate()
             rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                    f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms")
