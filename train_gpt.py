@@ -138,6 +138,7 @@ class Config:
     gptq_batches: int = knob(8, "GPTQ calibration micro-batches of training data")
     qat_start: float = knob(0.0, "quantization-aware training (fake-quant at the export widths) from this run fraction; 0 = off")
     export_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for export work (GPTQ calibration)")
+    eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
     eval_stride: int = knob(64, "sliding-window evaluation stride (each token scored once with up to "
                                 "EVAL_SEQ_LEN - stride tokens of context); 0 or >= the window = round trip only")
@@ -1641,6 +1642,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     def validate():
         return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
 
+    check_eval_budget(base, cfg, rt, len(val_tokens))
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
     averages = WeightAverages(cfg, base)
@@ -1668,6 +1670,36 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
                        warmup_time_s=round(warmup_s, 2), first_train_loss=state.first_loss,
                        last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib), world_size=rt.world_size,
                        seed=cfg.seed, export_weights=exported)
+
+
+@torch.no_grad()
+def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> None:
+    """Time eager forwards of synthetic evaluation batches, scale to this rank's share of the
+    validation windows, and refuse a run whose final evaluations would not fit EVAL_BUDGET_S."""
+    estimate = {}
+    for kind, window, stride in (("roundtrip", cfg.train_seq_len, cfg.train_seq_len),
+                                 ("sliding", cfg.eval_seq_len or cfg.train_seq_len, cfg.eval_stride)):
+        if kind == "sliding" and (not stride or (stride >= window and window == cfg.train_seq_len)):
+            continue
+        batch = max(1, cfg.val_batch_size // (rt.world_size * window))
+        x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
+        plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+        for _ in range(2):  # the second forward is timed
+            rt.synchronize()
+            start = time.perf_counter()
+            with rt.autocast():
+                base.eval()
+                base.logits(x, plan)
+                base.train()
+            rt.synchronize()
+        windows = math.ceil(len(plan_windows(num_tokens - 1, window, min(stride, window))[0]) / rt.world_size)
+        estimate[kind] = rt.agree_max((time.perf_counter() - start) * math.ceil(windows / batch))
+    total = sum(estimate.values())
+    rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
+           f" total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
+    if total > cfg.eval_budget_s:
+        raise UserError(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about {total:.0f} s; "
+                        "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
 
 
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:

@@ -138,3 +138,11 @@ def test_qat_switches_on_at_its_run_fraction(tiny_data, tmp_path):
     again = run_script(tiny_env(tiny_data, RUN_ID="qat-again", QUANT_BITS_MLP=6, EVAL_ONLY=summary["artifact"]),
                        tmp_path, timeout=120)
     assert again.returncode == 0 and final_summary(again.stdout)["val_bpb"] == summary["val_bpb"]
+
+
+def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
+    ok = run_script(tiny_env(tiny_data, RUN_ID="budget", ITERATIONS=2), tmp_path, timeout=120)
+    assert ok.returncode == 0 and re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding:[\d.]+s total:[\d.]+s "
+                                            r"budget:600s$", ok.stdout, re.M), ok.stdout[-2000:]
+    refused = run_script(tiny_env(tiny_data, RUN_ID="over", EVAL_BUDGET_S="0.000001"), tmp_path, timeout=120)
+    assert refused.returncode == 2 and "EVAL_BUDGET_S=" in refused.stderr and "step:" not in refused.stdout
