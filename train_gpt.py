@@ -149,7 +149,10 @@ class Config:
     world_size: int = derived()
     micro_steps: int = derived()
     micro_batch_seqs: int = derived()
-    repeats: int = derived()
+    repeats: int = derived()  # core passes R at full depth
+    unique_blocks: int = derived()  # U
+    core_last: int = derived()  # LOOP_END with -1 resolved
+    depth_phases: tuple = derived()  # PROG_DEPTH parsed: ((fraction, passes), ...), or ((1.0, R),)
 
 
 def env_knobs() -> dict[str, dataclasses.Field]:
@@ -215,7 +218,7 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
         if name in env:
             values[field.name] = parse_value(name, env[name], field.type, field.metadata["choices"])
     cfg = Config(**values)
-    repeats = validate(cfg)
+    depth = validate(cfg)
     local_tokens, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
     if rem:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
@@ -227,7 +230,7 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
                           f"be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = "
                           f"{world_size} x {micro_steps} x {cfg.train_seq_len}")
     return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
-                               micro_batch_seqs=cfg.train_batch_tokens // per_micro, repeats=repeats)
+                               micro_batch_seqs=cfg.train_batch_tokens // per_micro, **depth)
 
 
 def auto_micro_steps(local_seqs: int, max_micro_seqs: int) -> int:
@@ -244,17 +247,16 @@ def require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> int:
-    """Check relations between knobs; return the number of core passes R at full depth."""
+def validate(cfg: Config) -> dict:
+    """Check relations between knobs; return the derived depth fields (R, U, core end, phases)."""
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size"):
+                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
+                 "micro_batch_tokens", "gptq_batches", "swa_every"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
-    require(cfg.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS={cfg.micro_batch_tokens}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "xsa_last_n", "eval_repeats", "muon_momentum_warmup_steps"):
-        require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
-    for name in ("max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
-                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps"):
+                 "grad_accum_steps", "xsa_last_n", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
+                 "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
+                 "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start"):
@@ -269,29 +271,23 @@ def validate(cfg: Config) -> int:
     require(1 <= cfg.zstd_level <= 22, f"ZSTD_LEVEL={cfg.zstd_level}: must be in 1..22")
     for name in ("quant_bits_attn", "quant_bits_mlp", "quant_bits_embed"):
         require(5 <= getattr(cfg, name) <= 8, f"{name.upper()}={getattr(cfg, name)}: must be in 5..8")
-    require(cfg.eval_seq_len >= 0, f"EVAL_SEQ_LEN={cfg.eval_seq_len}: must be >= 0 (0 = TRAIN_SEQ_LEN)")
-    require(0 <= cfg.ema_horizon <= 1 and 0 <= cfg.swa_start < 1 and cfg.swa_every > 0,
-            f"EMA_HORIZON={cfg.ema_horizon} / SWA_START={cfg.swa_start} / SWA_EVERY={cfg.swa_every}: "
-            "expected fractions in [0, 1] and SWA_EVERY > 0")
+    require(0 <= cfg.ema_horizon <= 1, f"EMA_HORIZON={cfg.ema_horizon}: must be in [0, 1]")
+    require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
     require(0 <= cfg.qat_start < 1, f"QAT_START={cfg.qat_start}: must be in [0, 1)")
-    require(cfg.gptq_batches > 0, f"GPTQ_BATCHES={cfg.gptq_batches}: must be > 0")
-    require(0 <= cfg.export_reserve_seconds < max(cfg.max_wallclock_seconds, 1e-9) or cfg.export_reserve_seconds == 0,
+    require(cfg.export_reserve_seconds == 0 or 0 < cfg.export_reserve_seconds < cfg.max_wallclock_seconds,
             f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
-    require(cfg.eval_stride >= 0, f"EVAL_STRIDE={cfg.eval_stride}: must be >= 0 (0 = round trip only)")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
     require(0 <= cfg.loop_start < unique, f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
     require(cfg.loop_start <= loop_end < unique, f"LOOP_END={cfg.loop_end}: must be in LOOP_START..{unique - 1} or -1")
     repeats = core_repeats(unique, cfg.loop_start, loop_end, cfg.num_layers)
     require(cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n}: must be <= NUM_LAYERS={cfg.num_layers}")
-    require(cfg.value_embeds >= 0, f"VALUE_EMBEDS={cfg.value_embeds}: must be >= 0")
-    if cfg.prog_depth:
-        phases = parse_prog_depth(cfg.prog_depth)
-        require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
-                                          f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
-    return repeats
+    phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
+    require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
+                                      f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
+    return dict(repeats=repeats, unique_blocks=unique, core_last=loop_end, depth_phases=tuple(phases))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,9 +334,7 @@ def parse_prog_depth(text: str) -> list[tuple[float, int]]:
 
 def depth_phase(cfg: Config, t: float) -> int:
     """Core passes to use at run fraction t (all ranks use the same all-reduced t)."""
-    if not cfg.prog_depth:
-        return cfg.repeats
-    for frac, passes in parse_prog_depth(cfg.prog_depth):
+    for frac, passes in cfg.depth_phases:
         if t < frac:
             return passes
     return cfg.repeats
@@ -348,7 +342,7 @@ def depth_phase(cfg: Config, t: float) -> int:
 
 def training_repeats(cfg: Config) -> list[int]:
     """Every pass count a training run uses, in order (one compiled/primed plan each)."""
-    return [r for _, r in parse_prog_depth(cfg.prog_depth)] if cfg.prog_depth else [cfg.repeats]
+    return [passes for _, passes in cfg.depth_phases]
 
 
 def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0) -> Plan:
@@ -366,9 +360,7 @@ def unet_pairs(depth: int) -> list[tuple[int, int]]:
 
 
 def plan_for(cfg: Config, repeats: int) -> Plan:
-    unique = cfg.num_unique_layers or cfg.num_layers
-    loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
-    return depth_plan(unique, cfg.loop_start, loop_end, repeats, cfg.xsa_last_n)
+    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n)
 
 
 def max_depth(cfg: Config) -> int:
@@ -495,7 +487,6 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    matrix_ids = {id(p) for p in matrices}
     embed = [model.tok_emb.weight] + [table.weight for table in model.value_embeds]
     head = [model.lm_head.weight] if model.lm_head is not None else []
     named = {id(p) for p in matrices + embed + head}
@@ -511,7 +502,7 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
     for opt in optimizers:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
-    assert len(matrix_ids) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
+    assert len(matrices) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
     return optimizers
 
 
@@ -668,9 +659,7 @@ class CastedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat_bits:  # straight-through: forward sees the export's rounding, backward is identity
-            qmax = 2 ** (self.qat_bits - 1) - 1
-            scale = row_scales(w.detach(), self.qat_bits).float()[:, None]
-            w = w + self.qat_on * (torch.round(w / scale).clamp(-qmax, qmax) * scale - w).detach()
+            w = w + self.qat_on * (dequantize_rows(*quantize_rows(w.detach(), self.qat_bits)) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
 
@@ -757,7 +746,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg, self.compute_dtype = cfg, compute_dtype
-        unique, depth, dim = cfg.num_unique_layers or cfg.num_layers, max_depth(cfg), cfg.model_dim
+        unique, depth, dim = cfg.unique_blocks, max_depth(cfg), cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(unique))
@@ -909,12 +898,21 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
     return sums
 
 
+def evaluation_windows(cfg: Config) -> list[tuple[str, int, int]]:
+    """The final evaluations as (kind, window, stride): the round trip over non-overlapping
+    TRAIN_SEQ_LEN windows, then the sliding window unless it would repeat the round trip."""
+    kinds = [("roundtrip", cfg.train_seq_len, cfg.train_seq_len)]
+    window = cfg.eval_seq_len or cfg.train_seq_len
+    if cfg.eval_stride and not (cfg.eval_stride >= window and window == cfg.train_seq_len):
+        kinds.append(("sliding", window, min(cfg.eval_stride, window)))
+    return kinds
+
+
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
-             tables: ByteTables, autocast, stride: int = 0) -> tuple[float, float]:
-    """Score the whole split; returns (val_loss, val_bpb). stride = 0: non-overlapping windows of
-    TRAIN_SEQ_LEN (the round trip); else sliding windows of EVAL_SEQ_LEN moved by `stride`."""
-    window = (cfg.eval_seq_len or cfg.train_seq_len) if stride else cfg.train_seq_len
-    starts, score_from = plan_windows(len(tokens) - 1, window, min(stride, window) or window)
+             tables: ByteTables, autocast, window: int, stride: int) -> tuple[float, float]:
+    """Score the whole split with windows of `window` tokens moved by `stride`; returns
+    (val_loss, val_bpb) from sums all-reduced over ranks."""
+    starts, score_from = plan_windows(len(tokens) - 1, window, stride)
     lo, hi = shard_range(len(starts), rank, world_size)
     batch = max(1, cfg.val_batch_size // (world_size * window))
 
@@ -1561,18 +1559,13 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
 
 
 def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str, float, float, float]]:
-    """Evaluate the reloaded artifact: round trip, then sliding window when EVAL_STRIDE is set.
-    Returns (line name, val_loss, val_bpb, ms) in that order; the last one is the score."""
-    window = cfg.eval_seq_len or cfg.train_seq_len
-    strides = [0] + ([cfg.eval_stride] if cfg.eval_stride else [])
+    """Evaluate the reloaded artifact in the order of evaluation_windows. Returns (line name,
+    val_loss, val_bpb, ms) per evaluation; the last one is the score."""
     results = []
-    for stride in strides:
-        kind = "sliding" if stride else "roundtrip"
-        if stride >= window and window == cfg.train_seq_len:
-            continue  # the same windows as the round trip
+    for kind, window, stride in evaluation_windows(cfg):
         rt.synchronize()
         start = time.perf_counter()
-        val_loss, val_bpb = evaluate_with(stride)
+        val_loss, val_bpb = evaluate_with(window, stride)
         rt.synchronize()
         ms = 1000 * (time.perf_counter() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
@@ -1639,8 +1632,11 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     def make_loader():
         return TrainLoader(train_shards, rt.rank, rt.world_size, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
 
-    def validate():
-        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
+    def evaluate_with(window, stride):
+        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride)
+
+    def validate():  # during training: the round trip
+        return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
 
     check_eval_budget(base, cfg, rt, len(val_tokens))
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
@@ -1663,8 +1659,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
         val_loss, val_bpb = validate()
         rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
     code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
-    results = final_evaluations(cfg, rt, lambda stride: evaluate(base, eval_plan, val_tokens, cfg, rt.rank,
-                                                                 rt.world_size, tables, rt.autocast, stride))
+    results = final_evaluations(cfg, rt, evaluate_with)
     return log_summary(rt, results, code_bytes, model_bytes, artifact, steps=state.step,
                        train_tokens=state.step * cfg.train_batch_tokens, train_time_ms=round(state.elapsed_ms),
                        warmup_time_s=round(warmup_s, 2), first_train_loss=state.first_loss,
@@ -1677,10 +1672,7 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
     """Time eager forwards of synthetic evaluation batches, scale to this rank's share of the
     validation windows, and refuse a run whose final evaluations would not fit EVAL_BUDGET_S."""
     estimate = {}
-    for kind, window, stride in (("roundtrip", cfg.train_seq_len, cfg.train_seq_len),
-                                 ("sliding", cfg.eval_seq_len or cfg.train_seq_len, cfg.eval_stride)):
-        if kind == "sliding" and (not stride or (stride >= window and window == cfg.train_seq_len)):
-            continue
+    for kind, window, stride in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
         plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
@@ -1692,7 +1684,7 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
                 base.logits(x, plan)
                 base.train()
             rt.synchronize()
-        windows = math.ceil(len(plan_windows(num_tokens - 1, window, min(stride, window))[0]) / rt.world_size)
+        windows = math.ceil(len(plan_windows(num_tokens - 1, window, stride)[0]) / rt.world_size)
         estimate[kind] = rt.agree_max((time.perf_counter() - start) * math.ceil(windows / batch))
     total = sum(estimate.values())
     rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
@@ -1741,8 +1733,8 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes})")
     plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-    results = final_evaluations(cfg, rt, lambda stride: evaluate(base, plan, val_tokens, cfg, rt.rank,
-                                                                 rt.world_size, tables, rt.autocast, stride))
+    results = final_evaluations(cfg, rt, lambda window, stride: evaluate(
+        base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride))
     return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
