@@ -1255,7 +1255,7 @@ class TrainState:
     passes: int = 0  # core passes of the plan in use
     full_depth_from: int | None = None  # first step at full depth: averaging (EMA/SWA) may start here
     switched_at: int = -1  # the step that switched depth last
-    step_ms: list = dataclasses.field(default_factory=list)  # recent step times
+    switched_from: int = 0  # the passes before that switch
     phase_ms: dict = dataclasses.field(default_factory=dict)  # passes -> every step time at that depth
     qat: bool = False  # fake quantization switched on
 
@@ -1337,17 +1337,17 @@ def choose_depth(cfg: Config, rt: Runtime, state: TrainState, t: float) -> None:
         if state.passes:
             agreed = rt.all_equal((state.step + 1, passes))
             rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
-            state.switched_at = state.step + 1
+            state.switched_at, state.switched_from = state.step + 1, state.passes
         state.passes = passes
     if passes == cfg.repeats and state.full_depth_from is None:
         state.full_depth_from = state.step + 1
 
 
 def record_step_time(rt: Runtime, state: TrainState, step_ms: float) -> None:
-    if state.step == state.switched_at and state.step_ms:
-        median = sorted(state.step_ms)[len(state.step_ms) // 2]
-        rt.log(f"depth_switch_first_step step:{state.step} time:{step_ms:.1f}ms median_before:{median:.1f}ms")
-    state.step_ms = (state.step_ms + [step_ms])[-50:]
+    if state.step == state.switched_at:
+        before = sorted(state.phase_ms[state.switched_from])
+        rt.log(f"depth_switch_first_step step:{state.step} time:{step_ms:.1f}ms "
+               f"median_before:{before[len(before) // 2]:.1f}ms")
     state.phase_ms.setdefault(state.passes, []).append(step_ms)
 
 
