@@ -997,7 +997,8 @@ def collect_hessians(model: "GPT", plan: Plan, batches, autocast) -> dict[str, t
         if isinstance(module, CastedLinear):
             def hook(mod, inputs, output, key=f"blocks.{name}.weight"):
                 x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
-                hessians[key] = hessians.get(key, 0) + x.T @ x
+                with torch.autocast(x.device.type, enabled=False):  # a bf16 product is not PSD
+                    hessians[key] = hessians.get(key, 0) + x.T @ x
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()  # eager blocks, so the hooks see every call

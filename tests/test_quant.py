@@ -140,3 +140,25 @@ def test_qat_forward_sees_the_export_rounding_and_backward_passes_straight():
     out.square().sum().backward()
     ref.square().sum().backward()
     assert torch.allclose(fc.weight.grad, plain.weight.grad, atol=1e-5)
+
+
+def test_hessians_are_float_products_under_bf16_autocast():
+    """GPTQ needs a positive-definite Hessian: collected under autocast it must still be the
+    float32 product (a bf16 one is not PSD and broke Cholesky on a GPU)."""
+    import contextlib
+    from functools import partial
+
+    from test_model import tiny_cfg
+    from train_gpt import GPT, collect_hessians, plan_for
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = GPT(cfg)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 16))]
+    plain = collect_hessians(model, plan_for(cfg, cfg.repeats), batches, contextlib.nullcontext)
+    mixed = collect_hessians(model, plan_for(cfg, cfg.repeats), batches,
+                             partial(torch.autocast, "cpu", dtype=torch.bfloat16))
+    for name, h in plain.items():
+        assert mixed[name].dtype == torch.float32
+        assert (mixed[name] - h).norm() < 0.05 * h.norm(), name  # bf16 activations, float products
+        assert torch.linalg.eigvalsh(mixed[name].double()).min() > -1e-6 * h.diagonal().sum()
