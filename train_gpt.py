@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import io
 import json
+import lzma
 import math
 import os
 import platform
@@ -67,13 +68,13 @@ def derived():
 @dataclasses.dataclass(frozen=True)
 class Config:
     # data and run
-    data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder with fineweb_train_*.bin and fineweb_val_*.bin")
-    tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece .model used for byte counting")
+    data_path: str = knob("./data/datasets/fineweb10B_sp8192", "folder with fineweb_train_*.bin and fineweb_val_*.bin")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece .model used for byte counting")
     run_id: str = knob("", "run name; empty = time stamp + random suffix")
     out_dir: str = knob("", "folder for the log and artifact; empty = runs/<RUN_ID>; must not exist or be empty")
     seed: int = knob(1337, "seed for initialization")
     # model shape
-    vocab_size: int = knob(1024, "vocabulary size; must equal the tokenizer's")
+    vocab_size: int = knob(8192, "vocabulary size; must equal the tokenizer's")
     num_layers: int = knob(9, "virtual depth L at full depth (layers run per forward)")
     num_unique_layers: int = knob(0, "physical blocks U; 0 = NUM_LAYERS (no sharing)")
     loop_start: int = knob(0, "first physical block of the looped core")
@@ -122,28 +123,30 @@ class Config:
     beta2: float = knob(0.95, "Adam beta2")
     adam_eps: float = knob(1e-8, "Adam epsilon")
     grad_clip_norm: float = knob(0.0, "clip the global gradient norm; 0 = off")
-    # weight averaging (both off by default until measured)
-    ema_horizon: float = knob(0.0, "EMA of the weights with this time constant, as a fraction of the run; 0 = off")
+    # weight averaging
+    ema_horizon: float = knob(0.05, "EMA of the weights with this time constant, as a fraction of the run; 0 = off")
     swa_start: float = knob(0.0, "SWA: average snapshots from this run fraction on (at full depth); 0 = off")
     swa_every: int = knob(10, "SWA: take a snapshot every N steps")
-    export_weights: str = knob("last", "weights to export: last, ema or swa", ("last", "ema", "swa"))
+    export_weights: str = knob("ema", "weights to export: last, ema or swa", ("last", "ema", "swa"))
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
     zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
     compressor: str = knob("zstd", "artifact compressor: zstd (ZSTD_LEVEL) or lzma (xz, preset 9 extreme)", ("zstd", "lzma"))
-    quant_bits_attn: int = knob(8, "bits per weight of attention matrices in the artifact (5-8)")
-    quant_bits_mlp: int = knob(8, "bits per weight of MLP matrices in the artifact (5-8)")
+    quant_bits_attn: int = knob(6, "bits per weight of attention matrices in the artifact (5-8)")
+    quant_bits_mlp: int = knob(6, "bits per weight of MLP matrices in the artifact (5-8)")
     quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
-    gptq: bool = knob(False, "quantize block matrices with GPTQ (full Hessian from training batches) instead of rounding")
+    gptq: bool = knob(True, "quantize block matrices with GPTQ (full Hessian from training batches) instead of rounding")
     gptq_batches: int = knob(8, "GPTQ calibration micro-batches of training data")
     qat_start: float = knob(0.0, "quantization-aware training (fake-quant at the export widths) from this run fraction; 0 = off")
-    export_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for export work (GPTQ calibration)")
+    export_reserve_seconds: float = knob(4.0, "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration on training data")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
-    eval_stride: int = knob(64, "sliding-window evaluation stride (each token scored once with up to "
-                                "EVAL_SEQ_LEN - stride tokens of context); 0 or >= the window = round trip only")
-    eval_only: str = knob("", "skip training: evaluate this artifact (.ptz) or re-export and evaluate this float "
-                              "checkpoint (final_model.float.pt, weights chosen by EXPORT_WEIGHTS)")
+    eval_stride: int = knob(64, "sliding-window stride (context up to window - stride); 0 or >= the window = round trip only")
+    ttt_lr: float = knob(0.01, "score-first test-time training: SGD LR on already-scored validation chunks; 0 = off")
+    ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
+    ttt_epochs: int = knob(1, "TTT: SGD steps on each scored chunk")
+    ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
+    eval_only: str = knob("", "no training: score this artifact (.ptz), or re-export this float checkpoint (.pt) and score it")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
@@ -190,21 +193,18 @@ def check_typos(env: Mapping[str, str]) -> None:
 
 def parse_value(name: str, text: str, kind, choices: tuple):
     text = text.strip()
+    allowed = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}.get(kind)
     try:
-        if kind == "bool":
-            if text.lower() not in ("0", "1", "true", "false"):
-                raise ValueError
+        if kind == "bool" and text.lower() in ("0", "1", "true", "false"):
             return text.lower() in ("1", "true")
         if kind == "int":
             return int(text)
-        if kind == "float":
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
+        if kind == "float" and math.isfinite(value := float(text)):
             return value
     except ValueError:
-        allowed = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}[kind]
-        raise ConfigError(f"{name}={text!r}: expected {allowed}") from None
+        pass
+    if allowed:
+        raise ConfigError(f"{name}={text!r}: expected {allowed}")
     if choices and text not in choices:
         raise ConfigError(f"{name}={text!r}: expected one of {', '.join(choices)}")
     return text
@@ -251,32 +251,32 @@ def validate(cfg: Config) -> dict:
     """Check relations between knobs; return the derived depth fields (R, U, core end, phases)."""
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
-                 "micro_batch_tokens", "gptq_batches", "swa_every"):
+                 "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "xsa_last_n", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
-                 "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps"):
+                 "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
+                 "ttt_lr"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
-                 "muon_momentum_warmup_start"):
+                 "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
+    for name in ("swa_start", "qat_start"):
+        require(0 <= getattr(cfg, name) < 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1)")
+    for name, lo, hi in (("zstd_level", 1, 22), ("quant_bits_attn", 5, 8), ("quant_bits_mlp", 5, 8),
+                         ("quant_bits_embed", 5, 8)):
+        require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
     require((cfg.model_dim // cfg.num_heads) % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
     require(cfg.num_heads % cfg.num_kv_heads == 0, f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
     require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
-    require(cfg.logit_softcap > 0, f"LOGIT_SOFTCAP={cfg.logit_softcap}: must be > 0")
-    require(cfg.rope_base > 0, f"ROPE_BASE={cfg.rope_base}: must be > 0")
-    require(1 <= cfg.zstd_level <= 22, f"ZSTD_LEVEL={cfg.zstd_level}: must be in 1..22")
-    for name in ("quant_bits_attn", "quant_bits_mlp", "quant_bits_embed"):
-        require(5 <= getattr(cfg, name) <= 8, f"{name.upper()}={getattr(cfg, name)}: must be in 5..8")
-    require(0 <= cfg.ema_horizon <= 1, f"EMA_HORIZON={cfg.ema_horizon}: must be in [0, 1]")
-    require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
-    require(0 <= cfg.qat_start < 1, f"QAT_START={cfg.qat_start}: must be in [0, 1)")
-    require(cfg.export_reserve_seconds == 0 or 0 < cfg.export_reserve_seconds < cfg.max_wallclock_seconds,
+    require(cfg.ttt_chunk >= cfg.train_seq_len, f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}")
+    require(cfg.export_reserve_seconds >= 0 and (cfg.max_wallclock_seconds == 0 or not cfg.gptq or
+                                                 cfg.export_reserve_seconds < cfg.max_wallclock_seconds),
             f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
@@ -378,8 +378,8 @@ def max_depth(cfg: Config) -> int:
 
 
 def training_seconds(cfg: Config) -> float:
-    """The training clock's cap: MAX_WALLCLOCK_SECONDS less what is reserved for export work."""
-    return cfg.max_wallclock_seconds - cfg.export_reserve_seconds
+    """The training clock's cap: MAX_WALLCLOCK_SECONDS less what GPTQ's calibration reserves."""
+    return cfg.max_wallclock_seconds - cfg.export_reserve_seconds * cfg.gptq
 
 
 def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
@@ -880,9 +880,9 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 @torch.no_grad()
 def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
                   starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
-                  tables: ByteTables) -> torch.Tensor:
+                  tables: ByteTables, nll_out: torch.Tensor | None = None) -> torch.Tensor:
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows.
-    `tokens` holds the whole split (targets of window s are tokens[s+1 : s+window+1])."""
+    `tokens` is the whole split; target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss)."""
     device = tokens.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     offsets = torch.arange(window + 1, device=device)
@@ -895,26 +895,41 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
         sums[0] += nll.double()[mask].sum()
         sums[1] += mask.sum()
         sums[2] += token_bytes(tables, x, y)[mask].sum()
+        if nll_out is not None:
+            nll_out[(starts[lo:lo + batch].to(device)[:, None] + offsets[:-1])[mask]] = nll[mask].to(nll_out.dtype)
     return sums
 
 
 def evaluation_windows(cfg: Config) -> list[tuple[str, int, int]]:
     """The final evaluations as (kind, window, stride): the round trip over non-overlapping
-    TRAIN_SEQ_LEN windows, then the sliding window unless it would repeat the round trip."""
+    TRAIN_SEQ_LEN windows, then the sliding window unless it would repeat the round trip, then
+    score-first TTT over the last one's windows when TTT_LR > 0 (the score is the last)."""
     kinds = [("roundtrip", cfg.train_seq_len, cfg.train_seq_len)]
     window = cfg.eval_seq_len or cfg.train_seq_len
     if cfg.eval_stride and not (cfg.eval_stride >= window and window == cfg.train_seq_len):
         kinds.append(("sliding", window, min(cfg.eval_stride, window)))
+    if cfg.ttt_lr:
+        kinds.append(("ttt", *kinds[-1][1:]))
     return kinds
 
 
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
-             tables: ByteTables, autocast, window: int, stride: int) -> tuple[float, float]:
+             tables: ByteTables, autocast, window: int, stride: int, ttt: bool = False,
+             nll_out: torch.Tensor | None = None) -> tuple[float, float]:
     """Score the whole split with windows of `window` tokens moved by `stride`; returns
-    (val_loss, val_bpb) from sums all-reduced over ranks."""
+    (val_loss, val_bpb) from sums all-reduced over ranks.
+    With `ttt`, legal score-first test-time training: chunks of TTT_CHUNK targets, in order, are
+    scored under no_grad first, then trained on (TTT_EPOCHS SGD steps, gradients summed over
+    ranks); the last chunk is not trained. Every score thus comes from weights that saw only
+    tokens already scored. The weights are restored afterwards."""
     starts, score_from = plan_windows(len(tokens) - 1, window, stride)
-    lo, hi = shard_range(len(starts), rank, world_size)
+    first = starts + score_from  # first scored target of each window, rising
+    chunk_of = first // cfg.ttt_chunk if ttt else torch.zeros_like(first)
     batch = max(1, cfg.val_batch_size // (world_size * window))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if ttt else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if ttt else None
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
 
     def logits_fn(x):
         with autocast():
@@ -922,12 +937,42 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
 
     was_training = model.training
     model.eval()
-    sums = score_windows(logits_fn, tokens, starts[lo:hi], score_from[lo:hi], window, batch, tables)
+    chunks = torch.unique_consecutive(chunk_of).tolist()
+    for c in chunks:
+        idx = (chunk_of == c).nonzero().flatten()
+        lo, hi = shard_range(len(idx), rank, world_size)
+        sums += score_windows(logits_fn, tokens, starts[idx[lo:hi]], score_from[idx[lo:hi]], window, batch,
+                              tables, nll_out)
+        if ttt and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
+            a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
+            ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
+    model.load_state_dict(saved or model.state_dict())
     model.train(was_training)
     if world_size > 1:
         dist.all_reduce(sums)
     loss, count, nbytes = sums.tolist()
     return loss / count, loss / math.log(2) / nbytes
+
+
+def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int, cfg: Config, rank: int,
+             world_size: int) -> None:
+    """TTT_EPOCHS SGD steps on targets [a, b): the whole TRAIN_SEQ_LEN pieces from a (inputs
+    tokens[s:s+L], labels one later), shared out over ranks; the loss is the mean over all of them."""
+    pieces = list(range(a, b - cfg.train_seq_len + 1, cfg.train_seq_len))
+    mine = torch.tensor(pieces[slice(*shard_range(len(pieces), rank, world_size))], device=tokens.device, dtype=torch.long)
+    seq = tokens[mine[:, None] + torch.arange(cfg.train_seq_len + 1, device=tokens.device)].long()
+    for _ in range(cfg.ttt_epochs):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        if len(mine):
+            with torch.enable_grad():
+                logits = logits_fn(seq[:, :-1]).float()
+                loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="sum")
+                (loss / (len(pieces) * cfg.train_seq_len)).backward()
+        if world_size > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+        optimizer.step()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -961,10 +1006,9 @@ def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128,
                   damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al.): quantize columns in order, spreading each column's rounding error
-    over the columns not yet quantized through the inverse Hessian of the layer's inputs, which
-    minimizes the error of the layer's output (not of its weights) on the calibration inputs.
-    Same per-row scales and code range as quantize_rows."""
+    """GPTQ (Frantar et al.): quantize columns in order, spreading each one's rounding error over
+    the later columns through the inputs' inverse Hessian, which minimizes the layer's output error
+    on the calibration inputs (not its weight error). Scales and code range as quantize_rows."""
     qmax = 2 ** (bits - 1) - 1
     W = w.float().clone()
     scale = row_scales(W, bits)
@@ -1019,11 +1063,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def weight_group(name: str) -> str:
     """Which bit-width knob governs a tensor: attention, MLP or embedding."""
-    if ".attn." in name:
-        return "attn"
-    if ".mlp." in name:
-        return "mlp"
-    return "embed"
+    return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "embed"
 
 
 def quant_bits(cfg: Config) -> dict[str, int]:
@@ -1046,10 +1086,8 @@ def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None =
         t = t.detach().cpu()
         if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL:
             width = bits[weight_group(name)]
-            if hessians and name in hessians:
-                q, scale = gptq_quantize(t, hessians[name], width)
-            else:
-                q, scale = quantize_rows(t, width)
+            use_gptq = hessians and name in hessians
+            q, scale = gptq_quantize(t, hessians[name], width) if use_gptq else quantize_rows(t, width)
             packed["quantized"][name] = {"q": q, "scale": scale, "bits": width,
                                          "dtype": str(t.dtype).removeprefix("torch.")}
         else:
@@ -1072,8 +1110,6 @@ def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = 
     buffer = io.BytesIO()
     torch.save(quantize_state(state, bits, hessians), buffer)
     if compressor == "lzma":
-        import lzma
-
         return lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
     import zstandard
 
@@ -1083,8 +1119,6 @@ def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = 
 def unpack_artifact(blob: bytes) -> dict[str, torch.Tensor]:
     """Inverse of pack_artifact; the compressor is recognized by its magic bytes."""
     if blob.startswith(XZ_MAGIC):
-        import lzma
-
         raw = lzma.decompress(blob)
     elif blob.startswith(ZSTD_MAGIC):
         import zstandard
@@ -1171,8 +1205,7 @@ def environment_report(device: torch.device) -> str:
         lines.append(f"cuda:{torch.version.cuda} gpu:{torch.cuda.get_device_name(device)} "
                      f"count:{torch.cuda.device_count()}")
         try:
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
-            lines.append(smi)
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
         except (OSError, subprocess.TimeoutExpired):
             lines.append("nvidia-smi: unavailable")
     else:
@@ -1191,10 +1224,9 @@ def environment_report(device: torch.device) -> str:
 
 
 class WeightAverages:
-    """EMA and SWA of the parameters in fp32, only over steps at full depth (a shallower phase's
-    weights belong to a different function). The EMA's time constant is a fraction of the run:
-    after a step that advanced the run fraction by dt, the old average keeps exp(-dt / horizon),
-    so the same setting means the same thing for 5 minutes on one GPU and 4 hours on eight."""
+    """EMA and SWA of the parameters in fp32, only over full-depth steps. The EMA's horizon is a
+    fraction of the run: a step that advances the run fraction by dt keeps exp(-dt / horizon)
+    of the old average, so one setting means the same for 5 minutes or 4 hours."""
 
     def __init__(self, cfg: Config, model: GPT):
         self.cfg, self.model = cfg, model
@@ -1422,13 +1454,8 @@ def parameter_checksum(model: GPT) -> float:
 def resolve_out_dir(cfg: Config, env: Mapping[str, str]) -> Path | None:
     """The run's folder when it is fixed by RUN_ID/OUT_DIR (checked before any GPU work), else None
     (rank 0 then picks a fresh name). An existing non-empty folder is refused, never overwritten."""
-    if cfg.out_dir:
-        out = Path(cfg.out_dir)
-    elif cfg.run_id:
-        out = Path("runs") / cfg.run_id
-    else:
-        return None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.run_id if cfg.run_id else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         name = "OUT_DIR" if cfg.out_dir else "RUN_ID"
         raise UserError(f"{name}: output folder {out} already exists and is not empty; choose another")
     return out
@@ -1436,8 +1463,7 @@ def resolve_out_dir(cfg: Config, env: Mapping[str, str]) -> Path | None:
 
 def check_inputs(cfg: Config) -> None:
     """Everything that can be wrong with the inputs, checked on the CPU before any GPU work."""
-    if cfg.eval_only and not Path(cfg.eval_only).is_file():
-        raise UserError(f"EVAL_ONLY={cfg.eval_only}: file not found")
+    require(not cfg.eval_only or Path(cfg.eval_only).is_file(), f"EVAL_ONLY={cfg.eval_only}: file not found")
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
@@ -1476,19 +1502,16 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
 
 
 def log_header(cfg: Config, rt: Runtime) -> None:
-    resolved = {k: v for k, v in dataclasses.asdict(cfg).items()}
-    rt.log("config " + json.dumps(resolved, sort_keys=True))
+    rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(code_file().read_text(encoding="utf-8"), console=False)
     rt.log("=" * 100, console=False)
     rt.log(environment_report(rt.device), console=False)
 
 
 def compile_blocks(model: GPT) -> None:
-    """Compile each block and the loss head, not the whole model. Measured on one H100 at the
-    baseline shape (docs/perf.md): 9% faster steps than compiling the model whole, because the
-    whole-model graph fused the input/residual-mix gradients of all layers into slow reduction
-    kernels, and 2-3x faster compilation (one block graph serves every block of the same shape;
-    a plan change only re-runs the eager loop over blocks)."""
+    """Compile each block and the loss head, not the whole model: 9% faster steps on one H100
+    (the whole graph fused all layers' residual-mix gradients into slow reductions) and 2-3x
+    faster compilation; one block graph serves every block and plan (docs/perf.md)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.blocks:
         block.compile(dynamic=False, fullgraph=True)
@@ -1547,7 +1570,8 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
         dist.barrier()
     model_bytes, code_bytes = path.stat().st_size, code_file().stat().st_size
     label = name.replace("_", "+")
-    rt.log(f"Serialized model {label}: {model_bytes} bytes")
+    bits_per_param = 8 * model_bytes / sum(p.numel() for p in base.parameters())
+    rt.log(f"Serialized model {label}: {model_bytes} bytes ({bits_per_param:.2f} bits per parameter)")
     rt.log(f"Code size: {code_bytes} bytes")
     total = model_bytes + code_bytes
     rt.log(f"Total submission size {label}: {total} bytes")
@@ -1566,7 +1590,7 @@ def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str
     for kind, window, stride in evaluation_windows(cfg):
         rt.synchronize()
         start = time.perf_counter()
-        val_loss, val_bpb = evaluate_with(window, stride)
+        val_loss, val_bpb = evaluate_with(window, stride, kind == "ttt")
         rt.synchronize()
         ms = 1000 * (time.perf_counter() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
@@ -1633,8 +1657,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     def make_loader():
         return TrainLoader(train_shards, rt.rank, rt.world_size, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
 
-    def evaluate_with(window, stride):
-        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride)
+    def evaluate_with(window, stride, ttt=False):
+        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride, ttt)
 
     def validate():  # during training: the round trip
         return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
@@ -1687,6 +1711,8 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
             rt.synchronize()
         windows = math.ceil(len(plan_windows(num_tokens - 1, window, stride)[0]) / rt.world_size)
         estimate[kind] = rt.agree_max((time.perf_counter() - start) * math.ceil(windows / batch))
+        if kind == "ttt":  # plus its training: forward and backward, about 3 forwards per target and epoch
+            estimate[kind] += 3 * cfg.ttt_epochs * estimate["roundtrip"]
     total = sum(estimate.values())
     rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
            f" total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
@@ -1734,8 +1760,8 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes})")
     plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-    results = final_evaluations(cfg, rt, lambda window, stride: evaluate(
-        base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride))
+    results = final_evaluations(cfg, rt, lambda window, stride, ttt: evaluate(
+        base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride, ttt))
     return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 

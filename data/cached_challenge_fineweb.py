@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Download the published challenge data: FineWeb token shards and their tokenizer.
 
-    python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
+    python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
 
 fills `data/datasets/fineweb10B_sp1024/` (the full val split and the first N train shards)
 and `data/tokenizers/` (the matching SentencePiece model), keeping the dataset repo's
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Environment: MATCHED_FINEWEB_REPO_ID, MATCHED_FINEWEB_REMOTE_ROOT_PREFIX, HF_ENDPOINT, HF_TOKEN.",
     )
     p.add_argument("train_shards_positional", nargs="?", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--variant", default="sp1024", help="tokenizer family: sp1024, sp4096, sp8192, ... (default sp1024)")
+    p.add_argument("--variant", default="sp8192", help="tokenizer family: sp1024, sp4096, sp8192, ... (default sp8192, as train_gpt.py)")
     p.add_argument("--train-shards", type=int, default=None,
                    help=f"how many train shards (100M tokens each) to fetch, from the first "
                         f"(default {DEFAULT_TRAIN_SHARDS}, or all when fewer are published)")

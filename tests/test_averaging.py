@@ -60,7 +60,8 @@ def test_last_weights_when_no_average_was_taken():
     assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in model.parameters())
 
 
-@pytest.mark.parametrize("env", [dict(EXPORT_WEIGHTS="ema"), dict(EXPORT_WEIGHTS="swa"), dict(EMA_HORIZON=2)])
+@pytest.mark.parametrize("env", [dict(EXPORT_WEIGHTS="ema", EMA_HORIZON=0), dict(EXPORT_WEIGHTS="swa"),
+                                 dict(EMA_HORIZON=2)])
 def test_inconsistent_averaging_settings_are_refused(env):
     with pytest.raises(ConfigError):
         tiny(**env)

@@ -15,10 +15,13 @@ from env_table import render_default  # noqa: E402
 from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, Config, ConfigError, build_config, env_knobs
 
 
-def test_defaults_are_the_upstream_baseline_shape():
+def test_defaults_are_the_baseline_shape_with_the_measured_export():
     cfg = build_config({})
     assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult) == (9, 512, 8, 4, 2.0)
-    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (1024, 1024, 524_288)
+    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (8192, 1024, 524_288)
+    assert "8192" in cfg.data_path and "8192" in cfg.tokenizer_path
+    assert (cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed, cfg.gptq) == (6, 6, 8, True)
+    assert (cfg.export_weights, cfg.ema_horizon, cfg.eval_stride, cfg.ttt_lr) == ("ema", 0.05, 64, 0.01)
     assert cfg.repeats == 1 and cfg.micro_steps == 4 and cfg.micro_batch_seqs == 128
     assert build_config({}, world_size=8).micro_steps == 1
     assert build_config({"GRAD_ACCUM_STEPS": "8"}).micro_batch_seqs == 64

@@ -146,3 +146,24 @@ def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
                                             r"budget:600s$", ok.stdout, re.M), ok.stdout[-2000:]
     refused = run_script(tiny_env(tiny_data, RUN_ID="over", EVAL_BUDGET_S="0.000001"), tmp_path, timeout=120)
     assert refused.returncode == 2 and "EVAL_BUDGET_S=" in refused.stderr and "step:" not in refused.stdout
+
+
+def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
+    """The defaults' pipeline (tiny_env pins the plain one): EMA weights, int6 GPTQ blocks with
+    int8 embeddings, then round trip, sliding and score-first TTT, the last being the score."""
+    from train_gpt import build_config
+
+    d = build_config({})
+    env = tiny_env(tiny_data, RUN_ID="defaults", QUANT_BITS_ATTN=d.quant_bits_attn, QUANT_BITS_MLP=d.quant_bits_mlp,
+                   GPTQ=int(d.gptq), EMA_HORIZON=d.ema_horizon, EXPORT_WEIGHTS=d.export_weights, TTT_LR=d.ttt_lr,
+                   TTT_CHUNK=1024)
+    result = run_script(env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, summary = result.stdout, final_summary(result.stdout)
+    assert "export_weights:ema (horizon 0.05)" in out and "gptq_calibration matrices:" in out
+    assert re.search(r"^Serialized model mixedgptq\+zstd: \d+ bytes \([\d.]+ bits per parameter\)$", out, re.M)
+    assert list(summary["evals"]) == [f"final_mixedgptq_zstd_{k}" for k in ("roundtrip", "sliding", "ttt")]
+    assert summary["score_line"].startswith("final_mixedgptq_zstd_ttt ")
+    assert (tmp_path / "runs" / "defaults" / "final_model.mixedgptq_zstd.ptz").stat().st_size == summary["bytes_model"]
+    sliding = summary["evals"]["final_mixedgptq_zstd_sliding"]["val_bpb"]
+    assert summary["val_bpb"] != sliding and abs(summary["val_bpb"] - sliding) < 0.1  # TTT moved the score a little

@@ -123,7 +123,7 @@ def test_qat_forward_sees_the_export_rounding_and_backward_passes_straight():
     torch.manual_seed(7)
     cfg = build_config({"VOCAB_SIZE": "64", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
                         "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64", "QAT_START": "0.5",
-                        "QUANT_BITS_MLP": "5"})
+                        "QUANT_BITS_MLP": "5", "QUANT_BITS_ATTN": "8"})
     model = GPT(cfg)
     enable_qat(model, cfg)
     fc = model.blocks[0].mlp.fc
