@@ -192,7 +192,9 @@ def download(hub: FakeHub, local: Path, *args, token: str | None = TOKEN, timeou
                NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     if token:
         env["HF_TOKEN"] = token
-    command = [sys.executable, str(DOWNLOAD), "--local-dir", str(local), "--retry-wait", "0", "--timeout", "10", *args]
+    variant = [] if "--variant" in args else ["--variant", "sp1024"]  # the fake hub publishes sp1024 only
+    command = [sys.executable, str(DOWNLOAD), "--local-dir", str(local), "--retry-wait", "0", "--timeout", "10",
+               *variant, *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -305,3 +307,9 @@ def test_default_takes_all_shards_when_fewer_than_80(hub, tmp_path):
     result = download(hub, local, "--jobs", "1")
     assert result.returncode == 0, result.stderr
     assert local_files(local) == expected_local(hub, 3)
+
+
+def test_the_default_variant_is_the_training_default(tmp_path):
+    """train_gpt.py reads sp8192 shards by default, so the downloader fetches sp8192 by default."""
+    result = subprocess.run([sys.executable, str(DOWNLOAD), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "(default sp8192" in " ".join(result.stdout.split())
