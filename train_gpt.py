@@ -32,6 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import zstandard
+except ImportError:  # reported by check_inputs, before any GPU work
+    zstandard = None
+
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +140,7 @@ class Config:
     quant_bits_attn: int = knob(6, "bits per weight of attention matrices in the artifact (5-8)")
     quant_bits_mlp: int = knob(6, "bits per weight of MLP matrices in the artifact (5-8)")
     quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
+    quant_clip: int = knob(0, "per-row clip: best of K levels from the row's max down to 70% by rounding error; 0 = max")
     gptq: bool = knob(True, "quantize block matrices with GPTQ (full Hessian from training batches) instead of rounding")
     gptq_batches: int = knob(8, "GPTQ calibration micro-batches of training data")
     qat_start: float = knob(0.0, "quantization-aware training (fake-quant at the export widths) from this run fraction; 0 = off")
@@ -254,7 +260,7 @@ def validate(cfg: Config) -> dict:
                  "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "xsa_last_n", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
+                 "grad_accum_steps", "xsa_last_n", "quant_clip", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
                  "ttt_lr"):
@@ -493,15 +499,12 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
     scalars = [p for p in model.parameters() if id(p) not in named]
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
     groups = [dict(params=embed, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
-              dict(params=scalars, lr=cfg.scalar_lr)]
-    if head:
-        groups.append(dict(params=head, lr=cfg.head_lr))
+              dict(params=scalars, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
     optimizers = [torch.optim.Adam(groups, **adam),
                   Muon(matrices, cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps,
                        cfg.muon_weight_decay, rank, world_size)]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+    for group in (g for opt in optimizers for g in opt.param_groups):
+        group["base_lr"] = group["lr"]
     assert len(matrices) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
     return optimizers
 
@@ -566,8 +569,7 @@ class TokenStream:
             if self.pos == len(self.tokens):
                 self.index = (self.index + 1) % len(self.paths)
                 self.tokens, self.pos = load_shard(self.paths[self.index]), 0
-            part = self.tokens[self.pos:self.pos + n]
-            parts.append(part)
+            parts.append(part := self.tokens[self.pos:self.pos + n])
             self.pos += len(part)
             n -= len(part)
         return np.concatenate(parts)
@@ -588,8 +590,7 @@ class TrainLoader:
         return batch
 
     def prefetch(self) -> None:
-        """Prepare the next batch (and queue its copy) now: called after a micro-step's GPU work
-        is launched, so the CPU work overlaps it, also across the sync at the end of a step."""
+        """Prepare the next batch now, while the GPU runs the micro-step just launched."""
         if self._pending is None:
             self._pending = self._load()
 
@@ -757,8 +758,7 @@ class GPT(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(depth, dim), torch.zeros(depth, dim)], dim=1))
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
-        # Cross-repeat skip: at each virtual position, a zero-init scale on the same block's output
-        # from its previous pass. Value embeddings: extra tables added at every virtual layer.
+        # Cross-repeat skip: zero-init scales on a block's previous-pass output; value embeddings.
         self.repeat_mix = nn.Parameter(torch.zeros(depth, dim)) if cfg.cross_repeat_skip else None
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
         for table in self.value_embeds:
@@ -780,8 +780,7 @@ class GPT(nn.Module):
                 x = x + self.repeat_mix[v].to(dt) * previous[b]
             for k, value in enumerate(values):
                 x = x + self.value_scale[v, k].to(dt) * value
-            # Evaluation runs the blocks eagerly: its batch shapes differ from training's, and
-            # compiling them cost ~20 s per shape on a fresh machine for a ~1 s gain (docs/perf.md).
+            # Evaluation runs eagerly: compiling each of its shapes cost ~20 s for ~1 s (docs/perf.md).
             block = self.blocks[b] if self.training else self.blocks[b].forward
             x = block(x, x0, self.resid_mix[v].to(dt), self.attn_scale[v].to(dt), self.mlp_scale[v].to(dt),
                       rope, plan.xsa[v])
@@ -987,31 +986,36 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 SCALE_DTYPE = torch.bfloat16  # fp32's range in 2 bytes: tiny rows never underflow to a zero scale
 
 
-def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+def row_scales(w: torch.Tensor, bits: int, clip: int = 0) -> torch.Tensor:
     """Per-row scale: the row's max |w| / qmax, stored as bf16 and rounded up (a 2^-8 margin
-    covers bf16's rounding) so no code clips."""
-    qmax = 2 ** (bits - 1) - 1
-    exact = (w.float().abs().amax(dim=1) / qmax).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
-    return (exact * (1 + 2**-8)).to(SCALE_DTYPE)
+    covers bf16's rounding) so no code clips. With clip = K > 1, the best of K clip levels from
+    the max down to 70% of it, by the row's squared rounding error (ties keep the max)."""
+    qmax, w = 2 ** (bits - 1) - 1, w.float()
+    fracs = torch.linspace(1.0, 0.7, clip) if clip > 1 else torch.ones(1)
+    exact = (w.abs().amax(dim=1, keepdim=True) * fracs / qmax).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    scales = (exact * (1 + 2**-8)).to(SCALE_DTYPE)  # [rows, K]
+    s = scales.float()[:, :, None]
+    err = ((torch.round(w[:, None] / s).clamp(-qmax, qmax) * s - w[:, None]) ** 2).sum(-1) if clip > 1 else exact
+    return scales.gather(1, err.argmin(1, keepdim=True))[:, 0]
 
 
-def quantize_rows(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(w: torch.Tensor, bits: int = 8, clip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric rounding to nearest with the stored scale, so dequantization reproduces
-    exactly what was rounded: |error| <= scale / 2 everywhere."""
+    exactly what was rounded: |error| <= scale / 2 everywhere unless QUANT_CLIP clipped the row."""
     qmax = 2 ** (bits - 1) - 1
-    scale = row_scales(w, bits)
+    scale = row_scales(w, bits, clip)
     q = torch.round(w.float() / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128,
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128, damp: float = 0.01,
+                  clip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al.): quantize columns in order, spreading each one's rounding error over
     the later columns through the inputs' inverse Hessian, which minimizes the layer's output error
     on the calibration inputs (not its weight error). Scales and code range as quantize_rows."""
     qmax = 2 ** (bits - 1) - 1
     W = w.float().clone()
-    scale = row_scales(W, bits)
+    scale = row_scales(W, bits, clip)
     s = scale.float()[:, None]
     H = hessian.float().clone()
     dead = H.diagonal() == 0
@@ -1077,7 +1081,7 @@ def export_label(bits: dict[str, int]) -> str:
 
 
 def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None = None,
-                   hessians: dict[str, torch.Tensor] | None = None) -> dict:
+                   hessians: dict[str, torch.Tensor] | None = None, clip: int = 0) -> dict:
     """Large float matrices -> per-row codes of their group's width (stored in int8; the
     compressor removes the unused range); small tensors stay float."""
     bits = bits or {"attn": 8, "mlp": 8, "embed": 8}
@@ -1087,7 +1091,7 @@ def quantize_state(state: dict[str, torch.Tensor], bits: dict[str, int] | None =
         if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL:
             width = bits[weight_group(name)]
             use_gptq = hessians and name in hessians
-            q, scale = gptq_quantize(t, hessians[name], width) if use_gptq else quantize_rows(t, width)
+            q, scale = gptq_quantize(t, hessians[name], width, clip=clip) if use_gptq else quantize_rows(t, width, clip)
             packed["quantized"][name] = {"q": q, "scale": scale, "bits": width,
                                          "dtype": str(t.dtype).removeprefix("torch.")}
         else:
@@ -1106,13 +1110,12 @@ ZSTD_MAGIC, XZ_MAGIC = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"
 
 
 def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = "zstd",
-                  bits: dict[str, int] | None = None, hessians: dict[str, torch.Tensor] | None = None) -> bytes:
+                  bits: dict[str, int] | None = None, hessians: dict[str, torch.Tensor] | None = None,
+                  clip: int = 0) -> bytes:
     buffer = io.BytesIO()
-    torch.save(quantize_state(state, bits, hessians), buffer)
+    torch.save(quantize_state(state, bits, hessians, clip), buffer)
     if compressor == "lzma":
         return lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
-    import zstandard
-
     return zstandard.ZstdCompressor(level=level).compress(buffer.getvalue())
 
 
@@ -1121,8 +1124,6 @@ def unpack_artifact(blob: bytes) -> dict[str, torch.Tensor]:
     if blob.startswith(XZ_MAGIC):
         raw = lzma.decompress(blob)
     elif blob.startswith(ZSTD_MAGIC):
-        import zstandard
-
         raw = zstandard.ZstdDecompressor().decompress(blob)
     else:
         raise DataError("artifact: neither zstd nor xz data")
@@ -1468,10 +1469,8 @@ def check_inputs(cfg: Config) -> None:
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
     check_val_length(cfg, total)
-    try:
-        import zstandard  # noqa: F401
-    except ImportError:
-        raise UserError("the zstandard package is missing: pip install -r requirements.txt") from None
+    if zstandard is None:
+        raise UserError("the zstandard package is missing: pip install -r requirements.txt")
 
 
 def setup_runtime() -> Runtime:
@@ -1563,7 +1562,7 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
     if rt.main:
         hessians = gptq_hessians(cfg, rt, base)
         start = time.perf_counter()
-        blob = pack_artifact(base.state_dict(), cfg.zstd_level, cfg.compressor, quant_bits(cfg), hessians)
+        blob = pack_artifact(base.state_dict(), cfg.zstd_level, cfg.compressor, quant_bits(cfg), hessians, cfg.quant_clip)
         path.write_bytes(blob)
         rt.log(f"export_time:{time.perf_counter() - start:.1f}s bits:{json.dumps(quant_bits(cfg), sort_keys=True)}")
     if rt.distributed:
@@ -1615,7 +1614,8 @@ def estimate_artifact_bytes(model: GPT, cfg: Config) -> int:
     """Code bytes + the packed size of Gaussian weights of the model's shapes: trained matrices
     are roughly Gaussian per row (the zero-initialized ones are not zero after training)."""
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    blob = pack_artifact({k: v.cpu() for k, v in state.items()}, cfg.zstd_level, cfg.compressor, quant_bits(cfg))
+    blob = pack_artifact({k: v.cpu() for k, v in state.items()}, cfg.zstd_level, cfg.compressor, quant_bits(cfg),
+                         clip=cfg.quant_clip)
     return code_file().stat().st_size + len(blob)
 
 

@@ -162,3 +162,24 @@ def test_hessians_are_float_products_under_bf16_autocast():
         assert mixed[name].dtype == torch.float32
         assert (mixed[name] - h).norm() < 0.05 * h.norm(), name  # bf16 activations, float products
         assert torch.linalg.eigvalsh(mixed[name].double()).min() > -1e-6 * h.diagonal().sum()
+
+
+def test_clip_search_never_loses_to_the_max_and_wins_on_heavy_tails():
+    from train_gpt import gptq_quantize
+
+    torch.manual_seed(3)
+    gaussian = torch.randn(64, 512)
+    heavy = torch.distributions.StudentT(3.0).sample((64, 512))  # rare large weights
+    for w in (gaussian, heavy):
+        errors = {}
+        for clip in (0, 8):
+            q, scale = quantize_rows(w, 6, clip)
+            assert q.abs().max() <= 31 and scale.dtype == torch.bfloat16
+            errors[clip] = ((dequantize_rows(q, scale) - w) ** 2).sum(dim=1)
+        assert (errors[8] <= errors[0] + 1e-6).all()  # the max is one of the candidates
+        assert errors[8].sum() < 0.97 * errors[0].sum()  # measured: 5-6% less squared error at 6 bits
+    q, scale = gptq_quantize(heavy, torch.eye(512), 6, damp=0.0, clip=8)  # GPTQ shares the clipped scales
+    assert torch.equal(scale, quantize_rows(heavy, 6, 8)[1]) and torch.equal(q, quantize_rows(heavy, 6, 8)[0])
+    big = torch.cat([heavy] * 4)  # large enough to be quantized, not kept in float
+    back = unpack_artifact(pack_artifact({"w": big}, 3, bits={"attn": 6, "mlp": 6, "embed": 6}, clip=8))
+    assert torch.equal(back["w"], dequantize_rows(*quantize_rows(big, 6, 8)))
