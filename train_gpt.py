@@ -36,6 +36,10 @@ try:
     import zstandard
 except ImportError:  # reported by check_inputs, before any GPU work
     zstandard = None
+try:
+    import brotli
+except ImportError:  # optional: only COMPRESSOR=brotli needs it
+    brotli = None
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
@@ -136,7 +140,7 @@ class Config:
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
     zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
-    compressor: str = knob("zstd", "artifact compressor: zstd (ZSTD_LEVEL) or lzma (xz, preset 9 extreme)", ("zstd", "lzma"))
+    compressor: str = knob("zstd", "zstd (ZSTD_LEVEL), lzma (xz -9e) or brotli (quality 11, if installed)", ("zstd", "lzma", "brotli"))
     quant_bits_attn: int = knob(6, "bits per weight of attention matrices in the artifact (5-8)")
     quant_bits_mlp: int = knob(6, "bits per weight of MLP matrices in the artifact (5-8)")
     quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
@@ -977,9 +981,8 @@ def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int,
 # ----------------------------------------------------------------------------------------------
 # Quantization and export
 #
-# Per-row symmetric int8 for every large float matrix (scale = the row's max |w| / 127 with no
-# floor at 1/127, which would flatten small rows), float for small tensors, packed
-# with torch.save and compressed with zstd. Pure functions on CPU tensors and bytes.
+# Per-row symmetric codes of 5-8 bits for every large float matrix (scale from the row's max, no
+# floor), float for small tensors, torch.save, then zstd, xz or brotli. Pure functions on CPU.
 # ----------------------------------------------------------------------------------------------
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -1106,7 +1109,7 @@ def dequantize_state(packed: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-ZSTD_MAGIC, XZ_MAGIC = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"
+ZSTD_MAGIC, XZ_MAGIC, BROTLI_TAG = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00", b"PGBR"  # brotli has no magic: ours
 
 
 def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = "zstd",
@@ -1116,6 +1119,8 @@ def pack_artifact(state: dict[str, torch.Tensor], level: int, compressor: str = 
     torch.save(quantize_state(state, bits, hessians, clip), buffer)
     if compressor == "lzma":
         return lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
+    if compressor == "brotli":
+        return BROTLI_TAG + brotli.compress(buffer.getvalue(), quality=11)
     return zstandard.ZstdCompressor(level=level).compress(buffer.getvalue())
 
 
@@ -1123,10 +1128,12 @@ def unpack_artifact(blob: bytes) -> dict[str, torch.Tensor]:
     """Inverse of pack_artifact; the compressor is recognized by its magic bytes."""
     if blob.startswith(XZ_MAGIC):
         raw = lzma.decompress(blob)
+    elif blob.startswith(BROTLI_TAG) and brotli is not None:
+        raw = brotli.decompress(blob[len(BROTLI_TAG):])
     elif blob.startswith(ZSTD_MAGIC):
         raw = zstandard.ZstdDecompressor().decompress(blob)
     else:
-        raise DataError("artifact: neither zstd nor xz data")
+        raise DataError("artifact: neither zstd, xz nor brotli data (brotli needs the brotli package)")
     return dequantize_state(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
 
 
@@ -1185,13 +1192,6 @@ class Runtime:
         dist.all_gather_object(gathered, obj)
         return all(g == gathered[0] for g in gathered)
 
-    def broadcast(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def code_file() -> Path:
     """The file that is run (a self-extracting wrapper, when one is shipped), as counted bytes."""
@@ -1201,7 +1201,7 @@ def code_file() -> Path:
 
 def environment_report(device: torch.device) -> str:
     lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-             f"platform:{platform.platform()}"]
+             f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}"]
     if device.type == "cuda":
         lines.append(f"cuda:{torch.version.cuda} gpu:{torch.cuda.get_device_name(device)} "
                      f"count:{torch.cuda.device_count()}")
@@ -1209,8 +1209,6 @@ def environment_report(device: torch.device) -> str:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
         except (OSError, subprocess.TimeoutExpired):
             lines.append("nvidia-smi: unavailable")
-    else:
-        lines.append(f"device:cpu threads:{torch.get_num_threads()}")
     return "\n".join(lines)
 
 
@@ -1471,6 +1469,7 @@ def check_inputs(cfg: Config) -> None:
     check_val_length(cfg, total)
     if zstandard is None:
         raise UserError("the zstandard package is missing: pip install -r requirements.txt")
+    require(cfg.compressor != "brotli" or brotli is not None, "COMPRESSOR=brotli: the brotli package is missing: pip install brotli")
 
 
 def setup_runtime() -> Runtime:
@@ -1490,8 +1489,10 @@ def setup_runtime() -> Runtime:
 
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     if out is None:
-        name = f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}" if rt.main else None
-        out = Path("runs") / rt.broadcast(name)
+        box = [f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}" if rt.main else None]
+        if rt.distributed:  # rank 0's name
+            dist.broadcast_object_list(box, src=0)
+        out = Path("runs") / box[0]
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
@@ -1611,8 +1612,7 @@ def compile_report() -> str:
 
 
 def estimate_artifact_bytes(model: GPT, cfg: Config) -> int:
-    """Code bytes + the packed size of Gaussian weights of the model's shapes: trained matrices
-    are roughly Gaussian per row (the zero-initialized ones are not zero after training)."""
+    """Code bytes + the packed size of Gaussian weights of the model's shapes (trained rows are near Gaussian)."""
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     blob = pack_artifact({k: v.cpu() for k, v in state.items()}, cfg.zstd_level, cfg.compressor, quant_bits(cfg),
                          clip=cfg.quant_clip)

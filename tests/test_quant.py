@@ -1,6 +1,7 @@
 """Per-row int8 quantization, packing and the compressed artifact round trip."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from train_gpt import (KEEP_FLOAT_MAX_NUMEL, dequantize_rows, pack_artifact, quantize_rows, quantize_state,
@@ -183,3 +184,25 @@ def test_clip_search_never_loses_to_the_max_and_wins_on_heavy_tails():
     big = torch.cat([heavy] * 4)  # large enough to be quantized, not kept in float
     back = unpack_artifact(pack_artifact({"w": big}, 3, bits={"attn": 6, "mlp": 6, "embed": 6}, clip=8))
     assert torch.equal(back["w"], dequantize_rows(*quantize_rows(big, 6, 8)))
+
+
+def test_brotli_round_trip_when_installed():
+    pytest.importorskip("brotli")
+    torch.manual_seed(5)
+    state = {"w": torch.randn(512, 256), "v": torch.randn(7)}
+    blob = pack_artifact(state, 22, compressor="brotli")
+    assert blob.startswith(b"PGBR")
+    back, reference = unpack_artifact(blob), unpack_artifact(pack_artifact(state, 3))
+    assert all(torch.equal(back[k], reference[k]) for k in state)
+
+
+def test_brotli_missing_is_a_one_line_error(tiny_data, monkeypatch):
+    import train_gpt
+    from conftest import tiny_env
+    from train_gpt import ConfigError, DataError, build_config, check_inputs
+
+    monkeypatch.setattr(train_gpt, "brotli", None)
+    with pytest.raises(ConfigError, match="COMPRESSOR=brotli: the brotli package is missing"):
+        check_inputs(build_config(tiny_env(tiny_data, COMPRESSOR="brotli")))
+    with pytest.raises(DataError, match="brotli"):
+        unpack_artifact(b"PGBR" + b"\x00" * 16)
