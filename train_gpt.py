@@ -1504,8 +1504,7 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
 def log_header(cfg: Config, rt: Runtime) -> None:
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(code_file().read_text(encoding="utf-8"), console=False)
-    rt.log("=" * 100, console=False)
-    rt.log(environment_report(rt.device), console=False)
+    rt.log("=" * 100 + "\n" + environment_report(rt.device), console=False)
 
 
 def compile_blocks(model: GPT) -> None:
@@ -1786,6 +1785,8 @@ def main() -> int:
         out = open_run_folder(cfg, rt, out)
         log_header(cfg, rt)
         (eval_only if cfg.eval_only else run)(cfg, rt, out)
+        if rt.distributed:  # no rank tears the group down while another still uses it
+            dist.barrier()
     except UserError as exc:
         if rt.main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
