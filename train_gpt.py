@@ -614,8 +614,7 @@ def load_val_tokens(cfg: Config) -> torch.Tensor:
 
 
 def check_val_length(cfg: Config, total: int) -> None:
-    window = max(cfg.train_seq_len, cfg.eval_seq_len)
-    if total - 1 < window:
+    if total - 1 < (window := max(cfg.train_seq_len, cfg.eval_seq_len)):
         raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
                         f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
 
