@@ -918,12 +918,10 @@ def evaluation_windows(cfg: Config) -> list[tuple[str, int, int]]:
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
              tables: ByteTables, autocast, window: int, stride: int, ttt: bool = False,
              nll_out: torch.Tensor | None = None) -> tuple[float, float]:
-    """Score the whole split with windows of `window` tokens moved by `stride`; returns
-    (val_loss, val_bpb) from sums all-reduced over ranks.
-    With `ttt`, legal score-first test-time training: chunks of TTT_CHUNK targets, in order, are
-    scored under no_grad first, then trained on (TTT_EPOCHS SGD steps, gradients summed over
-    ranks); the last chunk is not trained. Every score thus comes from weights that saw only
-    tokens already scored. The weights are restored afterwards."""
+    """Score the whole split with windows of `window` tokens moved by `stride`; (val_loss, val_bpb)
+    from sums all-reduced over ranks. With `ttt`, legal score-first TTT: chunks of TTT_CHUNK targets,
+    in order, are scored under no_grad, then trained on (TTT_EPOCHS SGD steps, gradients summed over
+    ranks), the last one never; every score comes from weights that saw only scored tokens."""
     starts, score_from = plan_windows(len(tokens) - 1, window, stride)
     first = starts + score_from  # first scored target of each window, rising
     chunk_of = first // cfg.ttt_chunk if ttt else torch.zeros_like(first)
@@ -948,7 +946,8 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
         if ttt and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
             a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
             ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
-    model.load_state_dict(saved or model.state_dict())
+    if saved:  # TTT's updates are undone
+        model.load_state_dict(saved)
     model.train(was_training)
     if world_size > 1:
         dist.all_reduce(sums)
