@@ -995,8 +995,10 @@ def row_scales(w: torch.Tensor, bits: int, clip: int = 0) -> torch.Tensor:
     fracs = torch.linspace(1.0, 0.7, clip) if clip > 1 else torch.ones(1)
     exact = (w.abs().amax(dim=1, keepdim=True) * fracs / qmax).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
     scales = (exact * (1 + 2**-8)).to(SCALE_DTYPE)  # [rows, K]
+    if clip <= 1:
+        return scales[:, 0]
     s = scales.float()[:, :, None]
-    err = ((torch.round(w[:, None] / s).clamp(-qmax, qmax) * s - w[:, None]) ** 2).sum(-1) if clip > 1 else exact
+    err = ((torch.round(w[:, None] / s).clamp(-qmax, qmax) * s - w[:, None]) ** 2).sum(-1)
     return scales.gather(1, err.argmin(1, keepdim=True))[:, 0]
 
 
@@ -1465,8 +1467,7 @@ def check_inputs(cfg: Config) -> None:
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
     check_val_length(cfg, total)
-    if zstandard is None:
-        raise UserError("the zstandard package is missing: pip install -r requirements.txt")
+    require(zstandard is not None, "the zstandard package is missing: pip install -r requirements.txt")
     require(cfg.compressor != "brotli" or brotli is not None, "COMPRESSOR=brotli: the brotli package is missing: pip install brotli")
 
 
