@@ -6,7 +6,7 @@ Config dataclass or README.md); `torchrun --standalone --nproc_per_node=N train_
 on N GPUs, plain `python train_gpt.py` on one GPU or on the CPU (tiny configurations).
 
 Importing this file does nothing: no environment reads, no CUDA, no process group.
-Line budget: 1,800 lines. No function over ~80 lines.
+Line budget: 2,400 lines. No function over ~80 lines, no line over 120 characters (tests check both).
 """
 from __future__ import annotations
 
@@ -103,7 +103,19 @@ class Config:
     logit_softcap: float = knob(30.0, "tanh soft-cap on logits")
     qk_gain_init: float = knob(1.5, "initial per-head query gain (after QK RMSNorm)")
     xsa_last_n: int = knob(0, "exclusive self-attention on the last N virtual layers")
+    rope_dims: int = knob(0, "rotary dimensions per head (partial RoPE: the rest carry no position); 0 = all")
+    ln_scale: bool = knob(False, "scale each block's normed inputs by 1/sqrt(physical block index + 1)")
+    parallel_residual_start: int = knob(-1, "physical blocks from this index on: attention and MLP read the same "
+                                            "input and both add to the residual; -1 = none")
+    skip_gates_enabled: bool = knob(False, "U-Net skips enter through a per-channel sigmoid gate "
+                                           "(x = lerp(w*skip, x, sigmoid(g))) instead of being added")
+    layer_rows: str = knob("virtual", "per-layer scales and residual mix: a row per virtual layer or per physical block",
+                           ("virtual", "block"))
+    loop_embed: bool = knob(True, "a learned, zero-init embedding added at every virtual layer")
+    ortho_init: bool = knob(False, "orthogonal init of the block matrices (zero-init output projections stay zero)")
     # batch and schedule
+    data_order: str = knob("shuffled", "shuffled: each epoch one seeded permutation of all shards' windows; "
+                                       "stream: shards front to back", ("shuffled", "stream"))
     train_seq_len: int = knob(1024, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(524_288, "tokens per optimizer step, all ranks together")
     grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = the fewest with <= MICRO_BATCH_TOKENS per GPU")
@@ -113,6 +125,7 @@ class Config:
     warmup_steps: int = knob(20, "compile/priming steps whose updates are thrown away (not an LR warmup)")
     warmdown_iters: int = knob(0, "upstream: LR decays linearly over the last N steps; 0 = use WARMDOWN_FRAC")
     warmdown_frac: float = knob(0.4, "LR decays linearly to 0 over this last fraction of the run")
+    min_lr: float = knob(0.0, "floor of the LR multiplier during the warmdown")
     val_loss_every: int = knob(1000, "validate every N steps (0 = only at the end)")
     val_batch_size: int = knob(524_288, "evaluation tokens per forward, all ranks together")
     train_log_every: int = knob(200, "log a train line every N steps")
@@ -128,6 +141,9 @@ class Config:
     muon_momentum_warmup_steps: int = knob(0, "upstream: momentum warmup steps; 0 = use MUON_MOMENTUM_WARMUP_FRAC")
     muon_momentum_warmup_frac: float = knob(0.05, "momentum warmup as a fraction of the run")
     muon_weight_decay: float = knob(0.0, "decoupled weight decay of Muon matrices (times LR)")
+    muon_row_normalize: bool = knob(False, "scale each row of Muon's Nesterov update to unit norm before Newton-Schulz")
+    embed_wd: float = knob(0.0, "decoupled weight decay of the embeddings (times LR)")
+    adam_wd: float = knob(0.0, "decoupled weight decay of the Adam-trained vectors and scales (times LR)")
     beta1: float = knob(0.9, "Adam beta1")
     beta2: float = knob(0.95, "Adam beta2")
     adam_eps: float = knob(1e-8, "Adam epsilon")
@@ -157,6 +173,7 @@ class Config:
     ttt_epochs: int = knob(1, "TTT: SGD steps on each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
     eval_only: str = knob("", "no training: score this artifact (.ptz), or re-export this float checkpoint (.pt) and score it")
+    train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
@@ -267,10 +284,10 @@ def validate(cfg: Config) -> dict:
                  "grad_accum_steps", "xsa_last_n", "quant_clip", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
-                 "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon"):
+                 "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
     for name in ("swa_start", "qat_start"):
         require(0 <= getattr(cfg, name) < 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1)")
@@ -281,6 +298,10 @@ def validate(cfg: Config) -> dict:
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
     require((cfg.model_dim // cfg.num_heads) % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
     require(cfg.num_heads % cfg.num_kv_heads == 0, f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
+    head_dim = cfg.model_dim // cfg.num_heads
+    require(cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
+            f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}")
+    require(cfg.parallel_residual_start >= -1, f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start}: must be >= -1")
     require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
@@ -305,13 +326,32 @@ def validate(cfg: Config) -> dict:
 #
 # The only place that knows about sharing and looping. U physical blocks; the core
 # LOOP_START..LOOP_END is run R times, the blocks before it once at the start and those after it
-# once at the end. A plan lists the physical block of every virtual layer; the model iterates it.
+# once at the end. A plan is one record per virtual layer (its physical block, parameter row,
+# XSA, parallel residual, norm scale and U-Net skip); the model iterates the records.
 # ----------------------------------------------------------------------------------------------
 
 
+class Layer(NamedTuple):
+    block: int  # physical block
+    row: int  # row of the per-layer scales and residual mix (virtual position, or the block's index)
+    xsa: bool  # exclusive self-attention
+    parallel: bool  # attention and MLP read the same input (parallel residual)
+    norm_scale: float  # multiplies the block's normed inputs (LN_SCALE)
+    skip_from: int  # the virtual layer whose output is added before this one (U-Net); -1 = none
+    skip_slot: int  # row of the skip weights and gates used by that skip
+    store: bool  # a later layer adds this layer's output
+
+
 class Plan(NamedTuple):
-    blocks: tuple[int, ...]  # physical block index of each virtual layer
-    xsa: tuple[bool, ...]  # exclusive self-attention at each virtual layer
+    layers: tuple[Layer, ...]
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(layer.block for layer in self.layers)
+
+    @property
+    def xsa(self) -> tuple[bool, ...]:
+        return tuple(layer.xsa for layer in self.layers)
 
 
 def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -> int:
@@ -355,11 +395,16 @@ def training_repeats(cfg: Config) -> list[int]:
     return [passes for _, passes in cfg.depth_phases]
 
 
-def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0) -> Plan:
+def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0,
+               parallel_start: int = -1, ln_scale: bool = False, block_rows: bool = False) -> Plan:
     core = list(range(loop_start, loop_end + 1))
     blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
-    xsa = [i >= len(blocks) - xsa_last_n for i in range(len(blocks))]
-    return Plan(tuple(blocks), tuple(xsa))
+    skips = {dec: (enc, slot) for slot, (enc, dec) in enumerate(unet_pairs(len(blocks)))}
+    stores = {enc for enc, _ in skips.values()}
+    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= len(blocks) - xsa_last_n,
+                            parallel=0 <= parallel_start <= b, norm_scale=1 / math.sqrt(b + 1) if ln_scale else 1.0,
+                            skip_from=skips.get(v, (-1, -1))[0], skip_slot=skips.get(v, (-1, -1))[1], store=v in stores)
+                      for v, b in enumerate(blocks)))
 
 
 def unet_pairs(depth: int) -> list[tuple[int, int]]:
@@ -370,7 +415,8 @@ def unet_pairs(depth: int) -> list[tuple[int, int]]:
 
 
 def plan_for(cfg: Config, repeats: int) -> Plan:
-    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n)
+    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n,
+                      cfg.parallel_residual_start, cfg.ln_scale, cfg.layer_rows == "block")
 
 
 def max_depth(cfg: Config) -> int:
@@ -402,7 +448,11 @@ def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
 
 
 def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
-    """1 until the warmdown, then linear to 0 at the end of the run (the cap or ITERATIONS)."""
+    """1 until the warmdown, then linear to 0 (or MIN_LR) at the end of the run (the cap or ITERATIONS)."""
+    return max(cfg.min_lr, warmdown_ramp(cfg, step, t, step_ms))
+
+
+def warmdown_ramp(cfg: Config, step: int, t: float, step_ms: float) -> float:
     if cfg.warmdown_iters:
         if cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
             remaining_ms = (1 - t) * training_seconds(cfg) * 1000
@@ -455,9 +505,9 @@ class Muon(torch.optim.Optimizer):
     updates. Updates are scaled by sqrt(max(1, rows/cols)) as in the reference Muon."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, row_normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, row_normalize=row_normalize))
         self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
@@ -483,6 +533,8 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
         nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
+        if group["row_normalize"]:  # MuonEq-R: every row of the update gets the same norm before orthogonalizing
+            nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
         out: list[torch.Tensor | None] = [None] * len(params)
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
@@ -502,11 +554,12 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
     named = {id(p) for p in matrices + embed + head}
     scalars = [p for p in model.parameters() if id(p) not in named]
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
-    groups = [dict(params=embed, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
-              dict(params=scalars, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
-    optimizers = [torch.optim.Adam(groups, **adam),
+    groups = [dict(params=embed, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, weight_decay=cfg.embed_wd),
+              dict(params=scalars, lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)]
+    groups += [dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else []
+    optimizers = [torch.optim.AdamW(groups, **adam),  # decoupled decay: p *= 1 - lr * weight_decay
                   Muon(matrices, cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps,
-                       cfg.muon_weight_decay, rank, world_size)]
+                       cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize)]
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
     assert len(matrices) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
@@ -560,14 +613,49 @@ def find_shards(data_path: str, split: str) -> list[Path]:
     return shards
 
 
-class TokenStream:
-    """Tokens of the shards in order, looping back to the first shard after the last."""
+def map_shard(path: Path) -> np.ndarray:
+    """A shard's tokens, memory-mapped (pages are read when a window touches them)."""
+    count = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
 
-    def __init__(self, paths: list[Path]):
+
+class BatchLoader:
+    """What both data orders share: batches of `seqs` sequences of `seq_len` inputs (targets one
+    token later) for this rank, prepared ahead by prefetch() while the GPU runs the last micro-step."""
+
+    def __init__(self, rank: int, world_size: int, seqs: int, seq_len: int, device):
+        self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch prepared by prefetch(), else a fresh one."""
+        batch, self._pending = self._pending or self._load(), None
+        return batch
+
+    def prefetch(self) -> None:
+        if self._pending is None:
+            self._pending = self._load()
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(self._rows().astype(np.int64))  # [seqs, seq_len + 1]
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+    def _rows(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class StreamLoader(BatchLoader):
+    """DATA_ORDER=stream: the shards front to back, looping. Each micro-step takes world_size
+    consecutive spans of seqs*seq_len + 1 tokens and rank r the r-th, so ranks never share a token."""
+
+    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device):
+        super().__init__(rank, world_size, seqs, seq_len, device)
         self.paths, self.index, self.pos = paths, 0, 0
         self.tokens = load_shard(paths[0])
 
-    def take(self, n: int) -> np.ndarray:
+    def _take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
@@ -578,33 +666,62 @@ class TokenStream:
             n -= len(part)
         return np.concatenate(parts)
 
-
-class TrainLoader:
-    """Each micro-step, the stream yields world_size consecutive spans of (seqs*seq_len + 1) tokens;
-    rank r takes span r, so ranks never share a token and the union is a contiguous stretch."""
-
-    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device):
-        self.stream, self.rank, self.world_size = TokenStream(paths), rank, world_size
-        self.seqs, self.seq_len, self.device = seqs, seq_len, device
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch prepared by prefetch(), else a fresh one."""
-        batch, self._pending = self._pending or self._load(), None
-        return batch
-
-    def prefetch(self) -> None:
-        """Prepare the next batch now, while the GPU runs the micro-step just launched."""
-        if self._pending is None:
-            self._pending = self._load()
-
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self) -> np.ndarray:
         span = self.seqs * self.seq_len + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        local = torch.from_numpy(chunk.astype(np.int64))
-        if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
-        return local[:-1].view(self.seqs, self.seq_len), local[1:].view(self.seqs, self.seq_len)
+        local = self._take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        return np.lib.stride_tricks.sliding_window_view(local, self.seq_len + 1)[::self.seq_len]
+
+
+class ShuffledLoader(BatchLoader):
+    """DATA_ORDER=shuffled (default): each epoch cuts every shard into non-overlapping windows of
+    seq_len + 1 tokens from a random phase offset, and draws all shards' windows in one permutation,
+    without replacement. A micro-step takes the next world_size * seqs windows of that order and rank r
+    the r-th share: ranks are disjoint within a step, and any number of shards serves any number of
+    ranks. Everything follows from (seed, epoch, position), so a run can be resumed exactly.
+    (Long documents such as books would otherwise fill a batch with a few consecutive documents.)"""
+
+    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
+                 seed: int, epoch: int = 0, position: int = 0):
+        super().__init__(rank, world_size, seqs, seq_len, device)
+        self.shards, self.seed = [map_shard(p) for p in paths], seed
+        if all(len(t) < seq_len + 1 for t in self.shards):
+            raise DataError(f"{paths[0].parent}: no train shard holds TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens")
+        self._start_epoch(epoch)
+        self.position = position
+
+    def _start_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        L = self.seq_len
+        self.phases = [int(rng.integers(0, max(1, min(L, len(t) - L)))) for t in self.shards]
+        counts = [max(0, (len(t) - 1 - p) // L) for t, p in zip(self.shards, self.phases)]
+        self.first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first window
+        self.order = rng.permutation(int(self.first[-1]))
+        self.epoch, self.position = epoch, 0
+
+    def state(self) -> tuple[int, int, int]:
+        return self.seed, self.epoch, self.position
+
+    def _windows(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.position == len(self.order):
+                self._start_epoch(self.epoch + 1)
+            parts.append(part := self.order[self.position:self.position + n])
+            self.position += len(part)
+            n -= len(part)
+        return np.concatenate(parts)
+
+    def _rows(self) -> np.ndarray:
+        ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
+        shard = np.searchsorted(self.first, ids, side="right") - 1
+        starts = np.asarray(self.phases)[shard] + (ids - self.first[shard]) * self.seq_len
+        return np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])
+
+
+def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> BatchLoader:
+    if cfg.data_order == "stream":
+        return StreamLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
+    return ShuffledLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device, cfg.seed)
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
@@ -655,6 +772,7 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
         super().__init__(fan_in, fan_out, bias=False)
+        self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
 
@@ -683,30 +801,33 @@ def set_qat(model: "GPT", on: bool) -> None:
             module.qat_on.fill_(float(on))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos()[None, None], angles.sin()[None, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """Rotate the first 2 * cos.size(-1) dims of each head (all of them unless ROPE_DIMS is set)."""
+    rd = 2 * cos.size(-1)
+    half, rest = rd // 2, x[..., rd:]
+    x1, x2 = x[..., :half], x[..., half:rd]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor) -> torch.Tensor:
+        """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -714,9 +835,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
-        if xsa:
-            own = F.normalize(v.repeat_interleave(self.heads // self.kv_heads, dim=1), dim=-1)
-            y = y - (y * own).sum(-1, keepdim=True) * own
+        if self.any_xsa:  # each head's output loses its component along its own token's value vector
+            y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
+            own = F.normalize(v, dim=-1)[:, :, None]
+            y = (y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own).view(B, self.heads, T, self.head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -733,33 +855,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One physical block; the per-virtual-layer rows it uses are passed in by the model."""
+    """One physical block; the per-layer rows and constants it uses are passed in by the model."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n > 0)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, xsa: bool):
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor):
+        """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
+        scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + attn_scale * self.attn(rms_norm(x), rope, xsa)
-        return x + mlp_scale * self.mlp(rms_norm(x))
+        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2])
+        mlp_in = x + (1 - parallel) * a  # parallel residual: the MLP reads the block's input too
+        return x + a + mlp_scale * self.mlp(rms_norm(mlp_in) * scale)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32):
+    """`compile` builds a compiled twin of every block and of the loss head (same parameters);
+    training steps run them, evaluation and calibration run the eager blocks (`eager=True`)."""
+
+    def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32, compile: bool = False):
         super().__init__()
         self.cfg, self.compute_dtype = cfg, compute_dtype
         unique, depth, dim = cfg.unique_blocks, max_depth(cfg), cfg.model_dim
+        rows = unique if cfg.layer_rows == "block" else depth
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(unique))
-        # Rows indexed by virtual position, sized for the deepest plan.
-        self.loop_emb = nn.Parameter(torch.zeros(depth, dim))  # zero-init: no pull toward the input
-        self.attn_scale = nn.Parameter(torch.ones(depth, dim))
-        self.mlp_scale = nn.Parameter(torch.ones(depth, dim))
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(depth, dim), torch.zeros(depth, dim)], dim=1))
+        # Rows indexed by virtual position (or by block with LAYER_ROWS=block), sized for the deepest plan.
+        self.loop_emb = nn.Parameter(torch.zeros(depth, dim)) if cfg.loop_embed else None  # zero-init
+        self.attn_scale = nn.Parameter(torch.ones(rows, dim))
+        self.mlp_scale = nn.Parameter(torch.ones(rows, dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
+        self.skip_gate = nn.Parameter(torch.zeros(max(1, depth // 2), dim)) if cfg.skip_gates_enabled else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
         # Cross-repeat skip: zero-init scales on a block's previous-pass output; value embeddings.
         self.repeat_mix = nn.Parameter(torch.zeros(depth, dim)) if cfg.cross_repeat_skip else None
@@ -767,47 +897,78 @@ class GPT(nn.Module):
         for table in self.value_embeds:
             nn.init.normal_(table.weight, std=cfg.tied_embed_init_std)
         self.value_scale = nn.Parameter(torch.zeros(depth, cfg.value_embeds)) if cfg.value_embeds else None
+        if cfg.ortho_init:
+            for module in self.blocks.modules():
+                if isinstance(module, CastedLinear) and not module.zero_init:
+                    nn.init.orthogonal_(module.weight)
+        self._consts: dict = {}
+        # Each block and the loss head compiled, not the whole model: 9% faster steps on one H100 (the
+        # whole graph fused all layers' residual-mix gradients into slow reductions) and 2-3x faster
+        # compilation; one block graph serves every block and plan, as per-layer values are tensors
+        # (docs/perf.md). Plain lists, not submodules: the compiled twins share the blocks' parameters.
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compiled_blocks = [torch.compile(b, dynamic=False, fullgraph=True) for b in self.blocks] if compile else []
+        self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
+            else softcap_cross_entropy
 
-    def hidden(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def layer_consts(self, plan: Plan, device) -> torch.Tensor:
+        """[depth, 3] (norm scale, parallel, xsa) of a plan, built once per plan and device."""
+        key = (plan, str(device))
+        if key not in self._consts:
+            self._consts[key] = torch.tensor([[layer.norm_scale, float(layer.parallel), float(layer.xsa)]
+                                              for layer in plan.layers], device=device)
+        return self._consts[key]
+
+    def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False) -> torch.Tensor:
         dt = self.compute_dtype
         x = rms_norm(self.tok_emb(input_ids)).to(dt)
-        x0, depth, stored, previous = x, len(plan.blocks), [], {}
-        rope = rotary_tables(input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.device)
+        x0, outputs, previous = x, {}, {}
+        rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
+                             self.cfg.rope_base, x.device)
+        consts = self.layer_consts(plan, x.device)
         values = [rms_norm(table(input_ids)).to(dt) for table in self.value_embeds]
-        half = depth // 2
-        for v, b in enumerate(plan.blocks):
-            if v >= half and stored:  # U-Net: decoder layer half+i adds encoder layer half-1-i
-                x = x + self.skip_weight[v - half].to(dt) * stored.pop()
-            x = x + self.loop_emb[v].to(dt)
-            if self.repeat_mix is not None and b in previous:
-                x = x + self.repeat_mix[v].to(dt) * previous[b]
+        blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
+        for v, layer in enumerate(plan.layers):
+            if layer.skip_from >= 0:
+                x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
+            if self.loop_emb is not None:
+                x = x + self.loop_emb[v].to(dt)
+            if self.repeat_mix is not None and layer.block in previous:
+                x = x + self.repeat_mix[v].to(dt) * previous[layer.block]
             for k, value in enumerate(values):
                 x = x + self.value_scale[v, k].to(dt) * value
-            # Evaluation runs eagerly: compiling each of its shapes cost ~20 s for ~1 s (docs/perf.md).
-            block = self.blocks[b] if self.training else self.blocks[b].forward
-            x = block(x, x0, self.resid_mix[v].to(dt), self.attn_scale[v].to(dt), self.mlp_scale[v].to(dt),
-                      rope, plan.xsa[v])
-            previous[b] = x
-            if v < half:
-                stored.append(x)
+            r = layer.row
+            x = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
+                                    self.mlp_scale[r].to(dt), rope, consts[v])
+            previous[layer.block] = x
+            if layer.store:
+                outputs[v] = x
         # A plan too shallow to use a tensor still touches it (zero gradient), so DDP needs no
         # find_unused_parameters and every phase of a progressive run trains the same parameters.
-        if half == 0:
-            x = x + 0 * self.skip_weight[0].to(dt)
-        if self.repeat_mix is not None and len(previous) == depth:
+        if len(plan.layers) < 2:
+            x = x + 0 * self.skip_weight[0].to(dt) + (0 * self.skip_gate[0].to(dt) if self.skip_gate is not None else 0)
+        if self.repeat_mix is not None and len(previous) == len(plan.layers):
             x = x + 0 * self.repeat_mix[0].to(dt)
         return rms_norm(x)
 
+    def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
+        """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
+        through a sigmoid gate (zero-init: half the weighted skip, half the stream)."""
+        skip = self.skip_weight[slot].to(x.dtype) * skip
+        if self.skip_gate is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gate[slot].to(x.dtype)))
+
     def logits(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-        return softcap_logits(self.hidden(input_ids, plan), self.head_weight(), self.cfg.logit_softcap)
+        """Evaluation's path: eager blocks (compiling each evaluation shape costs more than it saves)."""
+        return softcap_logits(self.hidden(input_ids, plan, eager=True), self.head_weight(), self.cfg.logit_softcap)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
         return self.head_loss(self.hidden(input_ids, plan), self.head_weight(), target_ids, self.cfg.logit_softcap)
-
-    head_loss = staticmethod(lambda h, w, t, cap: softcap_cross_entropy(h, w, t, cap))
 
 
 def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -1051,14 +1212,11 @@ def collect_hessians(model: "GPT", plan: Plan, batches, autocast) -> dict[str, t
                 with torch.autocast(x.device.type, enabled=False):  # a bf16 product is not PSD
                     hessians[key] = hessians.get(key, 0) + x.T @ x
             hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()  # eager blocks, so the hooks see every call
     try:
         for x in batches:
             with autocast():
-                model.hidden(x, plan)
+                model.hidden(x, plan, eager=True)  # eager blocks, so the hooks see every call
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return {k: v.cpu() for k, v in hessians.items()}
@@ -1292,7 +1450,7 @@ class TrainState:
     qat: bool = False  # fake quantization switched on
 
 
-def train_step(model, loader: TrainLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
+def train_step(model, loader: BatchLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
     total = torch.zeros((), device=rt.device)
     for micro in range(cfg.micro_steps):
         x, y = loader.next_batch()
@@ -1506,25 +1664,13 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     rt.log("=" * 100 + "\n" + environment_report(rt.device), console=False)
 
 
-def compile_blocks(model: GPT) -> None:
-    """Compile each block and the loss head, not the whole model: 9% faster steps on one H100
-    (the whole graph fused all layers' residual-mix gradients into slow reductions) and 2-3x
-    faster compilation; one block graph serves every block and plan (docs/perf.md)."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in model.blocks:
-        block.compile(dynamic=False, fullgraph=True)
-    model.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True)
-
-
 def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
     compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    base = GPT(cfg, compute_dtype).to(rt.device)
+    base = GPT(cfg, compute_dtype, compile=cfg.compile and rt.device.type == "cuda").to(rt.device)
     if cfg.qat_start:
         enable_qat(base, cfg)
     model = base
-    if cfg.compile and rt.device.type == "cuda":
-        compile_blocks(base)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1546,7 +1692,7 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor
     if not cfg.gptq:
         return None
     start = time.perf_counter()
-    loader = TrainLoader(find_shards(cfg.data_path, "train"), 0, 1, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
+    loader = make_train_loader(cfg, find_shards(cfg.data_path, "train"), 0, 1, rt.device)
     batches = [loader.next_batch()[0] for _ in range(cfg.gptq_batches)]
     hessians = collect_hessians(base, plan_for(cfg, cfg.repeats), batches, rt.autocast)
     rt.log(f"gptq_calibration matrices:{len(hessians)} batches:{cfg.gptq_batches} "
@@ -1624,8 +1770,7 @@ def dry_run(cfg: Config, rt: Runtime) -> None:
     verdict = "fits" if estimate <= ARTIFACT_LIMIT_BYTES else "DOES NOT FIT"
     rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in {ARTIFACT_LIMIT_BYTES})")
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    loader = TrainLoader(find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, cfg.micro_batch_seqs,
-                         cfg.train_seq_len, rt.device)
+    loader = make_train_loader(cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device)
     plan, times = plan_for(cfg, cfg.repeats), []
     for i in range(4):  # the first step compiles; the next three are timed
         rt.synchronize()
@@ -1647,13 +1792,15 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = byte_tables(sp, cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     train_shards = find_shards(cfg.data_path, "train")
+    rt.log(f"data_order:{cfg.data_order} train_shards:{len(train_shards)} "
+           f"train_tokens:{sum(read_shard_header(p) for p in train_shards)} seed:{cfg.seed}")
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
     eval_plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
 
     def make_loader():
-        return TrainLoader(train_shards, rt.rank, rt.world_size, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
+        return make_train_loader(cfg, train_shards, rt.rank, rt.world_size, rt.device)
 
     def evaluate_with(window, stride, ttt=False):
         return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride, ttt)
@@ -1678,11 +1825,17 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
         torch.save(averages.checkpoint(), out / "final_model.float.pt")
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
-    if not exported.startswith("last"):
+    results = []
+    if not exported.startswith("last") or cfg.train_only:
+        start = time.perf_counter()
         val_loss, val_bpb = validate()
         rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
-    code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
-    results = final_evaluations(cfg, rt, evaluate_with)
+        results.append(("pre_export", val_loss, val_bpb, 1000 * (time.perf_counter() - start)))
+    if cfg.train_only:  # TRAIN_ONLY: the score is the pre-export one; the float checkpoint is written
+        code_bytes, model_bytes, artifact = code_file().stat().st_size, 0, None
+    else:
+        code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
+        results = final_evaluations(cfg, rt, evaluate_with)
     return log_summary(rt, results, code_bytes, model_bytes, artifact, steps=state.step,
                        train_tokens=state.step * cfg.train_batch_tokens, train_time_ms=round(state.elapsed_ms),
                        warmup_time_s=round(warmup_s, 2), first_train_loss=state.first_loss,
@@ -1703,9 +1856,7 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
             rt.synchronize()
             start = time.perf_counter()
             with rt.autocast():
-                base.eval()
                 base.logits(x, plan)
-                base.train()
             rt.synchronize()
         windows = math.ceil(len(plan_windows(num_tokens - 1, window, stride)[0]) / rt.world_size)
         estimate[kind] = rt.agree_max((time.perf_counter() - start) * math.ceil(windows / batch))
@@ -1726,7 +1877,7 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
                    score_line=f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms",
                    evals={n: dict(val_loss=l, val_bpb=b, eval_time_ms=round(ms)) for n, l, b, ms in results},
                    bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=code_bytes + model_bytes,
-                   artifact=str(artifact), **extra)
+                   artifact=str(artifact) if artifact else None, **extra)
     rt.log("final_summary " + json.dumps(summary, sort_keys=True))
     return summary
 

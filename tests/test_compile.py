@@ -7,7 +7,7 @@ import torch
 
 import pytest
 
-from train_gpt import GPT, build_config, compile_blocks, enable_qat, plan_for, set_qat
+from train_gpt import GPT, build_config, enable_qat, plan_for, set_qat
 
 
 @pytest.mark.parametrize("qat", [False, True])
@@ -22,8 +22,11 @@ def test_compiled_matches_eager_loss_and_gradients(qat):
     if qat:
         enable_qat(eager, cfg)
         set_qat(eager, True)
-    compiled = copy.deepcopy(eager)
-    compile_blocks(compiled)
+    compiled = GPT(cfg, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    if qat:
+        enable_qat(compiled, cfg)
+        set_qat(compiled, True)
     plan = plan_for(cfg, cfg.repeats)
     x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
     loss_e, loss_c = eager(x, y, plan), compiled(x, y, plan)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script, tiny_env, tokenizer_path, write_shard
-from train_gpt import DataError, TrainLoader, load_shard, read_shard_header
+from train_gpt import DataError, StreamLoader, load_shard, read_shard_header
 
 
 def position_shards(folder, sizes):
@@ -28,12 +28,12 @@ def test_shard_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_loader_ranks_are_disjoint_and_contiguous(tmp_path, world_size):
+def test_stream_loader_ranks_are_disjoint_and_contiguous(tmp_path, world_size):
     paths = position_shards(tmp_path, [700, 333, 1500])
     seqs, seq_len, steps = 2, 16, 5
     seen = []
     for rank in range(world_size):
-        loader = TrainLoader(paths, rank, world_size, seqs, seq_len, torch.device("cpu"))
+        loader = StreamLoader(paths, rank, world_size, seqs, seq_len, torch.device("cpu"))
         for step in range(steps):
             x, y = loader.next_batch()
             if step % 2:
@@ -47,9 +47,9 @@ def test_loader_ranks_are_disjoint_and_contiguous(tmp_path, world_size):
     assert sorted(positions.tolist()) == list(range(span * world_size * steps))
 
 
-def test_loader_wraps_to_the_first_shard(tmp_path):
+def test_stream_loader_wraps_to_the_first_shard(tmp_path):
     paths = position_shards(tmp_path, [50, 30])
-    loader = TrainLoader(paths, 0, 1, 1, 32, torch.device("cpu"))
+    loader = StreamLoader(paths, 0, 1, 1, 32, torch.device("cpu"))
     firsts = [loader.next_batch()[0][0, 0].item() for _ in range(4)]
     assert firsts == [0, 33, 66 % 80, (99 % 80)]
 

@@ -106,7 +106,7 @@ def test_xsa_removes_the_component_along_the_own_value():
     attn.proj.register_forward_hook(lambda m, inp, out: captured.setdefault("y", inp[0]))
     x = torch.randn(2, 16, 32)
     from train_gpt import rotary_tables
-    attn(x, rotary_tables(16, 8, 10000.0, x.device), xsa=True)
+    attn(x, rotary_tables(16, 8, 10000.0, x.device), xsa=torch.tensor(1.0))
     y = captured["y"].view(2, 16, 4, 8)
     v = attn.c_v(x).view(2, 16, 2, 8).repeat_interleave(2, dim=2)
     along_own_value = (y * torch.nn.functional.normalize(v, dim=-1)).sum(-1)
