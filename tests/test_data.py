@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script, tiny_env, tokenizer_path, write_shard
-from train_gpt import DataError, StreamLoader, load_shard, read_shard_header
+from train_gpt import DataError, ShuffledLoader, StreamLoader, load_shard, read_shard_header
 
 
 def position_shards(folder, sizes):
@@ -110,3 +110,60 @@ def test_bad_inputs_give_one_line_and_exit_2(tiny_data, tmp_path):
         assert "Traceback" not in result.stdout + result.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
     assert list((tmp_path / "taken").iterdir()) == [tmp_path / "taken" / "keep.txt"]
+
+
+def shuffled_loaders(paths, world_size, seqs=2, seq_len=16, seed=7, **state):
+    return [ShuffledLoader(paths, r, world_size, seqs, seq_len, torch.device("cpu"), seed, **state)
+            for r in range(world_size)]
+
+
+def window_starts(x):
+    """Shards of position_shards hold their positions: a window's first input token is its start."""
+    return x[:, 0].tolist()
+
+
+@pytest.mark.parametrize("sizes, world_size", [([700, 333, 1500], 1), ([700, 333, 1500], 3), ([4000], 8)])
+def test_shuffled_loader_draws_each_window_once_per_epoch_ranks_disjoint(tmp_path, sizes, world_size):
+    paths = position_shards(tmp_path, sizes)
+    loaders = shuffled_loaders(paths, world_size)
+    per_epoch = len(loaders[0].order)
+    steps = per_epoch // (world_size * 2)
+    seen = []
+    for _ in range(steps):
+        step = []
+        for loader in loaders:
+            x, y = loader.next_batch()
+            assert torch.equal(x[:, 1:], y[:, :-1]) and torch.all(y - x == 1)  # inputs, targets one later
+            step += window_starts(x)
+        assert len(set(step)) == len(step)  # ranks disjoint within a step
+        seen += step
+    assert len(set(seen)) == len(seen) == steps * world_size * 2  # no window twice in an epoch
+    # windows never overlap and never cross a shard's end: sorted starts are >= seq_len apart within a shard
+    bounds = np.cumsum([0] + sizes)
+    for lo, hi in zip(bounds, bounds[1:]):
+        mine = sorted(s for s in seen if lo <= s < hi)
+        assert all(b - a >= 16 for a, b in zip(mine, mine[1:])) and all(s + 17 <= hi for s in mine)
+
+
+def test_shuffled_loader_state_resumes_exactly_and_epochs_differ(tmp_path):
+    paths = position_shards(tmp_path, [500, 900])
+    first = shuffled_loaders(paths, 2)
+    batches = [[window_starts(loader.next_batch()[0]) for loader in first] for _ in range(40)]  # > 1 epoch
+    assert first[0].epoch >= 1
+    _, epoch, position = first[0].state()
+    again = shuffled_loaders(paths, 2)
+    for _ in range(25):
+        for loader in again:
+            loader.next_batch()
+    resumed = shuffled_loaders(paths, 2, epoch=again[0].epoch, position=again[0].position)
+    assert [[window_starts(ld.next_batch()[0]) for ld in resumed] for _ in range(15)] == batches[25:]
+    assert sorted(first[0].order.tolist()) == list(range(len(first[0].order)))
+    other_seed = shuffled_loaders(paths, 2, seed=8)
+    assert [window_starts(ld.next_batch()[0]) for ld in other_seed] != batches[0]
+    assert (epoch, position) == (first[0].epoch, first[0].position)
+
+
+def test_shuffled_loader_refuses_shards_shorter_than_a_window(tmp_path):
+    paths = position_shards(tmp_path, [10, 12])
+    with pytest.raises(DataError, match="TRAIN_SEQ_LEN"):
+        shuffled_loaders(paths, 1)

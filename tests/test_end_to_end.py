@@ -186,3 +186,15 @@ def test_ttt_on_two_ranks_matches_one(single_run, tiny_data, tmp_path):
     assert sliding == final_summary(out)["val_bpb"]  # the artifact scores as in its run
     assert abs(one - sliding) > 1e-4  # TTT changed the score
     assert abs(one - two) < 1e-4, (one, two)
+
+
+def test_train_only_stops_after_the_pre_export_score(tiny_data, tmp_path):
+    result = run_script(tiny_env(tiny_data, RUN_ID="trainonly", TRAIN_ONLY=1, EMA_HORIZON="0.2", EXPORT_WEIGHTS="ema"),
+                        tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = final_summary(result.stdout)
+    assert summary["score_line"].startswith("pre_export ") and summary["bytes_model"] == 0
+    assert summary["val_bpb"] == summary["evals"]["pre_export"]["val_bpb"] and list(summary["evals"]) == ["pre_export"]
+    files = {p.name for p in (tmp_path / "runs" / "trainonly").iterdir()}
+    assert files == {"trainonly.txt", "final_model.float.pt"}  # no artifact, no final evaluations
+    assert "final_" not in "".join(line for line in result.stdout.splitlines() if not line.startswith("final_summary"))
