@@ -102,7 +102,7 @@ class Config:
     rope_base: float = knob(10000.0, "RoPE base frequency")
     logit_softcap: float = knob(30.0, "tanh soft-cap on logits")
     qk_gain_init: float = knob(1.5, "initial per-head query gain (after QK RMSNorm)")
-    xsa_last_n: int = knob(0, "exclusive self-attention on the last N virtual layers")
+    xsa_last_n: int = knob(0, "exclusive self-attention on the last N virtual layers; -1 = all")
     rope_dims: int = knob(0, "rotary dimensions per head (partial RoPE: the rest carry no position); 0 = all")
     ln_scale: bool = knob(False, "scale each block's normed inputs by 1/sqrt(physical block index + 1)")
     parallel_residual_start: int = knob(-1, "physical blocks from this index on: attention and MLP read the same "
@@ -172,6 +172,8 @@ class Config:
     ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
     ttt_epochs: int = knob(1, "TTT: SGD steps on each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
+    ttt_cosine: bool = knob(False, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
+    ttt_grad_clip: float = knob(0.0, "TTT: clip the gradient norm of each step; 0 = off")
     eval_only: str = knob("", "no training: score this artifact (.ptz), or re-export this float checkpoint (.pt) and score it")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
@@ -281,10 +283,10 @@ def validate(cfg: Config) -> dict:
                  "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "xsa_last_n", "quant_clip", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
+                 "grad_accum_steps", "quant_clip", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -314,7 +316,7 @@ def validate(cfg: Config) -> dict:
     require(0 <= cfg.loop_start < unique, f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
     require(cfg.loop_start <= loop_end < unique, f"LOOP_END={cfg.loop_end}: must be in LOOP_START..{unique - 1} or -1")
     repeats = core_repeats(unique, cfg.loop_start, loop_end, cfg.num_layers)
-    require(cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n}: must be <= NUM_LAYERS={cfg.num_layers}")
+    require(-1 <= cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n}: must be -1 (all) or 0..NUM_LAYERS={cfg.num_layers}")
     phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
@@ -401,7 +403,8 @@ def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_la
     blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
     skips = {dec: (enc, slot) for slot, (enc, dec) in enumerate(unet_pairs(len(blocks)))}
     stores = {enc for enc, _ in skips.values()}
-    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= len(blocks) - xsa_last_n,
+    xsa_from = 0 if xsa_last_n == -1 else len(blocks) - xsa_last_n
+    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= xsa_from,
                             parallel=0 <= parallel_start <= b, norm_scale=1 / math.sqrt(b + 1) if ln_scale else 1.0,
                             skip_from=skips.get(v, (-1, -1))[0], skip_slot=skips.get(v, (-1, -1))[1], store=v in stores)
                       for v, b in enumerate(blocks)))
@@ -859,7 +862,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n > 0)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor):
@@ -1099,13 +1102,15 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     was_training = model.training
     model.eval()
     chunks = torch.unique_consecutive(chunk_of).tolist()
-    for c in chunks:
+    for i, c in enumerate(chunks):
         idx = (chunk_of == c).nonzero().flatten()
         lo, hi = shard_range(len(idx), rank, world_size)
         sums += score_windows(logits_fn, tokens, starts[idx[lo:hi]], score_from[idx[lo:hi]], window, batch,
                               tables, nll_out)
         if ttt and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
             a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
+            if cfg.ttt_cosine:
+                optimizer.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * i / (len(chunks) - 1)))
             ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
     if saved:  # TTT's updates are undone
         model.load_state_dict(saved)
@@ -1134,6 +1139,8 @@ def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int,
         if world_size > 1:
             for p in params:
                 dist.all_reduce(p.grad)
+        if cfg.ttt_grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
         optimizer.step()
 
 

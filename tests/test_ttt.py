@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pytest
 import torch
 
 import train_gpt
@@ -30,8 +31,9 @@ def scores(cfg, model, tokens, tables, ttt=True):
     return result, nll
 
 
-def test_perturbing_a_token_changes_no_earlier_score():
-    cfg, model, tokens, tables = setup()
+@pytest.mark.parametrize("env", [{}, {"TTT_COSINE": 1, "TTT_GRAD_CLIP": 0.5}])
+def test_perturbing_a_token_changes_no_earlier_score(env):
+    cfg, model, tokens, tables = setup(**env)
     _, base = scores(cfg, model, tokens, tables)
     assert not base.isnan().any()  # every target scored
     for t in (5, 60, 150, 299):
@@ -76,3 +78,13 @@ def test_one_chunk_is_plain_evaluation():
     (loss, bpb), _ = scores(cfg, model, tokens, tables)
     plain_loss, plain_bpb = scores(cfg, model, tokens, tables, ttt=False)[0]
     assert math.isclose(loss, plain_loss, rel_tol=1e-9) and math.isclose(bpb, plain_bpb, rel_tol=1e-9)
+
+
+def test_cosine_ttt_lr_falls_from_ttt_lr_to_zero_over_the_chunks(monkeypatch):
+    cfg, model, tokens, tables = setup(TTT_COSINE=1)
+    used = []
+    monkeypatch.setattr(train_gpt, "ttt_step", lambda fn, params, opt, *a: used.append(opt.param_groups[0]["lr"]))
+    scores(cfg, model, tokens, tables)
+    chunks = math.ceil((len(tokens) - 1) / CHUNK)
+    expected = [0.5 * 0.5 * (1 + math.cos(math.pi * i / (chunks - 1))) for i in range(chunks - 1)]  # the last: none
+    assert used == pytest.approx(expected)
