@@ -963,9 +963,10 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gate[slot].to(x.dtype)))
 
-    def logits(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Evaluation's path: eager blocks (compiling each evaluation shape costs more than it saves)."""
-        return softcap_logits(self.hidden(input_ids, plan, eager=True), self.head_weight(), self.cfg.logit_softcap)
+    def logits(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False) -> torch.Tensor:
+        """Evaluation's path: the compiled blocks when there are any (at the frontier shape a sliding
+        evaluation is minutes of forwards; score_windows keeps one batch shape, so one compile)."""
+        return softcap_logits(self.hidden(input_ids, plan, eager), self.head_weight(), self.cfg.logit_softcap)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -1048,21 +1049,27 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
                   starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
                   tables: ByteTables, nll_out: torch.Tensor | None = None) -> torch.Tensor:
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows.
-    `tokens` is the whole split; target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss)."""
+    `tokens` is the whole split; target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss).
+    A last, partial batch is padded with copies of its last window that score nothing, so compiled
+    blocks see one batch shape."""
     device = tokens.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     offsets = torch.arange(window + 1, device=device)
     tables = ByteTables(*(t.to(device) for t in tables))
     for lo in range(0, len(starts), batch):
-        seq = tokens[starts[lo:lo + batch].to(device)[:, None] + offsets].long()
+        first, score = starts[lo:lo + batch].to(device), score_from[lo:lo + batch].to(device)
+        if len(starts) > batch and len(first) < batch:
+            pad = batch - len(first)
+            first, score = torch.cat([first, first[-1:].expand(pad)]), torch.cat([score, score.new_full((pad,), window)])
+        seq = tokens[first[:, None] + offsets].long()
         x, y = seq[:, :-1], seq[:, 1:]
         nll = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        mask = offsets[None, :-1] >= score_from[lo:lo + batch].to(device)[:, None]
+        mask = offsets[None, :-1] >= score[:, None]
         sums[0] += nll.double()[mask].sum()
         sums[1] += mask.sum()
         sums[2] += token_bytes(tables, x, y)[mask].sum()
         if nll_out is not None:
-            nll_out[(starts[lo:lo + batch].to(device)[:, None] + offsets[:-1])[mask]] = nll[mask].to(nll_out.dtype)
+            nll_out[(first[:, None] + offsets[:-1])[mask]] = nll[mask].to(nll_out.dtype)
     return sums
 
 

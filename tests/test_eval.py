@@ -111,3 +111,22 @@ def test_scorer_matches_a_direct_computation():
     assert count == len(y)
     assert math.isclose(loss, direct, rel_tol=1e-6)
     assert nbytes == token_bytes(tables, x, y).sum().item()
+
+
+def test_padded_last_batch_scores_the_same_and_keeps_one_shape():
+    torch.manual_seed(5)
+    tokens = torch.randint(0, 50, (400,), dtype=torch.int32)
+    tables = ByteTables(torch.ones(50, dtype=torch.int16), torch.zeros(50, dtype=torch.bool), torch.ones(50, dtype=torch.bool))
+    weight = torch.randn(50, 50)
+    shapes = []
+
+    def logits_fn(x):
+        shapes.append(tuple(x.shape))
+        return weight[x]  # a bigram model: enough to give every target its own loss
+
+    starts, score_from = plan_windows(399, 32, 8)
+    whole = score_windows(logits_fn, tokens, starts, score_from, 32, len(starts), tables)
+    shapes.clear()
+    padded = score_windows(logits_fn, tokens, starts, score_from, 32, 7, tables)
+    assert len(starts) % 7 and set(shapes) == {(7, 32)}  # the last, partial batch was padded
+    assert torch.allclose(whole, padded, rtol=1e-12) and whole[1] == 399
