@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -55,7 +56,8 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+    """Bad input from the user: printed as one line, exit code 2 (subclasses name their own)."""
+    exit_code = 2
 
 
 class ConfigError(UserError):
@@ -64,6 +66,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class Diverged(UserError):
+    """The training loss turned non-finite: training stops, nothing is exported (exit code 4)."""
+    exit_code = 4
 
 
 def knob(default, help: str, choices: tuple = ()):
@@ -297,6 +304,11 @@ def validate(cfg: Config) -> dict:
                          ("quant_bits_embed", 5, 8)):
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
+    require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
+    require(cfg.adam_eps > 0, f"ADAM_EPS={cfg.adam_eps}: must be > 0")
+    require(0 <= cfg.seed < 2**32, f"SEED={cfg.seed}: must be in 0..{2**32 - 1}")
+    require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
+            f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
     require((cfg.model_dim // cfg.num_heads) % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
     require(cfg.num_heads % cfg.num_kv_heads == 0, f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
@@ -592,6 +604,8 @@ def read_shard_header(path: Path) -> int:
         raise DataError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}; "
                         f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
     count = int(header[2])
+    if count == 0:
+        raise DataError(f"{path}: empty shard (0 tokens)")
     size = path.stat().st_size
     if size != HEADER_INTS * 4 + 2 * count:
         raise DataError(f"{path}: size {size} bytes does not match its header ({count} tokens -> "
@@ -626,6 +640,8 @@ class BatchLoader:
     """What both data orders share: batches of `seqs` sequences of `seq_len` inputs (targets one
     token later) for this rank, prepared ahead by prefetch() while the GPU runs the last micro-step."""
 
+    vocab_size = 65536  # token ids at or above it are refused as batches are read (set by make_train_loader)
+
     def __init__(self, rank: int, world_size: int, seqs: int, seq_len: int, device):
         self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -640,7 +656,11 @@ class BatchLoader:
             self._pending = self._load()
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(self._rows().astype(np.int64))  # [seqs, seq_len + 1]
+        rows = self._rows()  # [seqs, seq_len + 1]
+        if rows.max() >= self.vocab_size:  # here, not deep inside the model after minutes of training
+            raise DataError(f"train shards: token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size}; "
+                            "the shards were built with another tokenizer")
+        rows = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
@@ -723,13 +743,19 @@ class ShuffledLoader(BatchLoader):
 
 def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> BatchLoader:
     if cfg.data_order == "stream":
-        return StreamLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
-    return ShuffledLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device, cfg.seed)
+        loader = StreamLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
+    else:
+        loader = ShuffledLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device, cfg.seed)
+    loader.vocab_size = cfg.vocab_size
+    return loader
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([load_shard(p) for p in find_shards(cfg.data_path, "val")])
     check_val_length(cfg, len(tokens))
+    if tokens.max() >= cfg.vocab_size:
+        raise DataError(f"DATA_PATH={cfg.data_path}: validation token id {int(tokens.max())} >= VOCAB_SIZE="
+                        f"{cfg.vocab_size}; the shards were built with another tokenizer")
     return torch.from_numpy(tokens.astype(np.int32))
 
 
@@ -1348,13 +1374,13 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def agree_max(self, value: float) -> float:
-        """The maximum of `value` over ranks: every rank acts on the same number."""
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+    def agree_max(self, *values: float):
+        """The maximum of each value over ranks, in one all-reduce: every rank acts on the same numbers."""
+        if self.distributed:
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            values = tuple(t.tolist())
+        return values[0] if len(values) == 1 else values
 
     def all_equal(self, obj) -> bool:
         """Whether every rank holds the same (picklable) value."""
@@ -1595,7 +1621,10 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         state.step += 1
         rt.synchronize()
         now = time.perf_counter()
-        elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (now - clock))
+        elapsed_ms, diverged = rt.agree_max(state.elapsed_ms + 1000 * (now - clock), float(not torch.isfinite(loss)))
+        if diverged:  # agreed across ranks: every rank stops here, and nothing is exported
+            raise Diverged(f"the training loss is not finite at step {state.step} (on some rank); stopping without "
+                           "an export: lower MATRIX_LR / SCALAR_LR or set GRAD_CLIP_NORM")
         record_step_time(rt, state, elapsed_ms - state.elapsed_ms)
         state.elapsed_ms, clock = elapsed_ms, now
         averages.update(state.step, run_fraction(cfg, state.step, elapsed_ms / 1000), state.passes == cfg.repeats)
@@ -1664,11 +1693,18 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
         if rt.distributed:  # rank 0's name
             dist.broadcast_object_list(box, src=0)
         out = Path("runs") / box[0]
+    claimed = [True]
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
+        try:  # created exclusively: of two runs started at once with one RUN_ID, the second stops here
+            rt.log_path.open("x").close()
+        except FileExistsError:
+            claimed, rt.log_path = [False], None
     if rt.distributed:
-        dist.barrier()
+        dist.broadcast_object_list(claimed, src=0)
+    if not claimed[0]:
+        raise UserError(f"RUN_ID={cfg.run_id or out.name}: another run is already writing to {out}; choose another")
     return out
 
 
@@ -1952,9 +1988,10 @@ def main() -> int:
         if rt.distributed:  # no rank tears the group down while another still uses it
             dist.barrier()
     except UserError as exc:
-        if rt.main:
+        if rt.main or isinstance(exc, DataError):  # a loader's data error may be seen by one rank only
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+            rt.log(f"error: {exc}", console=False)
+        return exc.exit_code
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Refusals with one line, and runs that stop cleanly: bad names and numbers, bad shards, divergence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, tiny_env, write_shard
+from train_gpt import ConfigError, DataError, Runtime, build_config, open_run_folder, read_shard_header
+
+
+@pytest.mark.parametrize("env, culprit", [
+    ({"RUN_ID": "../escape"}, "RUN_ID"), ({"RUN_ID": "a/b"}, "RUN_ID"), ({"RUN_ID": ".."}, "RUN_ID"),
+    ({"BETA2": "1"}, "BETA2"), ({"ADAM_EPS": "0"}, "ADAM_EPS"), ({"SEED": str(2**40)}, "SEED"),
+    ({"SEED": "-1"}, "SEED"), ({"XSA_LAST_N": "-2"}, "XSA_LAST_N"), ({"ROPE_DIMS": "7"}, "ROPE_DIMS"),
+])
+def test_values_the_code_cannot_run_are_refused(env, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        build_config(env)
+
+
+def test_empty_shard_is_refused(tmp_path):
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, [])
+    with pytest.raises(DataError, match="empty shard"):
+        read_shard_header(path)
+
+
+def test_second_run_with_the_same_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"RUN_ID": "twin"})
+    first = Runtime(0, 1, 0, torch.device("cpu"))
+    open_run_folder(cfg, first, tmp_path / "runs" / "twin")
+    with pytest.raises(Exception, match="another run is already writing"):
+        open_run_folder(cfg, Runtime(0, 1, 0, torch.device("cpu")), tmp_path / "runs" / "twin")
+    assert first.log_path.exists()
+
+
+def copy_with(tiny_data, folder, name, tokens):
+    folder.mkdir()
+    for p in tiny_data.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    write_shard(folder / name, tokens)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["fineweb_train_000001.bin", "fineweb_val_000000.bin"])
+def test_token_ids_beyond_the_vocabulary_stop_with_one_line(tiny_data, tmp_path, name):
+    data = copy_with(tiny_data, tmp_path / "data", name, np.full(5000, 1500))  # VOCAB_SIZE is 1024
+    result = run_script(tiny_env(data, RUN_ID="big", ITERATIONS=60), tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "token id 1500 >= VOCAB_SIZE=1024" in lines[0], lines
+
+
+def test_divergence_stops_training_without_an_export(tiny_data, tmp_path):
+    result = run_script(tiny_env(tiny_data, RUN_ID="nan", TIED_EMBED_LR="1e30", MATRIX_LR="1e30", SCALAR_LR="1e30"),
+                        tmp_path, timeout=120)
+    assert result.returncode == 4, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not finite" in lines[0] and "Traceback" not in result.stderr, lines
+    assert not list((tmp_path / "runs" / "nan").glob("*.ptz"))
+    assert "error: the training loss is not finite" in (tmp_path / "runs" / "nan" / "nan.txt").read_text()
