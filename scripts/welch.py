@@ -87,7 +87,9 @@ def judge(result: dict, nats_per_bpb: float | None) -> dict:
     out["nats_per_bpb"] = nats_per_bpb
     out["delta_nats"] = result["delta_bpb"] * nats_per_bpb if nats_per_bpb else None
     enough = out["delta_nats"] is not None and out["delta_nats"] >= README_RULE["min_nats"]
-    out["readme_rule"] = dict(README_RULE, passes=bool(enough and result["p"] < README_RULE["p"]))
+    significant = result["p"] < README_RULE["p"]
+    passes = None if significant and out["delta_nats"] is None else bool(significant and enough)
+    out["readme_rule"] = dict(README_RULE, passes=passes)  # None: significant, but the nats are unknown
     better = result["delta_bpb"] > 0
     out["practice_rule"] = dict(PRACTICE_RULE, passes=bool(better and result["p"] < PRACTICE_RULE["p"]))
     return out
@@ -96,8 +98,9 @@ def judge(result: dict, nats_per_bpb: float | None) -> dict:
 def describe(s: dict) -> list[str]:
     """Plain-text lines for a judge() result (printed, and written into the records README)."""
     nats = (f"{s['delta_nats']:+.5f} nats per token (bpb delta x {s['nats_per_bpb']:.4f}, the mean val_loss/val_bpb "
-            f"of the new seeds = ln2 x bytes per token)" if s["delta_nats"] is not None else "nats: unknown")
-    verdict = {True: "PASSES", False: "fails"}
+            f"of the new seeds = ln2 x bytes per token)" if s["delta_nats"] is not None else
+            "? nats (unknown without the new seeds' val_loss/val_bpb)")
+    verdict = {True: "PASSES", False: "fails", None: "unknown (the improvement in nats is unknown)"}
     return [
         f"new: mean {s['mean_new']:.5f} bpb, std {s['std_new']:.5f} over {s['n_new']} seeds; "
         f"previous: mean {s['mean_previous']:.5f}, std {s['std_previous']:.5f} over {s['n_previous']} seeds",
@@ -138,6 +141,16 @@ def scores_from_submission(path: Path) -> list[float]:
     raise InputError(f"{path}: no per-seed scores (seed_results) in it")
 
 
+def nats_per_bpb(spec: str) -> float | None:
+    """Mean val_loss/val_bpb over the seeds of a records folder (or submission.json), when it says."""
+    path = Path(spec) / "submission.json" if Path(spec).is_dir() else Path(spec)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8")).get("seed_results")
+        return statistics.mean(r["val_loss"] / r["val_bpb"] for r in results.values())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, statistics.StatisticsError):
+        return None
+
+
 def load_scores(spec: str) -> tuple[list[float], str]:
     """Scores from a records folder (its submission.json), a submission.json, or "1.08,1.09"; and a label."""
     path = Path(spec)
@@ -157,16 +170,18 @@ def load_scores(spec: str) -> tuple[list[float], str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("new", help="records folder or comma-separated val_bpb of the new entry")
     parser.add_argument("previous", help="records folder or comma-separated val_bpb of the previous entry")
     parser.add_argument("--nats-per-bpb", type=float, default=None,
-                        help="val_loss/val_bpb of the new runs, to state the improvement in nats")
+                        help="val_loss/val_bpb of the new runs, to state the improvement in nats "
+                             "(default: from NEW's seed_results when it is a records folder)")
     args = parser.parse_args()
     try:
         new, _ = load_scores(args.new)
         previous, _ = load_scores(args.previous)
-        result = judge(welch(new, previous), args.nats_per_bpb)
+        result = judge(welch(new, previous), args.nats_per_bpb or nats_per_bpb(args.new))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -87,6 +87,8 @@ def test_record_from_three_seeds(seed_runs, tmp_path):
     assert (sub["hardware"], sub["pytorch_version"], sub["train_shards"]) == ("CPU (1 process)", torch.__version__, 2)
     assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["score_before_update"]
     assert sub["statistics"]["previous_val_bpb"] == [3.9, 3.95, 3.92] and sub["statistics"]["p"] < 0.25
+    ratio = statistics.mean(s["val_loss"] / s["val_bpb"] for s in runs)  # nats per bpb = ln 2 x bytes/token
+    assert sub["statistics"]["nats_per_bpb"] == pytest.approx(ratio) == welch.nats_per_bpb(str(out))
     # the shipped code and logs, byte for byte
     assert (out / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
     for s in SEEDS:
@@ -205,6 +207,7 @@ def test_welch_equal_variances_by_hand():
     judged = welch.judge(r, nats_per_bpb=2.0)  # 0.006 bpb x 2 = 0.012 nats
     assert judged["delta_nats"] == pytest.approx(0.012)
     assert judged["readme_rule"]["passes"] and judged["practice_rule"]["passes"]
+    assert welch.judge(r, None)["readme_rule"]["passes"] is None  # significant, nats unknown
 
 
 def test_welch_unequal_sizes_by_hand():
@@ -218,6 +221,7 @@ def test_welch_unequal_sizes_by_hand():
     assert 0.0494 < r["p"] < 0.06
     judged = welch.judge(r, nats_per_bpb=1.0)  # 0.035 nats is enough, p is not, for the README rule
     assert not judged["readme_rule"]["passes"] and judged["practice_rule"]["passes"]
+    assert welch.judge(r, None)["readme_rule"]["passes"] is False  # p alone fails it
     assert not welch.judge(welch.welch([1.2, 1.3], [1.1, 1.0]), 1.0)["practice_rule"]["passes"]  # worse
 
 
