@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import lzma
@@ -1708,10 +1709,26 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     return out
 
 
+def attention_backend_name() -> str:
+    """The attention kernel the model runs, as the log header names it (PyTorch SDPA for now)."""
+    return "sdpa"
+
+
 def log_header(cfg: Config, rt: Runtime) -> None:
+    """Config, the source exactly as run (code_bytes of it follow the config line), versions and
+    hardware, then the key:value lines a reviewer checks (scripts/runlog.py parses them)."""
+    code = code_file()
+    source = code.read_bytes()
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    rt.log(code_file().read_text(encoding="utf-8"), console=False)
+    rt.log(source.decode("utf-8"), console=False)
     rt.log("=" * 100 + "\n" + environment_report(rt.device), console=False)
+    rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
+    cuda = rt.device.type == "cuda"
+    gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
+    rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} "
+           f"attention_backend:{attention_backend_name()} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
+    shards = find_shards(cfg.data_path, "train")
+    rt.log(f"train_shards:{len(shards)} train_shard_tokens:{sum(read_shard_header(p) for p in shards)}")
 
 
 def build_model(cfg: Config, rt: Runtime):
@@ -1726,6 +1743,9 @@ def build_model(cfg: Config, rt: Runtime):
 
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
     params = sum(p.numel() for p in base.parameters())
+    if rt.device.type == "cpu" and params > 5_000_000:
+        rt.log(f"WARNING: running on the CPU with {params:,} parameters: expect hours; "
+               "see data/README.md for a tiny CPU recipe")
     rt.log(f"model_params:{params} unique_blocks:{len(base.blocks)} plan:{list(plan_for(cfg, cfg.repeats).blocks)} "
            f"repeats:{cfg.repeats} world_size:{rt.world_size} micro_steps:{cfg.micro_steps} "
            f"micro_batch_seqs:{cfg.micro_batch_seqs}")
@@ -1916,8 +1936,11 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
     rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
            f" total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
     if total > cfg.eval_budget_s:
-        raise UserError(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about {total:.0f} s; "
-                        "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
+        ttt = estimate.get("ttt", 0.0)
+        hint = (f"TTT is {ttt:.0f} s of it: lower TTT_EPOCHS, raise EVAL_STRIDE or turn TTT off with TTT_LR=0"
+                if ttt > total / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
+        raise UserError(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
+                        f"{total:.0f} s; {hint}")
 
 
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:

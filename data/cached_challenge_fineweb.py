@@ -8,7 +8,8 @@ and `data/tokenizers/` (the matching SentencePiece model), keeping the dataset r
 `manifest.json` as `data/manifest.json`. The manifest decides what exists: which variants,
 how many train/val shards, which tokenizer files. Where it comes from:
 
-    MATCHED_FINEWEB_REPO_ID             dataset repo (default willdepueoai/parameter-golf)
+    MATCHED_FINEWEB_REPO_ID             dataset repo (default kevclark/parameter-golf for sp8192,
+                                        which publishes it, else willdepueoai/parameter-golf)
     MATCHED_FINEWEB_REMOTE_ROOT_PREFIX  folder inside it (default datasets)
     HF_ENDPOINT, HF_TOKEN               honoured as by huggingface_hub (mirror, private repos)
 
@@ -29,7 +30,9 @@ token, the `resolve` URL of a file) and the transfer is plain HTTP here:
     shards the header (magic 20240520, version 1) and size = 1024 + 2 * token count.
   * Every request has a timeout (--timeout); dropped connections, timeouts, 5xx/429 and
     failed checks are retried (--retries, growing waits), resuming where possible.
-    404/401/403 fail at once. Every failure names the file and the reason.
+    404/401/403 fail at once, and so does a host that cannot be reached at all (name
+    resolution or connection refused: two quick retries, then one line naming the host and the
+    offline alternative, data/build_shards.py). Every failure names the file and the reason.
   * Redirects are followed by hand so the token is never sent to another host (the Hub
     redirects large files to a CDN with a signed URL).
 
@@ -40,11 +43,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import errno
 import hashlib
 import http.client
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -54,7 +59,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+DEFAULT_REPO_ID = "willdepueoai/parameter-golf"  # the challenge's own: sp1024 (and sp4096)
+VARIANT_REPO_IDS = {"sp8192": "kevclark/parameter-golf"}  # where the records fetch the variants it lacks
+UNREACHABLE_RETRIES = 2  # a host that does not resolve or refuses connections: quick retries only
 DEFAULT_REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80  # 8B tokens, what the baseline trains on
 SHARD_MAGIC = 20240520
@@ -74,6 +81,18 @@ class DownloadError(Exception):
 
 class RetryableError(Exception):
     """Worth another attempt: dropped connection, timeout, server error, failed check."""
+
+
+class UnreachableError(RetryableError):
+    """The host did not resolve or refused the connection: offline, or a wrong HF_ENDPOINT."""
+
+    def __init__(self, host: str, reason):
+        super().__init__(f"cannot reach {host} ({reason})")
+        self.host = host
+
+
+class OfflineError(DownloadError):
+    """UnreachableError that persisted: stop everything, one line for the whole run."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,6 +205,9 @@ def http_get(url: str, headers: dict[str, str], timeout: float, name: str):
             raise http_failure(exc, name) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc) or type(exc).__name__
+            if isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or getattr(reason, "errno", None) in (
+                    errno.ENETUNREACH, errno.EHOSTUNREACH):
+                raise UnreachableError(urllib.parse.urlsplit(url).netloc, reason) from None
             raise RetryableError(f"cannot connect: {reason}") from None
         for key in ("X-Linked-Size", "X-Linked-Etag"):
             if response.headers.get(key) and key not in hub:
@@ -320,6 +342,15 @@ class Fetcher:
                 self.transfer(item, part)
                 os.replace(part, item.local)
                 break
+            except UnreachableError as exc:
+                if attempt >= min(self.retries, UNREACHABLE_RETRIES):
+                    raise OfflineError(f"{item.path}: {exc}; no network (or a wrong HF_ENDPOINT)? Without one, "
+                                       "build shards from local text with data/build_shards.py (see data/README.md)"
+                                       ) from None
+                wait = min(self.retry_wait, 1.0)
+                self.progress.say(f"  {item.path}: {exc}; retrying in {wait:.0f}s "
+                                  f"({attempt + 1}/{UNREACHABLE_RETRIES})")
+                time.sleep(wait)
             except RetryableError as exc:
                 if attempt == self.retries:
                     raise DownloadError(f"{item.path}: {exc} (gave up after {attempt + 1} attempts)") from None
@@ -409,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-shards", type=int, default=None,
                    help=f"how many train shards (100M tokens each) to fetch, from the first "
                         f"(default {DEFAULT_TRAIN_SHARDS}, or all when fewer are published)")
-    p.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
-                   help="dataset repo (default: $MATCHED_FINEWEB_REPO_ID or %(default)s)")
+    p.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
+                   help=f"dataset repo (default: $MATCHED_FINEWEB_REPO_ID, else {VARIANT_REPO_IDS['sp8192']} for "
+                        f"sp8192, which publishes it, and {DEFAULT_REPO_ID} for the others)")
     p.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT),
                    help="folder of the export inside the repo; '' for the repo root "
                         "(default: $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or %(default)s)")
@@ -429,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    args.repo_id = args.repo_id or VARIANT_REPO_IDS.get(args.variant, DEFAULT_REPO_ID)
     if args.train_shards_positional is not None:
         args.train_shards = args.train_shards_positional
     for flag, value, low in (("--train-shards", args.train_shards or 0, 0), ("--jobs", args.jobs, 1),
@@ -496,6 +529,11 @@ def run(args) -> int:
         for future in concurrent.futures.as_completed(futures):
             try:
                 future.result()
+            except OfflineError as exc:  # every other file would fail the same way: one line says it
+                failures = [str(exc)]
+                for other in futures:
+                    other.cancel()
+                break
             except DownloadError as exc:
                 failures.append(str(exc))
                 progress.say(f"  FAILED {exc}")

@@ -21,6 +21,10 @@ sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: launches real runs in subprocesses (skip with -m 'not slow')")
+
+
 def tokenizer_path(vocab: int) -> Path:
     path = CORPUS / "tokenizers" / f"fineweb_{vocab}_bpe.model"
     if not path.is_file():

@@ -14,9 +14,11 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,10 +188,13 @@ def hub():
     server.server_close()
 
 
-def download(hub: FakeHub, local: Path, *args, token: str | None = TOKEN, timeout: float = 60):
+def download(hub: FakeHub, local: Path, *args, token: str | None = TOKEN, timeout: float = 60,
+             repo_id: str | None = REPO_ID, endpoint: str | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MATCHED_FINEWEB_"))}
-    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(local.parent / "hf_home"), MATCHED_FINEWEB_REPO_ID=REPO_ID,
+    env.update(HF_ENDPOINT=endpoint or hub.endpoint, HF_HOME=str(local.parent / "hf_home"),
                NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    if repo_id:
+        env["MATCHED_FINEWEB_REPO_ID"] = repo_id
     if token:
         env["HF_TOKEN"] = token
     variant = [] if "--variant" in args else ["--variant", "sp1024"]  # the fake hub publishes sp1024 only
@@ -313,3 +318,27 @@ def test_the_default_variant_is_the_training_default(tmp_path):
     """train_gpt.py reads sp8192 shards by default, so the downloader fetches sp8192 by default."""
     result = subprocess.run([sys.executable, str(DOWNLOAD), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "(default sp8192" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("variant, repo", [("sp8192", "kevclark/parameter-golf"),
+                                           ("sp1024", "willdepueoai/parameter-golf")])
+def test_default_repo_is_one_that_publishes_the_variant(hub, tmp_path, variant, repo):
+    """sp8192 is not in the challenge's own repo; the records fetch it from kevclark/parameter-golf."""
+    result = download(hub, tmp_path / "data", "--variant", variant, repo_id=None)
+    assert result.returncode == 1 and "manifest.json: HTTP 404" in result.stderr  # the fake hub serves neither
+    asked = [r["path"] for r in hub.log if "/resolve/" in r["path"]]
+    assert asked == [f"/datasets/{repo}/resolve/main/datasets/manifest.json"]
+
+
+def test_unreachable_host_fails_fast_naming_it_and_the_offline_way(hub, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: connection refused, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = download(hub, tmp_path / "data", endpoint=f"http://127.0.0.1:{port}", timeout=30)
+    assert time.monotonic() - start < 15  # the 5 retries with doubling waits took over a minute
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"cannot reach 127.0.0.1:{port}" in errors[0], result.stderr
+    assert "data/build_shards.py" in errors[0]
+    assert result.stderr.count("retrying") == 2

@@ -1,0 +1,39 @@
+"""What a new user meets first on a machine without a GPU: a warning before hours of CPU training,
+and an evaluation-budget refusal that names the part that does not fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train_gpt
+from train_gpt import GPT, Runtime, UserError, build_config, build_model, check_eval_budget
+
+CPU = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+TINY = dict(VOCAB_SIZE="1024", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
+            TRAIN_BATCH_TOKENS="2048", VAL_BATCH_SIZE="4096")
+
+
+def test_the_default_model_on_the_cpu_warns_once(capsys):
+    build_model(build_config({}), CPU)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    assert warnings == ["WARNING: running on the CPU with 20,734,536 parameters: expect hours; "
+                        "see data/README.md for a tiny CPU recipe"]
+    build_model(build_config(TINY), CPU)
+    assert "WARNING" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, hint", [
+    (dict(TTT_LR="0.01", TTT_EPOCHS="3", EVAL_STRIDE="0"), "TTT is "),  # TTT: 1 scoring + 9 forwards' worth
+    (dict(TTT_LR="0", EVAL_STRIDE="8"), "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN"),
+])
+def test_eval_budget_refusal_names_what_dominates(env, hint):
+    cfg = build_config({**TINY, **env, "EVAL_BUDGET_S": "1e-9"})
+    with pytest.raises(UserError, match=hint) as refused:
+        check_eval_budget(GPT(cfg, torch.float32), cfg, CPU, num_tokens=8192)
+    message = str(refused.value)
+    assert message.startswith("EVAL_BUDGET_S=1e-09: the final evaluations would take about")
+    assert ("TTT_EPOCHS" in message) == (env["TTT_LR"] != "0")
+
+
+def test_attention_backend_is_named_by_a_function_the_model_can_extend():
+    assert train_gpt.attention_backend_name() == "sdpa"

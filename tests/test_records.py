@@ -1,0 +1,245 @@
+"""From seed runs to a records folder: the log header, scripts/make_record.py, runs_table.py and
+the Welch test (scripts/welch.py), on real tiny CPU runs and copies of their logs altered the way
+reviewers find them (another setting, other code, unfinished, over the cap, over time)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script, tiny_env
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import pack_record  # noqa: E402
+import welch  # noqa: E402
+from runlog import read_log  # noqa: E402
+
+SEEDS = (1, 2, 3)
+FAST = dict(ITERATIONS=6, TRAIN_LOG_EVERY=2, EVAL_STRIDE=32)
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tiny_data, tmp_path_factory) -> Path:
+    """Three seeds of one tiny setting, an EVAL_ONLY rescoring of the first, and a seed run by the
+    packed wrapper that pack_record.py writes: runs/<RUN_ID>/ under the returned folder."""
+    cwd = tmp_path_factory.mktemp("seeds")
+    for seed in SEEDS:
+        result = run_script(tiny_env(tiny_data, RUN_ID=f"seed{seed}", SEED=seed, **FAST), cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+    artifact = cwd / "runs" / "seed1" / "final_model.int8_zstd.ptz"
+    result = run_script(tiny_env(tiny_data, RUN_ID="rescore", EVAL_ONLY=artifact, **FAST), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wrapper = cwd / "packed" / "train_gpt.py"
+    wrapper.parent.mkdir()
+    wrapper.write_text(pack_record.pack((ROOT / "train_gpt.py").read_bytes()), encoding="utf-8")
+    result = run_script(tiny_env(tiny_data, RUN_ID="packed", SEED=4, **FAST), cwd, script=wrapper)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def summaries(cwd: Path) -> list[dict]:
+    return [read_log(cwd / "runs" / f"seed{s}").summary for s in SEEDS]
+
+
+def make(cwd: Path, out: Path, *runs, extra=()) -> subprocess.CompletedProcess:
+    paths = [str(cwd / "runs" / r) if not Path(r).is_absolute() else str(r) for r in runs]
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_record.py"), *paths, "--name", "Tiny_CPU",
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_log_header_names_what_reviewers_ask_for(seed_runs, tiny_data):
+    run = read_log(seed_runs / "runs" / "seed1")
+    code = (ROOT / "train_gpt.py").read_bytes()
+    assert (run.code_sha256, run.code_bytes, run.code_file) == (hashlib.sha256(code).hexdigest(), len(code),
+                                                                 "train_gpt.py")
+    assert run.source == code  # the embedded source, byte for byte
+    tokens = sum(int.from_bytes(p.read_bytes()[8:12], "little") for p in tiny_data.glob("fineweb_train_*.bin"))
+    assert run.header == dict(torch_version=torch.__version__, cuda_version=str(torch.version.cuda),
+                              attention_backend="sdpa", world_size="1", gpu_count="0", gpu="none", train_shards="2",
+                              train_shard_tokens=str(tokens))
+
+
+@pytest.mark.slow
+def test_record_from_three_seeds(seed_runs, tmp_path):
+    out = tmp_path / "record"
+    result = make(seed_runs, out, *(f"seed{s}" for s in SEEDS),
+                  extra=("--track", "non_record_16mb", "--against", "3.9,3.95,3.92", "--author", "A. Golfer"))
+    assert result.returncode == 0, result.stderr
+    sub = json.loads((out / "submission.json").read_text())
+    runs = summaries(seed_runs)
+    scores = [s["val_bpb"] for s in runs]
+    assert sub["val_bpb"] == pytest.approx(statistics.mean(scores), abs=1e-8)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(scores), abs=1e-8)
+    assert sub["val_loss"] == pytest.approx(statistics.mean(s["val_loss"] for s in runs), abs=1e-8)
+    assert sub["bytes_total"] == max(s["bytes_total"] for s in runs)
+    assert sub["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
+    assert sub["seeds"] == list(SEEDS) and list(sub["seed_results"]) == ["1", "2", "3"]
+    assert sub["seed_results"]["2"]["val_bpb"] == runs[1]["val_bpb"] and sub["seed_results"]["2"]["steps"] == 6
+    assert (sub["hardware"], sub["pytorch_version"], sub["train_shards"]) == ("CPU (1 process)", torch.__version__, 2)
+    assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["score_before_update"]
+    assert sub["statistics"]["previous_val_bpb"] == [3.9, 3.95, 3.92] and sub["statistics"]["p"] < 0.25
+    ratio = statistics.mean(s["val_loss"] / s["val_bpb"] for s in runs)  # nats per bpb = ln 2 x bytes/token
+    assert sub["statistics"]["nats_per_bpb"] == pytest.approx(ratio) == welch.nats_per_bpb(str(out))
+    # the shipped code and logs, byte for byte
+    assert (out / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    for s in SEEDS:
+        assert (out / f"seed{s}.txt").read_bytes() == (seed_runs / "runs" / f"seed{s}" / f"seed{s}.txt").read_bytes()
+    readme = (out / "README.md").read_text()
+    assert f"| 2 | {runs[1]['val_bpb']:.8f} |" in readme and "one-sided Welch t-test" in readme
+    command = re.search(r"```bash\n(.*?)\n```", readme, re.S)[1]
+    assert command.startswith("SEED=1 ") and command.endswith("python3 train_gpt.py")
+    assert "ITERATIONS=6" in command and "MODEL_DIM=64" in command and "RUN_ID" not in command
+    again = make(seed_runs, out, *(f"seed{s}" for s in SEEDS), extra=("--track", "non_record_16mb"))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_packed_wrapper_run_ships_the_wrapper(seed_runs, tmp_path):
+    out = tmp_path / "packed_record"
+    result = make(seed_runs, out, "packed", extra=("--track", "non_record_16mb"))
+    assert result.returncode == 0, result.stderr
+    shipped = (out / "train_gpt.py").read_bytes()
+    assert shipped == (seed_runs / "packed" / "train_gpt.py").read_bytes()
+    assert pack_record.unpack(shipped.decode()) == (ROOT / "train_gpt.py").read_bytes()
+    assert json.loads((out / "submission.json").read_text())["bytes_code"] == len(shipped)
+
+
+def altered_log(cwd: Path, tmp_path: Path, change) -> Path:
+    """A copy of seed 2's log, changed, in a run folder of its own."""
+    text = (cwd / "runs" / "seed2" / "seed2.txt").read_text(encoding="utf-8")
+    folder = tmp_path / "altered"
+    folder.mkdir()
+    (folder / "altered.txt").write_text(change(text), encoding="utf-8")
+    return folder
+
+
+def with_summary(**fields):
+    def change(text: str) -> str:
+        line = re.search(r"^final_summary (.*)$", text, re.M)
+        return text.replace(line[0], "final_summary " + json.dumps({**json.loads(line[1]), **fields}))
+    return change
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, track, reason", [
+    (lambda t: t.replace('"matrix_lr": 0.04', '"matrix_lr": 0.03', 1), "non_record_16mb",
+     "the logs differ in MATRIX_LR: 0.04 (seed1.txt), 0.03 (altered.txt)"),
+    (lambda t: re.sub(r"(?m)^code_sha256:[0-9a-f]{64}", "code_sha256:" + "0" * 64, t), "non_record_16mb",
+     "the logs ran different code"),
+    (lambda t: t[:t.index("\nfinal_summary ")], "non_record_16mb", "altered.txt: not a finished run"),
+    (with_summary(bytes_model=16_000_000, bytes_total=16_000_000 + (ROOT / "train_gpt.py").stat().st_size),
+     "non_record_16mb", "over the 16,000,000 byte cap"),
+    (with_summary(train_time_ms=600_500), "10min_16mb", "training took 600.5 s, over the 600 s limit"),
+])
+def test_refusals_name_the_file_and_the_reason(seed_runs, tmp_path, change, track, reason):
+    altered = altered_log(seed_runs, tmp_path, change)
+    out = tmp_path / "record"
+    result = make(seed_runs, out, "seed1", altered, extra=("--track", track))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert reason in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_other_refusals(seed_runs, tmp_path):
+    wrong_code = make(seed_runs, tmp_path / "a", "seed1", "seed2", extra=("--code", str(ROOT / "README.md")))
+    assert wrong_code.returncode == 2 and "--code" in wrong_code.stderr and "is not the" in wrong_code.stderr
+    eval_only = make(seed_runs, tmp_path / "b", "seed1", "rescore")
+    assert eval_only.returncode == 2 and "rescore.txt: an EVAL_ONLY run" in eval_only.stderr
+    missing = make(seed_runs, tmp_path / "c", "seed1", "nope")
+    assert missing.returncode == 2 and "nope: no such file or folder" in missing.stderr
+
+
+@pytest.mark.slow
+def test_runs_table_shows_eval_only_runs(seed_runs):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "runs_table.py"),
+                             *(str(p) for p in sorted((seed_runs / "runs").iterdir()))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"seed1", "seed2", "seed3", "rescore", "packed"}
+    rescore = read_log(seed_runs / "runs" / "rescore").summary
+    assert rows["rescore"].startswith("| rescore | - | - | - |")  # no training: steps, ms/step, tok/s
+    assert f"| {rescore['evals']['final_int8_zstd_sliding']['val_bpb']:.4f} |" in rows["rescore"]
+    assert rescore["val_bpb"] == read_log(seed_runs / "runs" / "seed1").summary["val_bpb"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Welch test, against hand computations and t tables
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t, df, p", [
+    (1.0, 1, 0.25),  # Cauchy: P(T > 1) = 1/4 exactly
+    (2.015, 5, 0.05), (2.776, 4, 0.025), (3.169, 10, 0.005), (1.645, 1e7, 0.05),  # t tables, one-sided
+    (0.0, 3, 0.5), (-2.015, 5, 0.95),
+])
+def test_student_t_tail_matches_tables(t, df, p):
+    assert welch.t_sf(t, df) == pytest.approx(p, abs=1e-4)
+
+
+def test_student_t_tail_matches_closed_forms():
+    for t in (0.3, 1.7, 4.2, 9.0):
+        assert welch.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(t * t + 2)), abs=1e-12)  # df = 2
+        u = 1 + t * t / 4  # df = 4: F(t) = 1/2 + 3/8 t/sqrt(u) (1 - t^2/(12 u))
+        assert welch.t_sf(t, 4) == pytest.approx(0.5 - 3 / 8 * t / math.sqrt(u) * (1 - t * t / (12 * u)), abs=1e-12)
+
+
+def test_welch_equal_variances_by_hand():
+    """new 1.080, 1.081, 1.079 against 1.085, 1.087, 1.086, by hand:
+    means 1.080 and 1.086, delta 0.006; both sample variances (0 + 1e-6 + 1e-6)/2 = 1e-6;
+    standard error sqrt(1e-6/3 + 1e-6/3) = 8.165e-4; t = 0.006 / 8.165e-4 = 7.348;
+    Welch-Satterthwaite df = (2e-6/3)^2 / (2 (1e-6/3)^2 / 2) = 4; the t table for df 4 puts 7.348
+    between t(0.001) = 7.173 and t(0.0005) = 8.610, so 0.0005 < p < 0.001."""
+    r = welch.welch([1.080, 1.081, 1.079], [1.085, 1.087, 1.086])
+    assert r["mean_new"] == pytest.approx(1.080) and r["mean_previous"] == pytest.approx(1.086)
+    assert r["t"] == pytest.approx(7.348, abs=1e-3) and r["df"] == pytest.approx(4.0)
+    assert 0.0005 < r["p"] < 0.001
+    judged = welch.judge(r, nats_per_bpb=2.0)  # 0.006 bpb x 2 = 0.012 nats
+    assert judged["delta_nats"] == pytest.approx(0.012)
+    assert judged["readme_rule"]["passes"] and judged["practice_rule"]["passes"]
+    assert welch.judge(r, None)["readme_rule"]["passes"] is None  # significant, nats unknown
+
+
+def test_welch_unequal_sizes_by_hand():
+    """new 1.10, 1.12 (n 2) against 1.13, 1.15, 1.14, 1.16 (n 4), by hand:
+    means 1.110 and 1.145, delta 0.035; variances 2e-4 and 5e-4/3 = 1.667e-4;
+    a = 2e-4/2 = 1e-4, b = 1.667e-4/4 = 4.167e-5; t = 0.035 / sqrt(1.4167e-4) = 2.941;
+    df = (1.4167e-4)^2 / (1e-8/1 + 1.736e-9/3) = 1.897. Between df 1 (P(T > 2.941) = 0.104) and
+    df 2 (0.5 - t/(2 sqrt(t^2+2)) = 0.0494) and, df being near 2, close to the latter."""
+    r = welch.welch([1.10, 1.12], [1.13, 1.15, 1.14, 1.16])
+    assert r["t"] == pytest.approx(2.941, abs=1e-3) and r["df"] == pytest.approx(1.897, abs=1e-3)
+    assert 0.0494 < r["p"] < 0.06
+    judged = welch.judge(r, nats_per_bpb=1.0)  # 0.035 nats is enough, p is not, for the README rule
+    assert not judged["readme_rule"]["passes"] and judged["practice_rule"]["passes"]
+    assert welch.judge(r, None)["readme_rule"]["passes"] is False  # p alone fails it
+    assert not welch.judge(welch.welch([1.2, 1.3], [1.1, 1.0]), 1.0)["practice_rule"]["passes"]  # worse
+
+
+def test_previous_scores_from_published_entries(tmp_path):
+    entries = {
+        "a": {"seed_results": {"42": {"val_bpb": 1.081, "artifact_bytes": 1}, "314": {"bpb": 1.0805}}},
+        "b": {"seed_results": [{"seed": 1, "val_bpb": 1.2}, {"seed": 2, "val_bpb": 1.3}]},
+        "c": {"seeds": [1, 2], "val_bpb_seeds": [1.5, 1.6]},
+    }
+    for name, sub in entries.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "submission.json").write_text(json.dumps(sub))
+    assert welch.load_scores(str(tmp_path / "a"))[0] == [1.081, 1.0805]
+    assert welch.load_scores(str(tmp_path / "b"))[0] == [1.2, 1.3]
+    assert welch.load_scores(str(tmp_path / "c" / "submission.json"))[0] == [1.5, 1.6]
+    assert welch.load_scores("1.08, 1.09")[0] == [1.08, 1.09]
+    for bad, message in ((str(tmp_path), "no submission.json"), ("1.0,x", "neither a records folder")):
+        with pytest.raises(welch.InputError, match=message):
+            welch.load_scores(bad)
+    with pytest.raises(welch.InputError, match="at least 2 scores"):
+        welch.welch([1.0], [1.1, 1.2])
