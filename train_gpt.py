@@ -86,7 +86,8 @@ def derived():
 class Config:
     # data and run
     data_path: str = knob("./data/datasets/fineweb10B_sp8192", "folder with fineweb_train_*.bin and fineweb_val_*.bin")
-    tokenizer_path: str = knob("./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece .model used for byte counting")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_8192_bpe.model",
+                               "SentencePiece .model used for byte counting")
     run_id: str = knob("", "run name; empty = time stamp + random suffix")
     out_dir: str = knob("", "folder for the log and artifact; empty = runs/<RUN_ID>; must not exist or be empty")
     seed: int = knob(1337, "seed for initialization")
@@ -97,14 +98,18 @@ class Config:
     loop_start: int = knob(0, "first physical block of the looped core")
     loop_end: int = knob(-1, "last physical block of the looped core (inclusive); -1 = U-1")
     eval_repeats: int = knob(0, "passes through the core at evaluation; 0 = the training passes R")
-    prog_depth: str = knob("", "progressive depth 'f1:r1,f2:r2,...,1.0:R': r_i core passes while the run fraction < f_i")
-    cross_repeat_skip: bool = knob(False, "mix a block's output from its previous pass into its next input (zero-init scales)")
-    value_embeds: int = knob(0, "extra embedding tables added into the residual at every virtual layer (learned scales)")
+    prog_depth: str = knob("",
+                           "progressive depth 'f1:r1,f2:r2,...,1.0:R': r_i core passes while the run fraction < f_i")
+    cross_repeat_skip: bool = knob(False,
+                                   "mix a block's output from its previous pass into its next input (zero-init scales)")
+    value_embeds: int = knob(0,
+                             "extra embedding tables added into the residual at every virtual layer (learned scales)")
     model_dim: int = knob(512, "residual width")
     num_heads: int = knob(8, "query heads")
     num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS")
     mlp_mult: float = knob(2.0, "MLP hidden width as a multiple of MODEL_DIM (fractions allowed)")
-    mlp_act: str = knob("relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2"))
+    mlp_act: str = knob("relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2",
+                        ("relu2", "leaky_relu2"))
     tie_embeddings: bool = knob(True, "share the token embedding with the output head")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
     rope_base: float = knob(10000.0, "RoPE base frequency")
@@ -117,7 +122,7 @@ class Config:
                                             "input and both add to the residual; -1 = none")
     skip_gates_enabled: bool = knob(False, "U-Net skips enter through a per-channel sigmoid gate "
                                            "(x = lerp(w*skip, x, sigmoid(g))) instead of being added")
-    layer_rows: str = knob("virtual", "per-layer scales and residual mix: a row per virtual layer or per physical block",
+    layer_rows: str = knob("virtual", "per-layer scales and residual mix: a row per virtual layer or per block",
                            ("virtual", "block"))
     loop_embed: bool = knob(True, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(False, "orthogonal init of the block matrices (zero-init output projections stay zero)")
@@ -570,7 +575,8 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
     named = {id(p) for p in matrices + embed + head}
     scalars = [p for p in model.parameters() if id(p) not in named]
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
-    groups = [dict(params=embed, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, weight_decay=cfg.embed_wd),
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    groups = [dict(params=embed, lr=embed_lr, weight_decay=cfg.embed_wd),
               dict(params=scalars, lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)]
     groups += [dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else []
     optimizers = [torch.optim.AdamW(groups, **adam),  # decoupled decay: p *= 1 - lr * weight_decay
@@ -1087,7 +1093,8 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
         first, score = starts[lo:lo + batch].to(device), score_from[lo:lo + batch].to(device)
         if len(starts) > batch and len(first) < batch:
             pad = batch - len(first)
-            first, score = torch.cat([first, first[-1:].expand(pad)]), torch.cat([score, score.new_full((pad,), window)])
+            first = torch.cat([first, first[-1:].expand(pad)])
+            score = torch.cat([score, score.new_full((pad,), window)])
         seq = tokens[first[:, None] + offsets].long()
         x, y = seq[:, :-1], seq[:, 1:]
         nll = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -1160,7 +1167,8 @@ def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int,
     """TTT_EPOCHS SGD steps on targets [a, b): the whole TRAIN_SEQ_LEN pieces from a (inputs
     tokens[s:s+L], labels one later), shared out over ranks; the loss is the mean over all of them."""
     pieces = list(range(a, b - cfg.train_seq_len + 1, cfg.train_seq_len))
-    mine = torch.tensor(pieces[slice(*shard_range(len(pieces), rank, world_size))], device=tokens.device, dtype=torch.long)
+    lo, hi = shard_range(len(pieces), rank, world_size)
+    mine = torch.tensor(pieces[lo:hi], device=tokens.device, dtype=torch.long)
     seq = tokens[mine[:, None] + torch.arange(cfg.train_seq_len + 1, device=tokens.device)].long()
     for _ in range(cfg.ttt_epochs):
         for p in params:
@@ -1684,7 +1692,8 @@ def setup_runtime() -> Runtime:
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Runtime(rank, world_size, local_rank, device)
 
 
@@ -1873,7 +1882,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
         return make_train_loader(cfg, train_shards, rt.rank, rt.world_size, rt.device)
 
     def evaluate_with(window, stride, ttt=False):
-        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride, ttt)
+        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride,
+                        ttt)
 
     def validate():  # during training: the round trip
         return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
