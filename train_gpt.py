@@ -180,6 +180,9 @@ ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", 
                         "TRITON_", "NVIDIA_", "NV_", "PYTEST_", "XDG_", "SSH_", "MKL_", "KMP_", "GLOO_",
                         "LD_", "PIP_", "CONDA_", "VIRTUAL_ENV", "OPENBLAS_", "CUBLAS_", "CUDNN_", "GIT_")
 
+# The 2026-04-09 record's names of two knobs, accepted so that its commands run unchanged.
+ENV_ALIASES = {"GPTQ_CALIBRATION_BATCHES": "GPTQ_BATCHES", "GPTQ_RESERVE_SECONDS": "EXPORT_RESERVE_SECONDS"}
+
 
 def edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -223,6 +226,9 @@ def parse_value(name: str, text: str, kind, choices: tuple):
 def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
     """Parse knobs from `env`, validate them, and fill the derived fields."""
     check_typos(env)
+    for alias, name in ENV_ALIASES.items():
+        require(alias not in env or name not in env, f"{alias} and {name}: the same knob set twice; keep one")
+    env = {ENV_ALIASES.get(k, k): v for k, v in env.items()}
     values = {}
     for name, field in env_knobs().items():
         if name in env:

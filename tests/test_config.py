@@ -85,6 +85,15 @@ def test_random_one_edit_typos_of_every_knob_are_errors():
     assert checked > 5 * len(knobs)
 
 
+def test_the_record_s_gptq_names_are_aliases_and_may_not_double_a_knob():
+    cfg = build_config({"GPTQ_CALIBRATION_BATCHES": "32", "GPTQ_RESERVE_SECONDS": "9"})
+    assert (cfg.gptq_batches, cfg.export_reserve_seconds) == (32, 9.0)
+    with pytest.raises(ConfigError, match="GPTQ_CALIBRATION_BATCHES and GPTQ_BATCHES"):
+        build_config({"GPTQ_CALIBRATION_BATCHES": "32", "GPTQ_BATCHES": "8"})
+    with pytest.raises(ConfigError, match="GPTQ_BATCHES='x'"):
+        build_config({"GPTQ_CALIBRATION_BATCHES": "x"})
+
+
 def test_typo_error_names_the_knob():
     with pytest.raises(ConfigError, match="NUM_LAYERS"):
         build_config({"NUM_LAYER": "9"})
