@@ -19,13 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = "# Parameter Golf train_gpt.py, xz+base85 packed by scripts/pack_record.py; the readable source is in the repository\n"
-TEMPLATE = 'import lzma as L,base64 as B;exec(compile(L.decompress(B.b85decode("{payload}")).decode(),__file__,"exec"))\n'
+sys.path.insert(0, str(ROOT))
 
-
-def pack(source: bytes) -> str:
-    payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
-    return HEADER + TEMPLATE.format(payload=payload)
+from train_gpt import pack_code  # noqa: E402  (the wrapper's format lives with the code that logs its size)
 
 
 def unpack(wrapper: str) -> bytes:
@@ -57,7 +53,7 @@ def main() -> None:
     if args.out.exists():
         sys.exit(f"error: --out {args.out}: already exists; remove it first")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = pack(source)
+    wrapper = pack_code(source)
     args.out.write_text(wrapper, encoding="utf-8")
     print(f"wrote {args.out}: {len(wrapper.encode())} bytes (readable source {len(source)} bytes)")
 

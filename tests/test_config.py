@@ -21,6 +21,10 @@ def test_defaults_are_the_baseline_shape_with_the_measured_export():
     assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (8192, 1024, 524_288)
     assert "8192" in cfg.data_path and "8192" in cfg.tokenizer_path
     assert (cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed, cfg.gptq) == (6, 6, 8, True)
+    # the 2026-04-09 record's export: std clip 12.85 / 20 sigmas, 64 calibration batches in 12 s, brotli-11
+    assert (cfg.matrix_clip_sigmas, cfg.mlp_clip_sigmas, cfg.embed_clip_sigmas) == (12.85, 0.0, 20.0)
+    assert (cfg.gptq_batches, cfg.export_reserve_seconds, cfg.compressor, cfg.target_bytes) == (64, 12.0, "brotli",
+                                                                                               16_000_000)
     assert (cfg.export_weights, cfg.ema_horizon, cfg.eval_stride, cfg.ttt_lr) == ("ema", 0.05, 64, 0.01)
     assert cfg.repeats == 1 and cfg.micro_steps == 4 and cfg.micro_batch_seqs == 128
     assert build_config({}, world_size=8).micro_steps == 1
@@ -54,6 +58,8 @@ def test_values_are_parsed_strictly():
     ({"QUANT_BITS_MLP": "4"}, "QUANT_BITS_MLP"),
     ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
     ({"COMPRESSOR": "bzip2"}, "COMPRESSOR"),
+    ({"MLP_CLIP_SIGMAS": "-1"}, "MLP_CLIP_SIGMAS"),
+    ({"TARGET_BYTES": "0"}, "TARGET_BYTES"),
 ])
 def test_bad_relations_name_the_variable(env, culprit):
     with pytest.raises(ConfigError, match=culprit):
@@ -83,6 +89,15 @@ def test_random_one_edit_typos_of_every_knob_are_errors():
             assert typo in str(err.value) and "did you mean" in str(err.value)
             checked += 1
     assert checked > 5 * len(knobs)
+
+
+def test_the_record_s_gptq_names_are_aliases_and_may_not_double_a_knob():
+    cfg = build_config({"GPTQ_CALIBRATION_BATCHES": "32", "GPTQ_RESERVE_SECONDS": "9"})
+    assert (cfg.gptq_batches, cfg.export_reserve_seconds) == (32, 9.0)
+    with pytest.raises(ConfigError, match="GPTQ_CALIBRATION_BATCHES and GPTQ_BATCHES"):
+        build_config({"GPTQ_CALIBRATION_BATCHES": "32", "GPTQ_BATCHES": "8"})
+    with pytest.raises(ConfigError, match="GPTQ_BATCHES='x'"):
+        build_config({"GPTQ_CALIBRATION_BATCHES": "x"})
 
 
 def test_typo_error_names_the_knob():

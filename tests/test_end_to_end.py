@@ -6,6 +6,7 @@ import re
 import pytest
 
 from conftest import ROOT, final_summary, logged_losses, run_script, tiny_env
+from train_gpt import pack_code
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def test_loss_falls_and_artifact_is_written(single_run):
     assert losses[30] < losses[1] - 0.8, losses
     summary = final_summary(out)
     run_dir = cwd / "runs" / "single"
-    artifact = run_dir / "final_model.int8_zstd.ptz"
+    artifact = run_dir / "final_model.int8_brotli.ptz"
     assert summary["bytes_model"] == artifact.stat().st_size
     assert summary["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
     assert summary["bytes_total"] == summary["bytes_model"] + summary["bytes_code"]
@@ -31,32 +32,36 @@ def test_loss_falls_and_artifact_is_written(single_run):
     log = (run_dir / "single.txt").read_text()
     assert log.startswith("config {") and (ROOT / "train_gpt.py").read_text() in log
     assert summary["score_line"] in log
+    packed = len(pack_code((ROOT / "train_gpt.py").read_bytes()).encode())
+    assert f"\ncode_bytes_packed:{packed} " in log and packed < summary["bytes_code"] / 2
+    assert not list(run_dir.glob("*.tmp"))  # written under a temporary name, then renamed
 
 
 def test_final_lines_have_the_documented_format(single_run):
     _, out = single_run
     lines = {}
     for kind in ("roundtrip", "sliding"):
-        rt = re.search(rf"^final_int8_zstd_{kind} val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:\d+ms$", out, re.M)
-        exact = re.search(rf"^final_int8_zstd_{kind}_exact val_loss:(\d+\.\d{{8}}) val_bpb:(\d+\.\d{{8}})$", out, re.M)
+        rt = re.search(rf"^final_int8_brotli_{kind} val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:\d+ms$", out, re.M)
+        exact = re.search(rf"^final_int8_brotli_{kind}_exact val_loss:(\d+\.\d{{8}}) val_bpb:(\d+\.\d{{8}})$",
+                          out, re.M)
         assert rt and exact, kind
         assert abs(float(rt[2]) - float(exact[2])) < 1e-4
         lines[kind] = float(exact[2])
     summary = final_summary(out)
     assert abs(summary["val_bpb"] - lines["sliding"]) < 1e-8  # the score is the last evaluation
-    assert set(summary["evals"]) == {"final_int8_zstd_roundtrip", "final_int8_zstd_sliding"}
-    assert summary["score_line"].startswith("final_int8_zstd_sliding ")
+    assert set(summary["evals"]) == {"final_int8_brotli_roundtrip", "final_int8_brotli_sliding"}
+    assert summary["score_line"].startswith("final_int8_brotli_sliding ")
     pre = re.search(r"^step:30/30 val_loss:[\d.]+ val_bpb:([\d.]+)", out, re.M)
     assert pre and abs(float(pre[1]) - lines["roundtrip"]) < 0.05  # int8 costs little
-    assert re.search(r"^Total submission size int8\+zstd: \d+ bytes$", out, re.M)
+    assert re.search(r"^Total submission size int8\+brotli: \d+ bytes$", out, re.M)
 
 
 def test_existing_run_folder_is_refused(single_run, tiny_data):
     cwd, _ = single_run
-    before = (cwd / "runs" / "single" / "final_model.int8_zstd.ptz").read_bytes()
+    before = (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes()
     result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd, timeout=60)
     assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
-    assert (cwd / "runs" / "single" / "final_model.int8_zstd.ptz").read_bytes() == before
+    assert (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes() == before
 
 
 def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_path):
@@ -90,7 +95,7 @@ def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
 
 def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path):
     cwd, out = single_run
-    artifact = cwd / "runs" / "single" / "final_model.int8_zstd.ptz"
+    artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
     result = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact), tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     again, original = final_summary(result.stdout), final_summary(out)
@@ -98,7 +103,9 @@ def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path
     assert "step:" not in result.stdout  # no training
 
 
-def test_eval_only_reexports_the_float_checkpoint_narrower(single_run, tiny_data, tmp_path):
+def test_eval_only_reexports_the_float_checkpoint_and_logs_what_is_stored(single_run, tiny_data, tmp_path):
+    """The tiny model's matrices are all under KEEP_FLOAT_MAX_NUMEL: 'int6' changes only the name, the
+    log says so, and the re-export scores exactly as the run's artifact (the same float16 weights)."""
     cwd, out = single_run
     checkpoint = cwd / "runs" / "single" / "final_model.float.pt"
     env = tiny_env(tiny_data, RUN_ID="int6", EVAL_ONLY=checkpoint, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6,
@@ -107,7 +114,9 @@ def test_eval_only_reexports_the_float_checkpoint_narrower(single_run, tiny_data
     assert result.returncode == 0, result.stderr[-2000:]
     int6, int8 = final_summary(result.stdout), final_summary(out)
     assert "final_int6_lzma_sliding" in int6["evals"] and (tmp_path / "runs/int6/final_model.int6_lzma.ptz").is_file()
-    assert int6["bytes_model"] < int8["bytes_model"] and abs(int6["val_bpb"] - int8["val_bpb"]) < 0.05
+    stored = r"^export_stored attn:8xfloat16 embed:1xfloat16 mlp:4xfloat16 other:\d+xfloat16$"
+    assert re.search(stored, result.stdout, re.M)
+    assert int6["val_bpb"] == int8["val_bpb"]
 
 
 @pytest.mark.parametrize("overrides, culprit", [(dict(MODEL_DIM=32), "does not fit"), (dict(), "file not found")])
@@ -125,8 +134,8 @@ def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
                    GPTQ_BATCHES=2, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=6)
     result = run_script(env, tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"^gptq_calibration matrices:12 batches:2 time:[\d.]+s", result.stdout, re.M)  # 2 blocks x 6
-    assert "final_int6gptq_zstd_sliding" in final_summary(result.stdout)["evals"]
+    assert re.search(r"^gptq_calibration hessians:9 batches:2 time:[\d.]+s", result.stdout, re.M)  # 2 blocks x 4 + head
+    assert "final_int6gptq_brotli_sliding" in final_summary(result.stdout)["evals"]
 
 
 def test_qat_switches_on_at_its_run_fraction(tiny_data, tmp_path):
@@ -150,39 +159,55 @@ def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
 
 
 def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
-    """The defaults' pipeline (tiny_env pins the plain one): EMA weights, int6 GPTQ blocks with
-    int8 embeddings, then round trip, sliding and score-first TTT, the last being the score."""
+    """The defaults' pipeline (tiny_env pins the plain one) on a model wide enough for its MLP
+    matrices and tied embedding to be quantized: EMA weights, GPTQ with std clip (int6 MLP, int8
+    embedding from the final hidden states), brotli, then round trip, sliding and score-first TTT."""
     from train_gpt import build_config
 
     d = build_config({})
     env = tiny_env(tiny_data, RUN_ID="defaults", QUANT_BITS_ATTN=d.quant_bits_attn, QUANT_BITS_MLP=d.quant_bits_mlp,
                    GPTQ=int(d.gptq), EMA_HORIZON=d.ema_horizon, EXPORT_WEIGHTS=d.export_weights, TTT_LR=d.ttt_lr,
-                   TTT_CHUNK=1024)
+                   TTT_CHUNK=1024, MODEL_DIM=128, MLP_MULT=4.5, GPTQ_BATCHES=4, ITERATIONS=20)
     result = run_script(env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out, summary = result.stdout, final_summary(result.stdout)
-    assert "export_weights:ema (horizon 0.05)" in out and "gptq_calibration matrices:" in out
-    assert re.search(r"^Serialized model mixedgptq\+zstd: \d+ bytes \([\d.]+ bits per parameter\)$", out, re.M)
-    assert list(summary["evals"]) == [f"final_mixedgptq_zstd_{k}" for k in ("roundtrip", "sliding", "ttt")]
-    assert summary["score_line"].startswith("final_mixedgptq_zstd_ttt ")
-    assert (tmp_path / "runs" / "defaults" / "final_model.mixedgptq_zstd.ptz").stat().st_size == summary["bytes_model"]
-    sliding = summary["evals"]["final_mixedgptq_zstd_sliding"]["val_bpb"]
+    assert "export_weights:ema (horizon 0.05)" in out and "gptq_calibration hessians:9 batches:4 " in out
+    assert re.search(r"^export_stored attn:8xfloat16 embed:1xint8 mlp:4xint6 other:\d+xfloat16$", out, re.M)
+    assert re.search(r"^export_try:1 attn:int6/k12.85/gptq mlp:int6/k12.85/gptq embed:int8/k20/gptq "
+                     r"codec:brotlix16 bytes:\d+ budget:\d+ fits ", out, re.M)
+    assert re.search(r"^Serialized model mixedgptq\+brotli: \d+ bytes \([\d.]+ bits per parameter\)$", out, re.M)
+    assert list(summary["evals"]) == [f"final_mixedgptq_brotli_{k}" for k in ("roundtrip", "sliding", "ttt")]
+    assert summary["score_line"].startswith("final_mixedgptq_brotli_ttt ")
+    assert (tmp_path / "runs/defaults/final_model.mixedgptq_brotli.ptz").stat().st_size == summary["bytes_model"]
+    sliding = summary["evals"]["final_mixedgptq_brotli_sliding"]["val_bpb"]
     assert summary["val_bpb"] != sliding and abs(summary["val_bpb"] - sliding) < 0.1  # TTT moved the score a little
+    averaged = re.search(r"^averaged_weights val_loss:[\d.]+ val_bpb:([\d.]+) \(before export\)$", out, re.M)
+    roundtrip = summary["evals"]["final_mixedgptq_brotli_roundtrip"]["val_bpb"]
+    assert averaged and abs(roundtrip - float(averaged[1])) < 0.02  # what quantization cost
+
+
+def test_an_export_that_cannot_fit_exits_3_keeping_the_float_checkpoint(tiny_data, tmp_path):
+    result = run_script(tiny_env(tiny_data, RUN_ID="over", ITERATIONS=2, TARGET_BYTES=150_000), tmp_path)
+    assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith("error: TARGET_BYTES: the model file needs ")
+    run_dir = tmp_path / "runs" / "over"
+    assert (run_dir / "final_model.float.pt").is_file() and not list(run_dir.glob("*.ptz*"))
+    assert "export_try:1 " in result.stdout and "final_summary" not in result.stdout
 
 
 def test_ttt_on_two_ranks_matches_one(single_run, tiny_data, tmp_path):
     """TTT's gradients are summed over ranks and each rank scores a share of every chunk: two
     processes must adapt and score like one, up to float reduction order."""
     cwd, out = single_run
-    artifact = cwd / "runs" / "single" / "final_model.int8_zstd.ptz"
+    artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
     scores = {}
     for nproc in (1, 2):
         env = tiny_env(tiny_data, RUN_ID=f"ttt{nproc}", EVAL_ONLY=artifact, TTT_LR=0.05, TTT_CHUNK=2048)
         result = run_script(env, tmp_path, nproc=nproc, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         scores[nproc] = final_summary(result.stdout)["evals"]
-    one, two = (scores[n]["final_int8_zstd_ttt"]["val_bpb"] for n in (1, 2))
-    sliding = scores[1]["final_int8_zstd_sliding"]["val_bpb"]
+    one, two = (scores[n]["final_int8_brotli_ttt"]["val_bpb"] for n in (1, 2))
+    sliding = scores[1]["final_int8_brotli_sliding"]["val_bpb"]
     assert sliding == final_summary(out)["val_bpb"]  # the artifact scores as in its run
     assert abs(one - sliding) > 1e-4  # TTT changed the score
     assert abs(one - two) < 1e-4, (one, two)
