@@ -76,8 +76,13 @@ def tiny_data(tmp_path_factory, sp1024) -> Path:
     return folder
 
 
+# The default is the frontier shape (11 blocks, core 3..5 looped, partial RoPE over 16 dims); tiny test
+# models set these so NUM_LAYERS alone gives a plain, unshared stack with full RoPE.
+PLAIN_SHAPE = {"NUM_UNIQUE_LAYERS": "0", "LOOP_START": "0", "LOOP_END": "-1", "PROG_DEPTH": "", "ROPE_DIMS": "0"}
+
+
 def tiny_env(data: Path, **overrides) -> dict[str, str]:
-    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer_path(1024)), VOCAB_SIZE="1024",
+    env = dict(PLAIN_SHAPE, DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer_path(1024)), VOCAB_SIZE="1024",
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
                TRAIN_BATCH_TOKENS="2048", ITERATIONS="30", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1",
                VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="5", VAL_BATCH_SIZE="16384", EVAL_STRIDE="16",

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from conftest import final_summary, run_script, tiny_env
+from conftest import PLAIN_SHAPE, final_summary, run_script, tiny_env
 from train_gpt import GPT, ConfigError, WeightAverages, build_config
 
 
 def tiny(**env):
-    base = {"VOCAB_SIZE": "64", "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "8",
+    base = {**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "8",
             "TRAIN_BATCH_TOKENS": "64", "NUM_LAYERS": "2"}
     return build_config({**base, **{k: str(v) for k, v in env.items()}})
 

@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+from conftest import PLAIN_SHAPE
+
 import pytest
 
 from train_gpt import GPT, build_config, enable_qat, plan_for, set_qat
@@ -13,7 +15,7 @@ from train_gpt import GPT, build_config, enable_qat, plan_for, set_qat
 @pytest.mark.parametrize("qat", [False, True])
 def test_compiled_matches_eager_loss_and_gradients(qat):
     torch.manual_seed(0)
-    cfg = build_config({"VOCAB_SIZE": "128", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    cfg = build_config({**PLAIN_SHAPE, "VOCAB_SIZE": "128", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                         "NUM_LAYERS": "4", "NUM_UNIQUE_LAYERS": "2", "XSA_LAST_N": "1", "TRAIN_SEQ_LEN": "16",
                         "TRAIN_BATCH_TOKENS": "64", "QAT_START": "0.5" if qat else "0", "QUANT_BITS_MLP": "6"})
     eager = GPT(cfg)

@@ -8,30 +8,40 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_env
+from conftest import PLAIN_SHAPE, ROOT, run_script, tiny_env
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from env_table import render_default  # noqa: E402
 from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, Config, ConfigError, build_config, env_knobs
 
 
-def test_defaults_are_the_baseline_shape_with_the_measured_export():
+def test_defaults_are_the_frontier_record_stack():
+    """The 2026-04-09 record's configuration (1.0810 on 8xH100) through our knobs, and its export."""
     cfg = build_config({})
-    assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult) == (9, 512, 8, 4, 2.0)
-    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (8192, 1024, 524_288)
+    assert (cfg.unique_blocks, cfg.num_layers, cfg.loop_start, cfg.core_last, cfg.depth_phases) == (
+        11, 17, 3, 5, ((0.35, 1), (1.0, 3)))
+    assert (cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.mlp_act) == (512, 8, 4, 4.0, "leaky_relu2")
+    assert (cfg.rope_dims, cfg.ln_scale, cfg.parallel_residual_start, cfg.skip_gates_enabled, cfg.xsa_last_n) == (
+        16, True, 7, True, -1)
+    assert (cfg.layer_rows, cfg.loop_embed, cfg.ortho_init, cfg.qk_gain_init) == ("block", False, True, 5.25)
+    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens, cfg.data_order) == (8192, 2048, 786_432,
+                                                                                           "shuffled")
+    assert (cfg.matrix_lr, cfg.scalar_lr, cfg.tied_embed_lr, cfg.muon_momentum, cfg.muon_momentum_warmup_start,
+            cfg.muon_momentum_warmup_frac) == (0.022, 0.02, 0.03, 0.99, 0.92, 0.33)
+    assert (cfg.muon_weight_decay, cfg.embed_wd, cfg.adam_wd, cfg.grad_clip_norm, cfg.warmdown_frac) == (
+        0.095, 0.085, 0.02, 0.3, 0.72)
+    assert cfg.muon_row_normalize and cfg.ema_horizon == 0.063  # 0.9965 per step at the record's ~4,550 steps
+    assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_cosine, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, True, 1.0,
+                                                                                             32_768)
     assert "8192" in cfg.data_path and "8192" in cfg.tokenizer_path
     assert (cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed, cfg.gptq) == (6, 6, 8, True)
-    # the 2026-04-09 record's export: std clip 12.85 / 20 sigmas, 64 calibration batches in 12 s, brotli-11
     assert (cfg.matrix_clip_sigmas, cfg.mlp_clip_sigmas, cfg.embed_clip_sigmas) == (12.85, 0.0, 20.0)
     assert (cfg.gptq_batches, cfg.export_reserve_seconds, cfg.compressor, cfg.target_bytes) == (64, 12.0, "brotli",
                                                                                                16_000_000)
-    assert (cfg.export_weights, cfg.ema_horizon, cfg.eval_stride, cfg.ttt_lr) == ("ema", 0.05, 64, 0.01)
-    assert cfg.repeats == 1 and cfg.micro_steps == 4 and cfg.micro_batch_seqs == 128
+    assert cfg.micro_steps == 6 and cfg.micro_batch_seqs == 64  # 384 sequences of 2048 on one GPU
     assert build_config({}, world_size=8).micro_steps == 1
-    assert build_config({"GRAD_ACCUM_STEPS": "8"}).micro_batch_seqs == 64
-    assert build_config({"MICRO_BATCH_TOKENS": "300000"}).micro_steps == 2
-    assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 1024 * 40)}, world_size=1).micro_steps == 1
-    assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 1024 * 200)}, world_size=1).micro_steps == 5  # 600 = 5 x 120
+    assert build_config({"GRAD_ACCUM_STEPS": "8"}).micro_batch_seqs == 48
+    assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 2048 * 40)}, world_size=1).micro_steps == 2
 
 
 def test_values_are_parsed_strictly():
@@ -47,14 +57,14 @@ def test_values_are_parsed_strictly():
     ({"MODEL_DIM": "500"}, "NUM_HEADS"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
-    ({"GRAD_ACCUM_STEPS": "3"}, "GRAD_ACCUM_STEPS"),
+    ({"GRAD_ACCUM_STEPS": "5"}, "GRAD_ACCUM_STEPS"),
     ({"NUM_UNIQUE_LAYERS": "4"}, "NUM_LAYERS"),
-    ({"LOOP_START": "9"}, "LOOP_START"),
-    ({"LOOP_END": "10"}, "LOOP_END"),
+    ({"LOOP_START": "20"}, "LOOP_START"),
+    ({"LOOP_END": "20"}, "LOOP_END"),
     ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
     ({"ITERATIONS": "0", "MAX_WALLCLOCK_SECONDS": "0"}, "ITERATIONS"),
     ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL"),
-    ({"XSA_LAST_N": "10"}, "XSA_LAST_N"),
+    ({"XSA_LAST_N": "18"}, "XSA_LAST_N"),
     ({"QUANT_BITS_MLP": "4"}, "QUANT_BITS_MLP"),
     ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
     ({"COMPRESSOR": "bzip2"}, "COMPRESSOR"),
@@ -63,7 +73,7 @@ def test_values_are_parsed_strictly():
 ])
 def test_bad_relations_name_the_variable(env, culprit):
     with pytest.raises(ConfigError, match=culprit):
-        build_config(env)
+        build_config({**PLAIN_SHAPE, **env})
 
 
 def one_edit(name: str, rng: random.Random) -> str:

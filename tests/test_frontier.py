@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import PLAIN_SHAPE
 import torch.nn.functional as F
 
 from train_gpt import (GPT, Muon, apply_rotary, build_config, build_optimizers, lr_multiplier, plan_for, rms_norm,
@@ -15,7 +17,7 @@ FRONTIER = dict(NUM_UNIQUE_LAYERS=6, NUM_LAYERS=10, LOOP_START=2, LOOP_END=3, XS
 
 
 def cfg_of(**env):
-    base = dict(VOCAB_SIZE=128, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=16, TRAIN_BATCH_TOKENS=64)
+    base = dict(PLAIN_SHAPE, VOCAB_SIZE=128, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=16, TRAIN_BATCH_TOKENS=64)
     return build_config({k: str(v) for k, v in {**base, **env}.items()})
 
 
@@ -73,7 +75,7 @@ def test_skip_gate_at_init_averages_weighted_skip_and_stream():
     with torch.no_grad():
         model.skip_weight[1].fill_(2.0)
     assert torch.allclose(model.add_skip(x, skip, 1), 0.5 * x + 0.5 * 2.0 * skip, atol=1e-6)
-    plain = GPT(cfg_of(NUM_LAYERS=4))
+    plain = GPT(cfg_of(NUM_LAYERS=4, SKIP_GATES_ENABLED=0))
     assert torch.allclose(plain.add_skip(x, skip, 0), x + skip)
 
 

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from conftest import PLAIN_SHAPE
+
 from train_gpt import (GPT, ConfigError, build_config, core_repeats, depth_plan, newton_schulz, plan_for,
                        unet_pairs)
 
@@ -49,7 +51,7 @@ def test_unet_pairs_mirror_and_precede(depth):
 
 
 def tiny_cfg(**env):
-    base = {"VOCAB_SIZE": "256", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16",
+    base = {**PLAIN_SHAPE, "VOCAB_SIZE": "256", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16",
             "TRAIN_BATCH_TOKENS": "128"}
     return build_config({**base, **{k: str(v) for k, v in env.items()}})
 
@@ -60,9 +62,10 @@ def count(model):
 
 def test_parameters_grow_with_passes_only_by_per_layer_rows():
     dim = 32
-    one = GPT(tiny_cfg(NUM_LAYERS=3, NUM_UNIQUE_LAYERS=3))
-    three = GPT(tiny_cfg(NUM_LAYERS=9, NUM_UNIQUE_LAYERS=3))
-    unshared = GPT(tiny_cfg(NUM_LAYERS=9))
+    rows = dict(LAYER_ROWS="virtual", LOOP_EMBED=1, SKIP_GATES_ENABLED=0)  # rows per virtual layer, as counted below
+    one = GPT(tiny_cfg(NUM_LAYERS=3, NUM_UNIQUE_LAYERS=3, **rows))
+    three = GPT(tiny_cfg(NUM_LAYERS=9, NUM_UNIQUE_LAYERS=3, **rows))
+    unshared = GPT(tiny_cfg(NUM_LAYERS=9, **rows))
     # per virtual layer: loop embedding, attention scale, MLP scale, 2 residual-mix rows; a skip row per pair
     rows = lambda depth: depth * 5 * dim + max(1, depth // 2) * dim  # noqa: E731
     assert count(three) - count(one) == rows(9) - rows(3)

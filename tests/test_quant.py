@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PLAIN_SHAPE
 from train_gpt import (ARTIFACT_MAGIC, FIT_STEP, KEEP_FLOAT_MAX_NUMEL, ArtifactTooLarge, DataError, build_config,
                        dequantize_rows, dequantize_state, export_recipe, fit_artifact, gptq_quantize, pack_artifact,
                        quantize_rows, quantize_state, shuffle_bytes, unpack_artifact, unshuffle_bytes)
@@ -238,7 +239,7 @@ def test_qat_forward_fakes_exactly_what_the_export_stores_and_backward_passes_st
     from train_gpt import CastedLinear, GPT, enable_qat
 
     torch.manual_seed(7)
-    cfg = build_config({"VOCAB_SIZE": "64", "MODEL_DIM": "128", "MLP_MULT": "4.5", "NUM_HEADS": "2",
+    cfg = build_config({**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "128", "MLP_MULT": "4.5", "NUM_HEADS": "2",
                         "NUM_KV_HEADS": "1", "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64", "QAT_START": "0.5",
                         "QUANT_BITS_MLP": "5", "MLP_CLIP_SIGMAS": "6"})
     model = GPT(cfg)

@@ -7,24 +7,24 @@ import shlex
 import pytest
 import torch
 
-from conftest import ROOT, final_summary, run_script, tiny_env
+from conftest import PLAIN_SHAPE, ROOT, final_summary, run_script, tiny_env
 from train_gpt import (GPT, ConfigError, build_config, depth_phase, max_depth, parse_prog_depth, plan_for,
                        training_repeats, unet_pairs)
 
 
 def test_prog_depth_parses_and_schedules():
-    cfg = build_config({"NUM_UNIQUE_LAYERS": "3", "NUM_LAYERS": "12", "PROG_DEPTH": "0.4:2,0.65:3,1.0:4"})
+    cfg = build_config({**PLAIN_SHAPE, "NUM_UNIQUE_LAYERS": "3", "NUM_LAYERS": "12", "PROG_DEPTH": "0.4:2,0.65:3,1.0:4"})
     assert parse_prog_depth(cfg.prog_depth) == [(0.4, 2), (0.65, 3), (1.0, 4)]
     assert [depth_phase(cfg, t) for t in (0.0, 0.39, 0.4, 0.64, 0.65, 0.99, 1.0)] == [2, 2, 3, 3, 4, 4, 4]
     assert training_repeats(cfg) == [2, 3, 4] and max_depth(cfg) == 12
-    deeper = build_config({"NUM_UNIQUE_LAYERS": "3", "NUM_LAYERS": "9", "EVAL_REPEATS": "5"})
+    deeper = build_config({**PLAIN_SHAPE, "NUM_UNIQUE_LAYERS": "3", "NUM_LAYERS": "9", "EVAL_REPEATS": "5"})
     assert max_depth(deeper) == 15 and training_repeats(deeper) == [3]
 
 
 @pytest.mark.parametrize("text", ["0.5:2", "0.5:2,0.4:3,1.0:3", "a:b", "0.5:0,1.0:3", "0:1,1.0:3", "0.5:2,1.0:4"])
 def test_bad_prog_depth_names_the_variable(text):
     with pytest.raises(ConfigError, match="PROG_DEPTH"):
-        build_config({"NUM_UNIQUE_LAYERS": "3", "NUM_LAYERS": "9", "PROG_DEPTH": text})
+        build_config({**PLAIN_SHAPE, "NUM_UNIQUE_LAYERS": "3", "NUM_LAYERS": "9", "PROG_DEPTH": text})
 
 
 PLANS = [
@@ -39,7 +39,7 @@ PLANS = [
 
 
 def tiny(env):
-    base = {"VOCAB_SIZE": "64", "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "8",
+    base = {**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "8",
             "TRAIN_BATCH_TOKENS": "64"}
     return build_config({**base, **{k: str(v) for k, v in env.items()}})
 
@@ -86,7 +86,7 @@ def test_extras_start_as_no_ops_and_learn():
 
 def readme_recipes() -> list[dict[str, str]]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Recipes"):]
+    section = text[text.index("## The default is the frontier"):]
     section = section[:section.index("\n## ", 5)]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     recipes = []
@@ -108,13 +108,14 @@ def test_readme_has_the_five_recipes():
 def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
     recipe = readme_recipes()[index]
     heads = int(recipe.get("NUM_HEADS", 8))
-    shrink = dict(MODEL_DIM=8 * heads, ITERATIONS=6, WARMUP_STEPS=1, TRAIN_LOG_EVERY=3)
+    shrink = dict(MODEL_DIM=8 * heads, ITERATIONS=6, WARMUP_STEPS=1, TRAIN_LOG_EVERY=3, TRAIN_SEQ_LEN=64,
+                  TRAIN_BATCH_TOKENS=2048, TTT_LR=0)
     result = run_script({**tiny_env(tiny_data), **recipe, **{k: str(v) for k, v in shrink.items()}}, tmp_path,
                         timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = final_summary(result.stdout)
     assert summary["steps"] == 6 and summary["val_bpb"] < 5
-    switches = len(parse_prog_depth(recipe["PROG_DEPTH"])) - 1 if "PROG_DEPTH" in recipe else 0
+    switches = len(parse_prog_depth(recipe["PROG_DEPTH"])) - 1 if recipe.get("PROG_DEPTH") else 0
     assert result.stdout.count("depth_switch step:") == switches
 
 
