@@ -1587,8 +1587,8 @@ def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log) -> tup
         if step is None:
             break
         recipe, last = step[0], (len(blob), step[1])
-    raise ArtifactTooLarge(f"TARGET_BYTES: the model file needs {len(blob)} bytes, {budget} remain after the code, "
-                           f"even after {attempt} tries with steps up to {FIT_MAX_COARSENING:g}x coarser; "
+    raise ArtifactTooLarge(f"TARGET_BYTES: the model file needs {len(blob)} bytes and {budget} remain after the "
+                           f"code; steps up to {FIT_MAX_COARSENING:g}x coarser do not fit it ({attempt} tries); "
                            "lower QUANT_BITS_* or the model size")
 
 
@@ -2046,7 +2046,9 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor
         dist.all_reduce(hessians[key])
         hessians[key] /= rt.world_size
     rt.synchronize()
-    rt.log(f"gptq_calibration hessians:{len(hessians)} batches:{per_rank * rt.world_size} "
+    total = per_rank * rt.world_size
+    rt.log(f"gptq_calibration hessians:{len(hessians)} batches:{total} "
+           f"tokens:{total * cfg.micro_batch_seqs * cfg.train_seq_len} "
            f"time:{time.perf_counter() - start:.1f}s reserve:{cfg.export_reserve_seconds:g}s")
     return hessians
 

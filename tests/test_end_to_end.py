@@ -134,7 +134,8 @@ def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
                    GPTQ_BATCHES=2, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=6)
     result = run_script(env, tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"^gptq_calibration hessians:9 batches:2 time:[\d.]+s", result.stdout, re.M)  # 2 blocks x 4 + head
+    # 2 blocks x (c_q for q/k/v, attn.proj, mlp.fc, mlp.proj) + the head's
+    assert re.search(r"^gptq_calibration hessians:9 batches:2 tokens:4096 time:[\d.]+s", result.stdout, re.M)
     assert "final_int6gptq_brotli_sliding" in final_summary(result.stdout)["evals"]
 
 
@@ -171,7 +172,7 @@ def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
     result = run_script(env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out, summary = result.stdout, final_summary(result.stdout)
-    assert "export_weights:ema (horizon 0.05)" in out and "gptq_calibration hessians:9 batches:4 " in out
+    assert "export_weights:ema (horizon 0.05)" in out and "gptq_calibration hessians:9 batches:4 tokens:8192 " in out
     assert re.search(r"^export_stored attn:8xfloat16 embed:1xint8 mlp:4xint6 other:\d+xfloat16$", out, re.M)
     assert re.search(r"^export_try:1 attn:int6/k12.85/gptq mlp:int6/k12.85/gptq embed:int8/k20/gptq "
                      r"codec:brotlix16 bytes:\d+ budget:\d+ fits ", out, re.M)

@@ -240,8 +240,8 @@ def test_qat_forward_fakes_exactly_what_the_export_stores_and_backward_passes_st
 
     torch.manual_seed(7)
     cfg = build_config({**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "128", "MLP_MULT": "4.5", "NUM_HEADS": "2",
-                        "NUM_KV_HEADS": "1", "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64", "QAT_START": "0.5",
-                        "QUANT_BITS_MLP": "5", "MLP_CLIP_SIGMAS": "6"})
+                        "NUM_KV_HEADS": "1", "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64",
+                        "QAT_START": "0.5", "QUANT_BITS_MLP": "5", "MLP_CLIP_SIGMAS": "6"})
     model = GPT(cfg)
     enable_qat(model, cfg)
     fc = model.blocks[0].mlp.fc  # 576 x 128 > KEEP_FLOAT_MAX_NUMEL: quantized by the export
