@@ -172,7 +172,7 @@ def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
     result = run_script(env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out, summary = result.stdout, final_summary(result.stdout)
-    assert "export_weights:ema (horizon 0.05)" in out and "gptq_calibration hessians:9 batches:4 tokens:8192 " in out
+    assert "export_weights:ema (horizon 0.063)" in out and "gptq_calibration hessians:9 batches:4 tokens:8192 " in out
     assert re.search(r"^export_stored attn:8xfloat16 embed:1xint8 mlp:4xint6 other:\d+xfloat16$", out, re.M)
     assert re.search(r"^export_try:1 attn:int6/k12.85/gptq mlp:int6/k12.85/gptq embed:int8/k20/gptq "
                      r"codec:brotlix16 bytes:\d+ budget:\d+ fits ", out, re.M)
