@@ -187,14 +187,16 @@ class Config:
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
-    eval_stride: int = knob(64, "sliding-window stride (context up to window - stride); 0 or >= the window = round trip only")
+    eval_stride: int = knob(64, "sliding-window stride (context up to window - stride); "
+                                "0 or >= the window = round trip only")
     ttt_lr: float = knob(0.005, "score-first test-time training: SGD LR on already-scored validation chunks; 0 = off")
     ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
     ttt_epochs: int = knob(3, "TTT: SGD steps on each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
     ttt_cosine: bool = knob(True, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
     ttt_grad_clip: float = knob(1.0, "TTT: clip the gradient norm of each step; 0 = off")
-    eval_only: str = knob("", "no training: score this artifact (.ptz), or re-export this float checkpoint (.pt) and score it")
+    eval_only: str = knob("", "no training: score this artifact (.ptz), or re-export this float checkpoint (.pt) "
+                              "and score it")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
@@ -331,8 +333,10 @@ def validate(cfg: Config) -> dict:
     require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
             f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
-    require((cfg.model_dim // cfg.num_heads) % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
-    require(cfg.num_heads % cfg.num_kv_heads == 0, f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
+    require((cfg.model_dim // cfg.num_heads) % 2 == 0,
+            f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
+    require(cfg.num_heads % cfg.num_kv_heads == 0,
+            f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
     head_dim = cfg.model_dim // cfg.num_heads
     require(cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
             f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}")
@@ -340,16 +344,19 @@ def validate(cfg: Config) -> dict:
     require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
-    require(cfg.ttt_chunk >= cfg.train_seq_len, f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}")
+    require(cfg.ttt_chunk >= cfg.train_seq_len,
+            f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}")
     require(cfg.export_reserve_seconds >= 0 and (cfg.max_wallclock_seconds == 0 or not cfg.gptq or
                                                  cfg.export_reserve_seconds < cfg.max_wallclock_seconds),
             f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
-    require(0 <= cfg.loop_start < unique, f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
+    require(0 <= cfg.loop_start < unique,
+            f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
     require(cfg.loop_start <= loop_end < unique, f"LOOP_END={cfg.loop_end}: must be in LOOP_START..{unique - 1} or -1")
     repeats = core_repeats(unique, cfg.loop_start, loop_end, cfg.num_layers)
-    require(-1 <= cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n}: must be -1 (all) or 0..NUM_LAYERS={cfg.num_layers}")
+    require(-1 <= cfg.xsa_last_n <= cfg.num_layers,
+            f"XSA_LAST_N={cfg.xsa_last_n}: must be -1 (all) or 0..NUM_LAYERS={cfg.num_layers}")
     phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
