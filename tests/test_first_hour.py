@@ -6,17 +6,18 @@ import pytest
 import torch
 
 import train_gpt
+from conftest import PLAIN_SHAPE
 from train_gpt import GPT, Runtime, UserError, build_config, build_model, check_eval_budget
 
 CPU = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-TINY = dict(VOCAB_SIZE="1024", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
+TINY = dict(PLAIN_SHAPE, VOCAB_SIZE="1024", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
             TRAIN_BATCH_TOKENS="2048", VAL_BATCH_SIZE="4096")
 
 
 def test_the_default_model_on_the_cpu_warns_once(capsys):
     build_model(build_config({}), CPU)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
-    assert warnings == ["WARNING: running on the CPU with 20,734,536 parameters: expect hours; "
+    assert warnings == ["WARNING: running on the CPU with 35,944,536 parameters: expect hours; "
                         "see data/README.md for a tiny CPU recipe"]
     build_model(build_config(TINY), CPU)
     assert "WARNING" not in capsys.readouterr().out
