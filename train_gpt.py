@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,12 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class Interrupted(UserError):
+    """SIGTERM or SIGINT during training: the step in flight finishes, every rank stops on the same
+    step, nothing is exported (exit code 5; checkpoint and resume are not implemented yet)."""
+    exit_code = 5
 
 
 class Diverged(UserError):
@@ -1904,7 +1911,11 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         state.step += 1
         rt.synchronize()
         now = time.perf_counter()
-        elapsed_ms, diverged = rt.agree_max(state.elapsed_ms + 1000 * (now - clock), float(not torch.isfinite(loss)))
+        elapsed_ms, diverged, stop_asked = rt.agree_max(state.elapsed_ms + 1000 * (now - clock),
+                                                        float(not torch.isfinite(loss)), float(bool(STOP_SIGNALS)))
+        if stop_asked:  # agreed across ranks, like every decision that stops training
+            raise Interrupted(f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
+                              f"{state.step}; nothing was exported")
         if diverged:  # agreed across ranks: every rank stops here, and nothing is exported
             raise Diverged(f"the training loss is not finite at step {state.step} (on some rank); stopping without "
                            "an export: lower MATRIX_LR / SCALAR_LR or set GRAD_CLIP_NORM")
@@ -1922,6 +1933,18 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             log_step(rt, cfg, state, state.last_loss, run_fraction(cfg, state.step, elapsed_ms / 1000))
         if stop:
             rt.log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{state.step}/{cfg.iterations}")
+
+
+STOP_SIGNALS: list[str] = []  # filled by main's signal handler; the training loop polls it every step
+TRAINING_LOOP = [False]  # whether that loop is running (it then stops every rank on the same step)
+
+
+def on_stop_signal(number: int, frame) -> None:
+    """SIGTERM/SIGINT: during training, finish the step and stop together (polled); elsewhere, or on a
+    second signal, stop at once. Files are written under temporary names, so nothing half-written remains."""
+    STOP_SIGNALS.append(signal.Signals(number).name)
+    if not TRAINING_LOOP[0] or len(STOP_SIGNALS) > 1:
+        raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left")
 
 
 def parameter_checksum(model: GPT) -> float:
@@ -2182,7 +2205,11 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
     averages = WeightAverages(cfg, base)
-    state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages)
+    TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
+    try:
+        state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages)
+    finally:
+        TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
     set_qat(base, False)  # from here on the weights are what gets exported, and the artifact is scored as is
     checksum = parameter_checksum(base)
@@ -2192,7 +2219,9 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
     if rt.main:
-        torch.save(averages.checkpoint(), out / "final_model.float.pt")
+        temporary = out / "final_model.float.pt.tmp"  # whole or absent: a kill mid-write leaves no final name
+        torch.save(averages.checkpoint(), temporary)
+        os.replace(temporary, out / "final_model.float.pt")
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
     results = []
@@ -2301,6 +2330,8 @@ def main() -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     rt = setup_runtime()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop_signal)
     try:
         if cfg.dry_run:
             rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))

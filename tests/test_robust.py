@@ -61,3 +61,26 @@ def test_divergence_stops_training_without_an_export(tiny_data, tmp_path):
     assert len(lines) == 1 and "not finite" in lines[0] and "Traceback" not in result.stderr, lines
     assert not list((tmp_path / "runs" / "nan").glob("*.ptz"))
     assert "error: the training loss is not finite" in (tmp_path / "runs" / "nan" / "nan.txt").read_text()
+
+
+def test_sigterm_during_training_stops_on_a_step_with_one_line(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, clean_environ
+
+    env = {**clean_environ(), **tiny_env(tiny_data, RUN_ID="sig", ITERATIONS=100000, TRAIN_LOG_EVERY=1)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("step:3/"):  # training is under way
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SIGTERM received: training stopped after step "), lines
+    assert "Traceback" not in err and not list((tmp_path / "runs" / "sig").glob("*.ptz"))
+    assert os.path.exists(tmp_path / "runs" / "sig" / "sig.txt")
