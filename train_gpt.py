@@ -75,8 +75,7 @@ class DataError(UserError):
 
 
 class Interrupted(UserError):
-    """SIGTERM or SIGINT during training: the step in flight finishes, every rank stops on the same
-    step, nothing is exported (exit code 5; checkpoint and resume are not implemented yet)."""
+    """SIGTERM/SIGINT: every rank stops on the same step, nothing is exported (exit code 5; no resume yet)."""
     exit_code = 5
 
 
@@ -1499,9 +1498,11 @@ def decompress(streams: list[bytes], recipe: ExportRecipe) -> bytes:
         return b"".join(pool.map(codec(recipe)[1], streams))
 
 
-def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict | None = None) -> bytes:
+def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict | None = None,
+                  meta: dict | None = None) -> bytes:
     """Magic, version, the header's length (4 bytes, little-endian), the JSON header (zlib: 8 KB ->
-    1.5 KB for the 36M model), the payload (the compressed streams); `times` gets the steps' seconds."""
+    1.5 KB for the 36M model; `meta`: the model's settings and the tokenizer's hash), the payload (the
+    compressed streams); `times` gets the steps' seconds."""
     start = time.perf_counter()
     entries, sections = serialize(stored)
     raw = b"".join(shuffle_bytes(a) if recipe.shuffle else a.tobytes() for a in sections.values())
@@ -1510,23 +1511,31 @@ def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict |
     (times if times is not None else {}).update(serialize=middle - start, compress=time.perf_counter() - middle)
     payload = b"".join(streams)
     header = zlib.compress(json.dumps(dict(
-        recipe=dataclasses.asdict(recipe), tensors=entries, streams=[len(s) for s in streams],
+        recipe=dataclasses.asdict(recipe), meta=meta or {}, tensors=entries, streams=[len(s) for s in streams],
         sections=[[k, a.dtype.name, a.size] for k, a in sections.items()], sha256=hashlib.sha256(payload).hexdigest()),
         separators=(",", ":")).encode(), 9)
     return ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(header).to_bytes(4, "little") + header + payload
 
 
-def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
-    """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
+def artifact_header(blob: bytes, source) -> tuple[dict, int]:
+    """The artifact's JSON header and where its payload starts; one DataError line naming `source`."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not an artifact of this script (no {ARTIFACT_MAGIC.decode()} magic)")
     if blob[4:5] != bytes([ARTIFACT_VERSION]):
         raise DataError(f"{source}: artifact format version {blob[4:5].hex()}; this script reads {ARTIFACT_VERSION}")
     end = 9 + int.from_bytes(blob[5:9], "little")
     try:
-        header = json.loads(zlib.decompress(blob[9:end]))
+        return json.loads(zlib.decompress(blob[9:end])), end
+    except (ValueError, zlib.error) as exc:
+        raise DataError(f"{source}: header not readable by this script ({exc})") from None
+
+
+def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
+    """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
+    header, end = artifact_header(blob, source)
+    try:
         recipe = recipe_from_json(header["recipe"])
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{source}: header or export recipe not readable by this script ({exc})") from None
     if hashlib.sha256(payload := blob[end:]).hexdigest() != header.get("sha256"):
         raise DataError(f"{source}: payload checksum mismatch (corrupt or truncated file)")
@@ -1579,7 +1588,8 @@ def coarsen(state, hessians, recipe: ExportRecipe, initial: ExportRecipe, saving
     return recipe.with_sigmas(sigmas), saved
 
 
-def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log) -> tuple[bytes, ExportRecipe]:
+def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log, meta: dict | None = None
+                 ) -> tuple[bytes, ExportRecipe]:
     """The artifact of `recipe` when it fits in `budget` bytes, else of a coarsened recipe that fits a
     little under it: each try is a real quantization and compression, logged, and what a coarsening
     really saved against its estimate calibrates the next. ArtifactTooLarge when coarsening runs out."""
@@ -1588,7 +1598,7 @@ def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log) -> tup
         start, times = time.perf_counter(), {}
         stored = quantize_state(state, recipe, hessians)
         times["quantize"] = time.perf_counter() - start
-        blob = pack_artifact(stored, recipe, times)
+        blob = pack_artifact(stored, recipe, times, meta)
         if attempt == 1:
             log(f"export_stored {stored_summary(stored)}")
         log(f"export_try:{attempt} {recipe.describe()} bytes:{len(blob)} budget:{budget} "
@@ -1940,8 +1950,7 @@ TRAINING_LOOP = [False]  # whether that loop is running (it then stops every ran
 
 
 def on_stop_signal(number: int, frame) -> None:
-    """SIGTERM/SIGINT: during training, finish the step and stop together (polled); elsewhere, or on a
-    second signal, stop at once. Files are written under temporary names, so nothing half-written remains."""
+    """During training, finish the step and stop together (polled); elsewhere, or on a second signal, at once."""
     STOP_SIGNALS.append(signal.Signals(number).name)
     if not TRAINING_LOOP[0] or len(STOP_SIGNALS) > 1:
         raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left")
@@ -2093,7 +2102,7 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
     if rt.main:
         try:
             budget = cfg.target_bytes - code_bytes
-            blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log)
+            blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log, model_meta(cfg))
             start, temporary = time.perf_counter(), path.with_name(path.name + ".tmp")
             temporary.write_bytes(blob)
             os.replace(temporary, path)
@@ -2284,6 +2293,30 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
     return summary
 
 
+# The settings that define the model's shape and function: an artifact carries them, and EVAL_ONLY uses them.
+MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "cross_repeat_skip",
+               "value_embeds", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
+               "rope_base", "logit_softcap", "xsa_last_n", "rope_dims", "ln_scale", "parallel_residual_start",
+               "skip_gates_enabled", "layer_rows", "loop_embed")
+
+
+def model_meta(cfg: Config) -> dict:
+    return dict(model={k: getattr(cfg, k) for k in MODEL_KNOBS},
+                tokenizer_sha256=hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest())
+
+
+def config_for_artifact(cfg: Config, meta: dict, source: str) -> Config:
+    """This run's settings with the artifact's model settings; another tokenizer's artifact is refused."""
+    if meta.get("tokenizer_sha256", model_meta(cfg)["tokenizer_sha256"]) != model_meta(cfg)["tokenizer_sha256"]:
+        raise DataError(f"EVAL_ONLY={source}: written with another tokenizer than TOKENIZER_PATH={cfg.tokenizer_path} "
+                        f"(sha256 {meta['tokenizer_sha256'][:12]}...)")
+    env = {f.name.upper(): str(int(v)) if isinstance(v, bool) else str(v)
+           for f in dataclasses.fields(Config) if not f.metadata.get("derived") and (v := getattr(cfg, f.name)) != ""}
+    env.update({k.upper(): str(int(v)) if isinstance(v, bool) else str(v) for k, v in meta.get("model", {}).items()})
+    env["PROG_DEPTH"] = ""  # training's schedule, not the model: evaluation runs the artifact's full depth
+    return build_config(env, cfg.world_size)
+
+
 def load_weights(model: GPT, state: dict, source: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
@@ -2297,6 +2330,9 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     """Evaluate a written artifact as is, or re-export a float checkpoint with this run's export
     settings (how exports of one trained model are compared) and evaluate the result."""
     source = Path(cfg.eval_only)
+    if source.suffix != ".pt":
+        cfg = config_for_artifact(cfg, artifact_header(source.read_bytes(), f"EVAL_ONLY={source}")[0].get("meta", {}),
+                                  str(source))
     tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     base = GPT(cfg, torch.bfloat16 if rt.device.type == "cuda" else torch.float32).to(rt.device)
@@ -2357,6 +2393,5 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    # Leave without the interpreter's teardown: with torch 2.13 and gloo, destroying ProcessGroup threads at
-    # exit aborted a finished run now and then ("terminate called without an active exception").
+    # No interpreter teardown: under torch 2.13, gloo's threads aborted finished runs now and then at exit.
     os._exit(code)

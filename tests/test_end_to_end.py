@@ -96,7 +96,9 @@ def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
 def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path):
     cwd, out = single_run
     artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
-    result = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact), tmp_path, timeout=120)
+    # shape variables unlike the run's: the artifact's own model settings are used (no retyping)
+    result = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact, MODEL_DIM=32, NUM_LAYERS=4,
+                                 MLP_MULT=3), tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     again, original = final_summary(result.stdout), final_summary(out)
     assert again["val_bpb"] == original["val_bpb"] and again["bytes_model"] == original["bytes_model"]

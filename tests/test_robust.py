@@ -84,3 +84,16 @@ def test_sigterm_during_training_stops_on_a_step_with_one_line(tiny_data, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: SIGTERM received: training stopped after step "), lines
     assert "Traceback" not in err and not list((tmp_path / "runs" / "sig").glob("*.ptz"))
     assert os.path.exists(tmp_path / "runs" / "sig" / "sig.txt")
+
+
+def test_an_artifact_for_another_tokenizer_is_refused_and_its_model_settings_are_used(tiny_data):
+    from conftest import tiny_env
+    from train_gpt import config_for_artifact, model_meta
+
+    cfg = build_config(tiny_env(tiny_data))
+    meta = model_meta(cfg)
+    assert meta["model"]["model_dim"] == 64 and len(meta["tokenizer_sha256"]) == 64
+    other = build_config(tiny_env(tiny_data, MODEL_DIM=32, NUM_LAYERS=4, MLP_MULT=3))
+    assert config_for_artifact(other, meta, "a.ptz") == cfg  # every model setting back from the artifact
+    with pytest.raises(DataError, match="EVAL_ONLY=a.ptz: written with another tokenizer"):
+        config_for_artifact(cfg, {**meta, "tokenizer_sha256": "0" * 64}, "a.ptz")
