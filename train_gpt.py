@@ -675,10 +675,9 @@ class BatchLoader:
     """What both data orders share: batches of `seqs` sequences of `seq_len` inputs (targets one
     token later) for this rank, prepared ahead by prefetch() while the GPU runs the last micro-step."""
 
-    vocab_size = 65536  # token ids at or above it are refused as batches are read (set by make_train_loader)
-
-    def __init__(self, rank: int, world_size: int, seqs: int, seq_len: int, device):
+    def __init__(self, rank: int, world_size: int, seqs: int, seq_len: int, device, vocab_size: int):
         self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
+        self.vocab_size = vocab_size  # token ids at or above it are refused as batches are read
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,8 +707,9 @@ class StreamLoader(BatchLoader):
     """DATA_ORDER=stream: the shards front to back, looping. Each micro-step takes world_size
     consecutive spans of seqs*seq_len + 1 tokens and rank r the r-th, so ranks never share a token."""
 
-    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device):
-        super().__init__(rank, world_size, seqs, seq_len, device)
+    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
+                 vocab_size: int = 65536):
+        super().__init__(rank, world_size, seqs, seq_len, device, vocab_size)
         self.paths, self.index, self.pos = paths, 0, 0
         self.tokens = load_shard(paths[0])
 
@@ -739,8 +739,8 @@ class ShuffledLoader(BatchLoader):
     (Long documents such as books would otherwise fill a batch with a few consecutive documents.)"""
 
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
-                 seed: int, epoch: int = 0, position: int = 0):
-        super().__init__(rank, world_size, seqs, seq_len, device)
+                 seed: int, epoch: int = 0, position: int = 0, vocab_size: int = 65536):
+        super().__init__(rank, world_size, seqs, seq_len, device, vocab_size)
         self.shards, self.seed = [map_shard(p) for p in paths], seed
         if all(len(t) < seq_len + 1 for t in self.shards):
             raise DataError(f"{paths[0].parent}: no train shard holds TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens")
@@ -750,7 +750,7 @@ class ShuffledLoader(BatchLoader):
     def _start_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
         L = self.seq_len
-        self.phases = [int(rng.integers(0, max(1, min(L, len(t) - L)))) for t in self.shards]
+        self.phases = np.array([rng.integers(0, max(1, min(L, len(t) - L))) for t in self.shards])
         counts = [max(0, (len(t) - 1 - p) // L) for t, p in zip(self.shards, self.phases)]
         self.first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first window
         self.order = rng.permutation(int(self.first[-1]))
@@ -772,17 +772,15 @@ class ShuffledLoader(BatchLoader):
     def _rows(self) -> np.ndarray:
         ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
         shard = np.searchsorted(self.first, ids, side="right") - 1
-        starts = np.asarray(self.phases)[shard] + (ids - self.first[shard]) * self.seq_len
+        starts = self.phases[shard] + (ids - self.first[shard]) * self.seq_len
         return np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])
 
 
 def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> BatchLoader:
+    shape = (rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
     if cfg.data_order == "stream":
-        loader = StreamLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
-    else:
-        loader = ShuffledLoader(paths, rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device, cfg.seed)
-    loader.vocab_size = cfg.vocab_size
-    return loader
+        return StreamLoader(paths, *shape, vocab_size=cfg.vocab_size)
+    return ShuffledLoader(paths, *shape, cfg.seed, vocab_size=cfg.vocab_size)
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
@@ -1292,7 +1290,7 @@ def weight_group(name: str) -> str:
 
 
 def quant_bits(cfg: Config) -> dict[str, int]:
-    return {"attn": cfg.quant_bits_attn, "mlp": cfg.quant_bits_mlp, "embed": cfg.quant_bits_embed}
+    return {g: getattr(export_recipe(cfg), g).bits for g in GROUPS}
 
 
 def export_label(bits: dict[str, int]) -> str:
@@ -2193,8 +2191,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = byte_tables(sp, cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     train_shards = find_shards(cfg.data_path, "train")
-    rt.log(f"data_order:{cfg.data_order} train_shards:{len(train_shards)} "
-           f"train_tokens:{sum(read_shard_header(p) for p in train_shards)} seed:{cfg.seed}")
+    rt.log(f"data_order:{cfg.data_order} seed:{cfg.seed}")  # shards and tokens: log_header's train_shards line
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
@@ -2307,12 +2304,13 @@ def model_meta(cfg: Config) -> dict:
 
 def config_for_artifact(cfg: Config, meta: dict, source: str) -> Config:
     """This run's settings with the artifact's model settings; another tokenizer's artifact is refused."""
-    if meta.get("tokenizer_sha256", model_meta(cfg)["tokenizer_sha256"]) != model_meta(cfg)["tokenizer_sha256"]:
+    ours = model_meta(cfg)["tokenizer_sha256"]
+    if meta.get("tokenizer_sha256", ours) != ours:
         raise DataError(f"EVAL_ONLY={source}: written with another tokenizer than TOKENIZER_PATH={cfg.tokenizer_path} "
                         f"(sha256 {meta['tokenizer_sha256'][:12]}...)")
-    env = {f.name.upper(): str(int(v)) if isinstance(v, bool) else str(v)
-           for f in dataclasses.fields(Config) if not f.metadata.get("derived") and (v := getattr(cfg, f.name)) != ""}
-    env.update({k.upper(): str(int(v)) if isinstance(v, bool) else str(v) for k, v in meta.get("model", {}).items()})
+    settings = {**dataclasses.asdict(cfg), **meta.get("model", {})}
+    env = {name: str(int(v)) if isinstance(v, bool) else str(v)
+           for name, field in env_knobs().items() if (v := settings[field.name]) != ""}
     env["PROG_DEPTH"] = ""  # training's schedule, not the model: evaluation runs the artifact's full depth
     return build_config(env, cfg.world_size)
 
@@ -2330,9 +2328,9 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     """Evaluate a written artifact as is, or re-export a float checkpoint with this run's export
     settings (how exports of one trained model are compared) and evaluate the result."""
     source = Path(cfg.eval_only)
-    if source.suffix != ".pt":
-        cfg = config_for_artifact(cfg, artifact_header(source.read_bytes(), f"EVAL_ONLY={source}")[0].get("meta", {}),
-                                  str(source))
+    blob = None if source.suffix == ".pt" else source.read_bytes()
+    if blob is not None:
+        cfg = config_for_artifact(cfg, artifact_header(blob, f"EVAL_ONLY={source}")[0].get("meta", {}), str(source))
     tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     base = GPT(cfg, torch.bfloat16 if rt.device.type == "cuda" else torch.float32).to(rt.device)
@@ -2343,7 +2341,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         load_weights(base, checkpoint[cfg.export_weights], cfg.eval_only)
         code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
     else:
-        stored, recipe = unpack_artifact(source.read_bytes(), f"EVAL_ONLY={source}")
+        stored, recipe = unpack_artifact(blob, f"EVAL_ONLY={source}")
         load_weights(base, dequantize_state(stored), cfg.eval_only)
         code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes}) recipe:{recipe.describe()}")
