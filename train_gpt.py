@@ -137,8 +137,6 @@ class Config:
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
     # batch and schedule
-    data_order: str = knob("shuffled", "shuffled: each epoch one seeded permutation of all shards' windows; "
-                                       "stream: shards front to back", ("shuffled", "stream"))
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(786_432, "tokens per optimizer step, all ranks together")
     grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = the fewest with <= MICRO_BATCH_TOKENS per GPU")
@@ -188,7 +186,6 @@ class Config:
     embed_clip_sigmas: float = knob(20.0, "embedding/head rows' k (as MATRIX_CLIP_SIGMAS); 0 = step from the max")
     gptq: bool = knob(True, "GPTQ with act-order (Hessians of training batches) for block matrices and the head")
     gptq_batches: int = knob(64, "GPTQ calibration micro-batches of training data, shared out over ranks")
-    qat_start: float = knob(0.0, "fake-quantize block matrices as exported from this run fraction; 0 = off")
     export_reserve_seconds: float = knob(12.0, "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration")
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
@@ -327,8 +324,7 @@ def validate(cfg: Config) -> dict:
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
-    for name in ("swa_start", "qat_start"):
-        require(0 <= getattr(cfg, name) < 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1)")
+    require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
     for name, lo, hi in (("zstd_level", 1, 22), ("quant_bits_attn", 5, 8), ("quant_bits_mlp", 5, 8),
                          ("quant_bits_embed", 5, 8)):
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
@@ -620,8 +616,8 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
 # Data
 #
 # The challenge's shard format: a 256 x int32 little-endian header (magic 20240520, version 1,
-# token count) followed by the tokens as little-endian uint16. Every rank reads the same stream
-# and takes its own disjoint slice of each chunk, so any world size sees each token once per pass.
+# token count) followed by the tokens as little-endian uint16. Training draws windows of all shards in
+# a seeded shuffled order, each rank a disjoint share of every step, so any world size works.
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
@@ -672,7 +668,7 @@ def map_shard(path: Path) -> np.ndarray:
 
 
 class BatchLoader:
-    """What both data orders share: batches of `seqs` sequences of `seq_len` inputs (targets one
+    """Batches of `seqs` sequences of `seq_len` inputs (targets one
     token later) for this rank, prepared ahead by prefetch() while the GPU runs the last micro-step."""
 
     def __init__(self, rank: int, world_size: int, seqs: int, seq_len: int, device, vocab_size: int):
@@ -703,35 +699,8 @@ class BatchLoader:
         raise NotImplementedError
 
 
-class StreamLoader(BatchLoader):
-    """DATA_ORDER=stream: the shards front to back, looping. Each micro-step takes world_size
-    consecutive spans of seqs*seq_len + 1 tokens and rank r the r-th, so ranks never share a token."""
-
-    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
-                 vocab_size: int = 65536):
-        super().__init__(rank, world_size, seqs, seq_len, device, vocab_size)
-        self.paths, self.index, self.pos = paths, 0, 0
-        self.tokens = load_shard(paths[0])
-
-    def _take(self, n: int) -> np.ndarray:
-        parts = []
-        while n > 0:
-            if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.paths)
-                self.tokens, self.pos = load_shard(self.paths[self.index]), 0
-            parts.append(part := self.tokens[self.pos:self.pos + n])
-            self.pos += len(part)
-            n -= len(part)
-        return np.concatenate(parts)
-
-    def _rows(self) -> np.ndarray:
-        span = self.seqs * self.seq_len + 1
-        local = self._take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        return np.lib.stride_tricks.sliding_window_view(local, self.seq_len + 1)[::self.seq_len]
-
-
 class ShuffledLoader(BatchLoader):
-    """DATA_ORDER=shuffled (default): each epoch cuts every shard into non-overlapping windows of
+    """The training data order: each epoch cuts every shard into non-overlapping windows of
     seq_len + 1 tokens from a random phase offset, and draws all shards' windows in one permutation,
     without replacement. A micro-step takes the next world_size * seqs windows of that order and rank r
     the r-th share: ranks are disjoint within a step, and any number of shards serves any number of
@@ -778,8 +747,6 @@ class ShuffledLoader(BatchLoader):
 
 def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> BatchLoader:
     shape = (rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
-    if cfg.data_order == "stream":
-        return StreamLoader(paths, *shape, vocab_size=cfg.vocab_size)
     return ShuffledLoader(paths, *shape, cfg.seed, vocab_size=cfg.vocab_size)
 
 
@@ -838,31 +805,8 @@ class CastedLinear(nn.Linear):
         if zero_init:
             nn.init.zeros_(self.weight)
 
-    qat_bits, qat_sigmas = 0, 0.0  # set by enable_qat: fake-quantize as the export will while qat_on is 1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.qat_bits:  # straight-through: forward sees the export's rounding, backward is identity
-            fake = dequantize_rows(*quantize_rows(w.detach(), self.qat_bits, self.qat_sigmas))
-            w = w + self.qat_on * (fake - w).detach()
-        return F.linear(x, w.to(x.dtype))
-
-
-def enable_qat(model: "GPT", cfg: Config) -> None:
-    """Give every block matrix that the export quantizes its group's width and clip, and a 0/1 switch
-    (a buffer, so turning QAT on mid-run changes a value, not the compiled graph)."""
-    recipe = export_recipe(cfg)
-    for name, module in model.blocks.named_modules():
-        if isinstance(module, CastedLinear) and module.weight.numel() > KEEP_FLOAT_MAX_NUMEL:
-            group = recipe.group(f"blocks.{name}.weight")
-            module.qat_bits, module.qat_sigmas = group.bits, group.clip_sigmas
-            module.register_buffer("qat_on", torch.zeros((), device=module.weight.device), persistent=False)
-
-
-def set_qat(model: "GPT", on: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, CastedLinear) and module.qat_bits:
-            module.qat_on.fill_(float(on))
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1785,7 +1729,6 @@ class TrainState:
     switched_at: int = -1  # the step that switched depth last
     switched_from: int = 0  # the passes before that switch
     phase_ms: dict = dataclasses.field(default_factory=dict)  # passes -> every step time at that depth
-    qat: bool = False  # fake quantization switched on
 
 
 def train_step(model, loader: BatchLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
@@ -1910,10 +1853,6 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
         choose_depth(cfg, rt, state, t)
-        if cfg.qat_start and t >= cfg.qat_start and not state.qat:
-            state.qat = True
-            set_qat(base, True)
-            rt.log(f"qat_on step:{state.step + 1} t:{t:.3f} bits:{json.dumps(quant_bits(cfg), sort_keys=True)}")
         set_schedules(cfg, optimizers, state, t)
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
@@ -2049,8 +1988,6 @@ def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
     compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     base = GPT(cfg, compute_dtype, compile=cfg.compile and rt.device.type == "cuda").to(rt.device)
-    if cfg.qat_start:
-        enable_qat(base, cfg)
     model = base
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -2191,7 +2128,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = byte_tables(sp, cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     train_shards = find_shards(cfg.data_path, "train")
-    rt.log(f"data_order:{cfg.data_order} seed:{cfg.seed}")  # shards and tokens: log_header's train_shards line
+    rt.log(f"data_order:shuffled seed:{cfg.seed}")  # shards and tokens: log_header's train_shards line
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
@@ -2217,7 +2154,6 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
-    set_qat(base, False)  # from here on the weights are what gets exported, and the artifact is scored as is
     checksum = parameter_checksum(base)
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
            f"full_depth_from_step:{state.full_depth_from}")

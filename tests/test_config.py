@@ -24,8 +24,7 @@ def test_defaults_are_the_frontier_record_stack():
     assert (cfg.rope_dims, cfg.ln_scale, cfg.parallel_residual_start, cfg.skip_gates_enabled, cfg.xsa_last_n) == (
         16, True, 7, True, -1)
     assert (cfg.layer_rows, cfg.loop_embed, cfg.ortho_init, cfg.qk_gain_init) == ("block", False, True, 5.25)
-    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens, cfg.data_order) == (8192, 2048, 786_432,
-                                                                                           "shuffled")
+    assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (8192, 2048, 786_432)
     assert (cfg.matrix_lr, cfg.scalar_lr, cfg.tied_embed_lr, cfg.muon_momentum, cfg.muon_momentum_warmup_start,
             cfg.muon_momentum_warmup_frac) == (0.022, 0.02, 0.03, 0.99, 0.92, 0.33)
     assert (cfg.muon_weight_decay, cfg.embed_wd, cfg.adam_wd, cfg.grad_clip_norm, cfg.warmdown_frac) == (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script, tiny_env, tokenizer_path, write_shard
-from train_gpt import DataError, ShuffledLoader, StreamLoader, load_shard, read_shard_header
+from train_gpt import DataError, ShuffledLoader, load_shard, read_shard_header
 
 
 def position_shards(folder, sizes):
@@ -25,33 +25,6 @@ def test_shard_round_trip(tmp_path):
     write_shard(path, [1, 2, 65535, 0])
     assert read_shard_header(path) == 4 and path.stat().st_size == 1024 + 8
     assert load_shard(path).tolist() == [1, 2, 65535, 0]
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_stream_loader_ranks_are_disjoint_and_contiguous(tmp_path, world_size):
-    paths = position_shards(tmp_path, [700, 333, 1500])
-    seqs, seq_len, steps = 2, 16, 5
-    seen = []
-    for rank in range(world_size):
-        loader = StreamLoader(paths, rank, world_size, seqs, seq_len, torch.device("cpu"))
-        for step in range(steps):
-            x, y = loader.next_batch()
-            if step % 2:
-                loader.prefetch()  # as train_step does; must not change the order
-            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
-            seen.append(torch.cat([x.flatten(), y.flatten()[-1:]]))
-    # each rank's span per step covers seqs*seq_len+1 consecutive positions; spans never overlap
-    positions = torch.cat(seen)
-    span = seqs * seq_len + 1
-    assert len(positions) == len(set(positions.tolist())) == span * world_size * steps
-    assert sorted(positions.tolist()) == list(range(span * world_size * steps))
-
-
-def test_stream_loader_wraps_to_the_first_shard(tmp_path):
-    paths = position_shards(tmp_path, [50, 30])
-    loader = StreamLoader(paths, 0, 1, 1, 32, torch.device("cpu"))
-    firsts = [loader.next_batch()[0][0, 0].item() for _ in range(4)]
-    assert firsts == [0, 33, 66 % 80, (99 % 80)]
 
 
 @pytest.mark.parametrize("corrupt, message", [

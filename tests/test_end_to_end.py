@@ -141,18 +141,6 @@ def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
     assert "final_int6gptq_brotli_sliding" in final_summary(result.stdout)["evals"]
 
 
-def test_qat_switches_on_at_its_run_fraction(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, RUN_ID="qat", QAT_START=0.5, QUANT_BITS_MLP=6), tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r'^qat_on step:16 t:0\.500 bits:\{"attn": 8, "embed": 8, "mlp": 6\}$', result.stdout, re.M)
-    summary = final_summary(result.stdout)
-    assert summary["steps"] == 30
-    # QAT is off for the final evaluations: scoring the artifact again gives the same number
-    again = run_script(tiny_env(tiny_data, RUN_ID="qat-again", QUANT_BITS_MLP=6, EVAL_ONLY=summary["artifact"]),
-                       tmp_path, timeout=120)
-    assert again.returncode == 0 and final_summary(again.stdout)["val_bpb"] == summary["val_bpb"]
-
-
 def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
     ok = run_script(tiny_env(tiny_data, RUN_ID="budget", ITERATIONS=2), tmp_path, timeout=120)
     assert ok.returncode == 0 and re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding:[\d.]+s total:[\d.]+s "

@@ -235,32 +235,6 @@ def test_hessians_are_float_products_under_bf16_autocast():
         assert torch.linalg.eigvalsh(mixed[name].double()).min() > -1e-6 * h.diagonal().sum()
 
 
-def test_qat_forward_fakes_exactly_what_the_export_stores_and_backward_passes_straight():
-    from train_gpt import CastedLinear, GPT, enable_qat
-
-    torch.manual_seed(7)
-    cfg = build_config({**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "128", "MLP_MULT": "4.5", "NUM_HEADS": "2",
-                        "NUM_KV_HEADS": "1", "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64",
-                        "QAT_START": "0.5", "QUANT_BITS_MLP": "5", "MLP_CLIP_SIGMAS": "6"})
-    model = GPT(cfg)
-    enable_qat(model, cfg)
-    fc = model.blocks[0].mlp.fc  # 576 x 128 > KEEP_FLOAT_MAX_NUMEL: quantized by the export
-    assert (fc.qat_bits, fc.qat_sigmas) == (5, 6.0)
-    assert model.blocks[0].attn.c_q.qat_bits == 0  # 128 x 128 stays float in the artifact, so QAT leaves it
-    assert "blocks.0.mlp.fc.qat_on" not in model.state_dict()  # the switch is not exported
-    x = torch.randn(4, 128)
-    assert torch.equal(fc(x), torch.nn.functional.linear(x, fc.weight))  # off: plain
-    fc.qat_on.fill_(1.0)
-    stored = quantize_state({"blocks.0.mlp.fc.weight": fc.weight.detach()}, export_recipe(cfg))
-    plain = CastedLinear(128, fc.weight.size(0))
-    plain.weight.data.copy_(dequantize_state(stored)["blocks.0.mlp.fc.weight"])
-    out, ref = fc(x), plain(x)
-    assert torch.allclose(out, ref, atol=1e-6)
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    assert torch.allclose(fc.weight.grad, plain.weight.grad, atol=1e-5)
-
-
 def fit(state, budget, hessians=None, **env):
     lines = []
     r = recipe(COMPRESSOR="zstd", ZSTD_LEVEL=10, **env)
