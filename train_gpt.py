@@ -136,6 +136,10 @@ class Config:
                            ("virtual", "block"))
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
+    smear_gate: bool = knob(False, "add the previous token's embedding through a learned gate (zero-init); not at BOS")
+    attn_gate: float = knob(0.0, "s > 0: each head's attention output times sigmoid(s * w_h . the first GATE_WINDOW "
+                                 "channels of the attention input) (zero-init: halved); 0 = off")
+    gate_window: int = knob(12, "channels read by SMEAR_GATE and ATTN_GATE")
     # batch and schedule
     data_order: str = knob("shuffled", "shuffled: each epoch one seeded permutation of all shards' windows; "
                                        "stream: shards front to back", ("shuffled", "stream"))
@@ -160,14 +164,14 @@ class Config:
     scalar_lr: float = knob(0.02, "Adam LR of vectors, scales and per-layer rows")
     muon_momentum: float = knob(0.99, "Muon momentum (Nesterov)")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
+    muon_ns: str = knob("quintic", "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
+                                   "iteration; closer to orthogonal in the same steps)", ("quintic", "polar"))
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at the start of its warmup")
     muon_momentum_warmup_steps: int = knob(0, "upstream: momentum warmup steps; 0 = use MUON_MOMENTUM_WARMUP_FRAC")
     muon_momentum_warmup_frac: float = knob(0.33, "momentum warmup as a fraction of the run")
     muon_weight_decay: float = knob(0.095, "decoupled weight decay of Muon matrices (times LR)")
     muon_row_normalize: bool = knob(True, "scale each row of Muon's Nesterov update to unit norm before Newton-Schulz")
     embed_wd: float = knob(0.085, "decoupled weight decay of the embeddings (times LR)")
-    muon_ns: str = knob("quintic", "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
-                                   "iteration; closer to orthogonal in the same steps)", ("quintic", "polar"))
     adam_wd: float = knob(0.02, "decoupled weight decay of the Adam-trained vectors and scales (times LR)")
     beta1: float = knob(0.9, "Adam beta1")
     beta2: float = knob(0.95, "Adam beta2")
@@ -317,14 +321,14 @@ def validate(cfg: Config) -> dict:
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
                  "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base",
-                 "target_bytes"):
+                 "target_bytes", "gate_window"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -349,6 +353,7 @@ def validate(cfg: Config) -> dict:
     require(cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
             f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}")
     require(cfg.parallel_residual_start >= -1, f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start}: must be >= -1")
+    require(cfg.gate_window <= cfg.model_dim, f"GATE_WINDOW={cfg.gate_window}: must be <= MODEL_DIM={cfg.model_dim}")
     require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
@@ -608,7 +613,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not n.endswith("attn.gate")]
     embed = [model.tok_emb.weight] + [table.weight for table in model.value_embeds]
     head = [model.lm_head.weight] if model.lm_head is not None else []
     named = {id(p) for p in matrices + embed + head}
@@ -636,6 +641,7 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge's SentencePiece models)
 
 
 def read_shard_header(path: Path) -> int:
@@ -892,9 +898,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool,
+                 gate_scale: float = 0.0, gate_window: int = 12):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
+        self.gate_scale, self.gate = gate_scale, nn.Parameter(torch.zeros(heads, gate_window)) if gate_scale else None
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
@@ -914,6 +922,9 @@ class Attention(nn.Module):
             y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, None]
             y = (y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own).view(B, self.heads, T, self.head_dim)
+        if self.gate is not None:  # sparse output gate (modded-nanogpt, as in the 2026-04-23 record): 0.5 at init
+            gate = torch.sigmoid(self.gate_scale * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
+            y = y * gate.mT[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -934,7 +945,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0,
+                              cfg.attn_gate, cfg.gate_window)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor):
@@ -972,6 +984,7 @@ class GPT(nn.Module):
         for table in self.value_embeds:
             nn.init.normal_(table.weight, std=cfg.tied_embed_init_std)
         self.value_scale = nn.Parameter(torch.zeros(depth, cfg.value_embeds)) if cfg.value_embeds else None
+        self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
             for module in self.blocks.modules():
                 if isinstance(module, CastedLinear) and not module.zero_init:
@@ -996,8 +1009,12 @@ class GPT(nn.Module):
         return self._consts[key]
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False) -> torch.Tensor:
-        dt = self.compute_dtype
-        x = rms_norm(self.tok_emb(input_ids)).to(dt)
+        dt, x = self.compute_dtype, self.tok_emb(input_ids)
+        if self.smear is not None:  # smear gate (modded-nanogpt, as in the 2026-04-16 record), masked at a BOS
+            lam, w = self.smear[0], self.smear[1:]  # (the 2026-04-27 record's fix: no document sees the previous)
+            gate = lam * torch.sigmoid(x[:, 1:, :len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
+            x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+        x = rms_norm(x).to(dt)
         x0, outputs, previous = x, {}, {}
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
@@ -2305,7 +2322,7 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
 MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "cross_repeat_skip",
                "value_embeds", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
                "rope_base", "logit_softcap", "xsa_last_n", "rope_dims", "ln_scale", "parallel_residual_start",
-               "skip_gates_enabled", "layer_rows", "loop_embed")
+               "skip_gates_enabled", "layer_rows", "loop_embed", "smear_gate", "attn_gate", "gate_window")
 
 
 def model_meta(cfg: Config) -> dict:
