@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:
     import zstandard
@@ -140,6 +141,7 @@ class Config:
     attn_gate: float = knob(0.0, "s > 0: each head's attention output times sigmoid(s * w_h . the first GATE_WINDOW "
                                  "channels of the attention input) (zero-init: halved); 0 = off")
     gate_window: int = knob(12, "channels read by SMEAR_GATE and ATTN_GATE")
+    doc_mask: bool = knob(False, "attention stays inside documents (each starts with a BOS), via flex_attention")
     # batch and schedule
     data_order: str = knob("shuffled", "shuffled: each epoch one seeded permutation of all shards' windows; "
                                        "stream: shards front to back", ("shuffled", "stream"))
@@ -909,7 +911,7 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor, docs=None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
@@ -917,7 +919,9 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        gqa = self.heads != self.kv_heads
+        y = flex_attention(q, k, v, block_mask=docs, enable_gqa=gqa) if isinstance(docs, BlockMask) \
+            else F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=docs is None, enable_gqa=gqa)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
             y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, None]
@@ -949,11 +953,11 @@ class Block(nn.Module):
                               cfg.attn_gate, cfg.gate_window)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor):
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None):
         """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2])
+        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], docs)
         mlp_in = x + (1 - parallel) * a  # parallel residual: the MLP reads the block's input too
         return x + a + mlp_scale * self.mlp(rms_norm(mlp_in) * scale)
 
@@ -1009,18 +1013,25 @@ class GPT(nn.Module):
         return self._consts[key]
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False) -> torch.Tensor:
-        dt, x = self.compute_dtype, self.tok_emb(input_ids)
+        dt, x, docs = self.compute_dtype, self.tok_emb(input_ids), None
         if self.smear is not None:  # smear gate (modded-nanogpt, as in the 2026-04-16 record), masked at a BOS
             lam, w = self.smear[0], self.smear[1:]  # (the 2026-04-27 record's fix: no document sees the previous)
             gate = lam * torch.sigmoid(x[:, 1:, :len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
             x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+        blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
+        if self.cfg.doc_mask:  # a token sees only earlier tokens of its own document: the compiled blocks through
+            # a flex_attention block mask (fused, skips whole blocks), eager ones SDPA's boolean mask (the unfused
+            # flex materializes every score too, and has no backward on the CPU)
+            doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
+            docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
+                create_block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
+                                  device=doc.device, _compile=doc.is_cuda)
         x = rms_norm(x).to(dt)
         x0, outputs, previous = x, {}, {}
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
         consts = self.layer_consts(plan, x.device)
         values = [rms_norm(table(input_ids)).to(dt) for table in self.value_embeds]
-        blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
         for v, layer in enumerate(plan.layers):
             if layer.skip_from >= 0:
                 x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
@@ -1032,7 +1043,7 @@ class GPT(nn.Module):
                 x = x + self.value_scale[v, k].to(dt) * value
             r = layer.row
             x = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
-                                    self.mlp_scale[r].to(dt), rope, consts[v])
+                                    self.mlp_scale[r].to(dt), rope, consts[v], docs)
             previous[layer.block] = x
             if layer.store:
                 outputs[v] = x
@@ -2051,9 +2062,9 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     return out
 
 
-def attention_backend_name() -> str:
-    """The attention kernel the model runs, as the log header names it (PyTorch SDPA for now)."""
-    return "sdpa"
+def attention_backend_name(flex: bool = False) -> str:
+    """The attention kernel training runs, as the log header names it (flex_attention: compiled, DOC_MASK=1)."""
+    return "flex_attention" if flex else "sdpa"
 
 
 def log_header(cfg: Config, rt: Runtime) -> None:
@@ -2067,8 +2078,9 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
     cuda = rt.device.type == "cuda"
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
-    rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} "
-           f"attention_backend:{attention_backend_name()} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
+    rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
+           f"{attention_backend_name(cfg.doc_mask and cfg.compile and cuda)} world_size:{rt.world_size} "
+           f"gpu_count:{gpus} gpu:{gpu}")
     shards = find_shards(cfg.data_path, "train")
     rt.log(f"train_shards:{len(shards)} train_shard_tokens:{sum(read_shard_header(p) for p in shards)}")
 
@@ -2322,7 +2334,7 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
 MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "cross_repeat_skip",
                "value_embeds", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
                "rope_base", "logit_softcap", "xsa_last_n", "rope_dims", "ln_scale", "parallel_residual_start",
-               "skip_gates_enabled", "layer_rows", "loop_embed", "smear_gate", "attn_gate", "gate_window")
+               "skip_gates_enabled", "layer_rows", "loop_embed", "smear_gate", "attn_gate", "gate_window", "doc_mask")
 
 
 def model_meta(cfg: Config) -> dict:
