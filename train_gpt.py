@@ -1001,6 +1001,7 @@ class GPT(nn.Module):
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.compiled_blocks = [torch.compile(b, dynamic=False, fullgraph=True) for b in self.blocks] if compile else []
+        self.block_mask = torch.compile(create_block_mask) if compile else create_block_mask  # compiled: no B*T*T mask
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
             else softcap_cross_entropy
 
@@ -1019,13 +1020,12 @@ class GPT(nn.Module):
             gate = lam * torch.sigmoid(x[:, 1:, :len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
             x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
         blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
-        if self.cfg.doc_mask:  # a token sees only earlier tokens of its own document: the compiled blocks through
-            # a flex_attention block mask (fused, skips whole blocks), eager ones SDPA's boolean mask (the unfused
-            # flex materializes every score too, and has no backward on the CPU)
+        if self.cfg.doc_mask:  # a token sees earlier tokens of its document only. Compiled blocks: a flex_attention
+            # block mask (fused, skips whole blocks); eager ones: SDPA's boolean mask (flex has no CPU backward)
             doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
             docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
-                create_block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
-                                  device=doc.device, _compile=doc.is_cuda)
+                self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
+                                device=doc.device)
         x = rms_norm(x).to(dt)
         x0, outputs, previous = x, {}, {}
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
