@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:
     import zstandard
@@ -136,6 +137,11 @@ class Config:
                            ("virtual", "block"))
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
+    smear_gate: bool = knob(False, "add the previous token's embedding through a learned gate (zero-init); not at BOS")
+    attn_gate: float = knob(0.0, "s > 0: each head's attention output times sigmoid(s * w_h . the first GATE_WINDOW "
+                                 "channels of the attention input) (zero-init: halved); 0 = off")
+    gate_window: int = knob(12, "channels read by SMEAR_GATE and ATTN_GATE")
+    doc_mask: bool = knob(False, "attention stays inside documents (each starts with a BOS), via flex_attention")
     # batch and schedule
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(786_432, "tokens per optimizer step, all ranks together")
@@ -158,6 +164,8 @@ class Config:
     scalar_lr: float = knob(0.02, "Adam LR of vectors, scales and per-layer rows")
     muon_momentum: float = knob(0.99, "Muon momentum (Nesterov)")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
+    muon_ns: str = knob("quintic", "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
+                                   "iteration; closer to orthogonal in the same steps)", ("quintic", "polar"))
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at the start of its warmup")
     muon_momentum_warmup_steps: int = knob(0, "upstream: momentum warmup steps; 0 = use MUON_MOMENTUM_WARMUP_FRAC")
     muon_momentum_warmup_frac: float = knob(0.33, "momentum warmup as a fraction of the run")
@@ -312,14 +320,14 @@ def validate(cfg: Config) -> dict:
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
                  "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base",
-                 "target_bytes"):
+                 "target_bytes", "gate_window"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -343,6 +351,7 @@ def validate(cfg: Config) -> dict:
     require(cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
             f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}")
     require(cfg.parallel_residual_start >= -1, f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start}: must be >= -1")
+    require(cfg.gate_window <= cfg.model_dim, f"GATE_WINDOW={cfg.gate_window}: must be <= MODEL_DIM={cfg.model_dim}")
     require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
     require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
@@ -528,17 +537,25 @@ def muon_momentum(cfg: Config, step: int, t: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize each matrix of `grad` (..., m, n): U S V^T -> U V^T, with a
-    quintic iteration in bf16 whose coefficients push singular values into roughly [0.7, 1.2]
-    fast rather than exactly to 1. Batched: one call handles a stack of same-shape matrices."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+# Newton-Schulz coefficients (a, b, c) per iteration (past the end of a list its last repeats). quintic: Muon's one,
+# fast rather than exact: 5 steps take singular values spanning 100x into ~[0.68, 1.2]; polar: Polar Express (Amsel
+# et al. 2025; the 2026-04-23 record's five, to 4 decimals), minimax per step: ~[0.86, 1.14], then (15, -10, 3)/8 to 1.
+NEWTON_SCHULZ = {"quintic": ((3.4445, -4.7750, 2.0315),),
+                 "polar": ((8.1566, -22.4833, 15.8788), (4.0429, -2.8089, 0.5000), (3.8917, -2.7725, 0.5061),
+                           (3.2858, -2.3681, 0.4645), (2.3465, -1.7098, 0.4232), (1.875, -1.25, 0.375))}
+
+
+def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7, method: str = "quintic") -> torch.Tensor:
+    """Approximately orthogonalize each matrix of `grad` (..., m, n): U S V^T -> U V^T, with quintic
+    iterations in bf16 (NEWTON_SCHULZ[method]). Batched: one call handles a stack of same-shape matrices."""
+    coefficients = NEWTON_SCHULZ[method]
     x = grad.bfloat16()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
@@ -550,9 +567,9 @@ class Muon(torch.optim.Optimizer):
     updates. Updates are scaled by sqrt(max(1, rows/cols)) as in the reference Muon."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, row_normalize: bool = False):
+                 rank: int = 0, world_size: int = 1, row_normalize: bool = False, method: str = "quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay, row_normalize=row_normalize))
+                                      weight_decay=weight_decay, row_normalize=row_normalize, method=method))
         self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
@@ -585,7 +602,8 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
         for (rows, cols), idx in by_shape.items():
-            ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"])
+            stack = torch.stack([nesterov[i] for i in idx])
+            ortho = newton_schulz(stack, group["backend_steps"], method=group["method"])
             ortho *= max(1.0, rows / cols) ** 0.5
             for i, u in zip(idx, ortho.unbind(0)):
                 out[i] = u
@@ -593,7 +611,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not n.endswith("attn.gate")]
     embed = [model.tok_emb.weight] + [table.weight for table in model.value_embeds]
     head = [model.lm_head.weight] if model.lm_head is not None else []
     named = {id(p) for p in matrices + embed + head}
@@ -605,7 +623,7 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
     groups += [dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else []
     optimizers = [torch.optim.AdamW(groups, **adam),  # decoupled decay: p *= 1 - lr * weight_decay
                   Muon(matrices, cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps,
-                       cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize)]
+                       cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize, cfg.muon_ns)]
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
     assert len(matrices) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
@@ -621,6 +639,7 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge's SentencePiece models)
 
 
 def read_shard_header(path: Path) -> int:
@@ -825,16 +844,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool,
+                 gate_scale: float = 0.0, gate_window: int = 12):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
+        self.gate_scale, self.gate = gate_scale, nn.Parameter(torch.zeros(heads, gate_window)) if gate_scale else None
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor, docs=None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
@@ -842,11 +863,16 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        gqa = self.heads != self.kv_heads
+        y = flex_attention(q, k, v, block_mask=docs, enable_gqa=gqa) if isinstance(docs, BlockMask) \
+            else F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=docs is None, enable_gqa=gqa)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
             y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, None]
             y = (y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own).view(B, self.heads, T, self.head_dim)
+        if self.gate is not None:  # sparse output gate (modded-nanogpt, as in the 2026-04-23 record): 0.5 at init
+            gate = torch.sigmoid(self.gate_scale * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
+            y = y * gate.mT[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -867,14 +893,15 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0,
+                              cfg.attn_gate, cfg.gate_window)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor):
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None):
         """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2])
+        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], docs)
         mlp_in = x + (1 - parallel) * a  # parallel residual: the MLP reads the block's input too
         return x + a + mlp_scale * self.mlp(rms_norm(mlp_in) * scale)
 
@@ -905,6 +932,7 @@ class GPT(nn.Module):
         for table in self.value_embeds:
             nn.init.normal_(table.weight, std=cfg.tied_embed_init_std)
         self.value_scale = nn.Parameter(torch.zeros(depth, cfg.value_embeds)) if cfg.value_embeds else None
+        self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
             for module in self.blocks.modules():
                 if isinstance(module, CastedLinear) and not module.zero_init:
@@ -917,6 +945,7 @@ class GPT(nn.Module):
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.compiled_blocks = [torch.compile(b, dynamic=False, fullgraph=True) for b in self.blocks] if compile else []
+        self.block_mask = torch.compile(create_block_mask) if compile else create_block_mask  # compiled: no B*T*T mask
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
             else softcap_cross_entropy
 
@@ -929,14 +958,24 @@ class GPT(nn.Module):
         return self._consts[key]
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False) -> torch.Tensor:
-        dt = self.compute_dtype
-        x = rms_norm(self.tok_emb(input_ids)).to(dt)
+        dt, x, docs = self.compute_dtype, self.tok_emb(input_ids), None
+        if self.smear is not None:  # smear gate (modded-nanogpt, as in the 2026-04-16 record), masked at a BOS
+            lam, w = self.smear[0], self.smear[1:]  # (the 2026-04-27 record's fix: no document sees the previous)
+            gate = lam * torch.sigmoid(x[:, 1:, :len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
+            x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+        blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
+        if self.cfg.doc_mask:  # a token sees earlier tokens of its document only. Compiled blocks: a flex_attention
+            # block mask (fused, skips whole blocks); eager ones: SDPA's boolean mask (flex has no CPU backward)
+            doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
+            docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
+                self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
+                                device=doc.device)
+        x = rms_norm(x).to(dt)
         x0, outputs, previous = x, {}, {}
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
         consts = self.layer_consts(plan, x.device)
         values = [rms_norm(table(input_ids)).to(dt) for table in self.value_embeds]
-        blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
         for v, layer in enumerate(plan.layers):
             if layer.skip_from >= 0:
                 x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
@@ -948,7 +987,7 @@ class GPT(nn.Module):
                 x = x + self.value_scale[v, k].to(dt) * value
             r = layer.row
             x = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
-                                    self.mlp_scale[r].to(dt), rope, consts[v])
+                                    self.mlp_scale[r].to(dt), rope, consts[v], docs)
             previous[layer.block] = x
             if layer.store:
                 outputs[v] = x
@@ -1962,9 +2001,9 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     return out
 
 
-def attention_backend_name() -> str:
-    """The attention kernel the model runs, as the log header names it (PyTorch SDPA for now)."""
-    return "sdpa"
+def attention_backend_name(flex: bool = False) -> str:
+    """The attention kernel training runs, as the log header names it (flex_attention: compiled, DOC_MASK=1)."""
+    return "flex_attention" if flex else "sdpa"
 
 
 def log_header(cfg: Config, rt: Runtime) -> None:
@@ -1978,8 +2017,9 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
     cuda = rt.device.type == "cuda"
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
-    rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} "
-           f"attention_backend:{attention_backend_name()} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
+    rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
+           f"{attention_backend_name(cfg.doc_mask and cfg.compile and cuda)} world_size:{rt.world_size} "
+           f"gpu_count:{gpus} gpu:{gpu}")
     shards = find_shards(cfg.data_path, "train")
     rt.log(f"train_shards:{len(shards)} train_shard_tokens:{sum(read_shard_header(p) for p in shards)}")
 
@@ -2230,7 +2270,7 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
 MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "cross_repeat_skip",
                "value_embeds", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
                "rope_base", "logit_softcap", "xsa_last_n", "rope_dims", "ln_scale", "parallel_residual_start",
-               "skip_gates_enabled", "layer_rows", "loop_embed")
+               "skip_gates_enabled", "layer_rows", "loop_embed", "smear_gate", "attn_gate", "gate_window", "doc_mask")
 
 
 def model_meta(cfg: Config) -> dict:

@@ -125,7 +125,32 @@ def test_newton_schulz_singular_values(shape):
     assert newton_schulz(g, 5).shape == g.shape
 
 
-def test_batched_muon_matches_a_per_matrix_reference():
+def test_polar_express_lands_closer_to_orthogonal_than_the_quintic_in_five_steps():
+    """Singular values spanning 100x: five quintic steps leave them in ~[0.68, 1.2], five Polar Express steps in
+    ~[0.86, 1.14] (the band its minimax coefficients promise); its sixth and later converge to 1 (bf16's)."""
+    torch.manual_seed(5)
+    u, v = torch.linalg.qr(torch.randn(128, 128))[0], torch.linalg.qr(torch.randn(256, 128))[0]
+    for g in ((u * torch.logspace(0, -2, 128)) @ v.T, v @ (u * torch.logspace(0, -2, 128))):  # wide and tall
+        def singular_values(method, steps=5):
+            return torch.linalg.svdvals(newton_schulz(g, steps, method=method).float())
+        quintic, polar = singular_values("quintic"), singular_values("polar")
+        assert 0.6 < quintic.min() < 0.75 and 1.15 < quintic.max() < 1.25
+        assert 0.85 < polar.min() and polar.max() < 1.15
+        assert (polar - 1).abs().max() < 0.5 * (quintic - 1).abs().max()
+        assert (singular_values("polar", 7) - 1).abs().max() < 0.02
+        assert (singular_values("quintic", 7) - 1).abs().max() > 0.25  # the quintic never converges
+
+
+def test_muon_ns_reaches_the_optimizer():
+    from train_gpt import build_optimizers
+
+    cfg = tiny_cfg(NUM_LAYERS=2, MUON_NS="polar")
+    muon = build_optimizers(cfg, GPT(cfg), 0, 1, fused=False)[1]
+    assert [g["method"] for g in muon.param_groups] == ["polar"]
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar"])
+def test_batched_muon_matches_a_per_matrix_reference(method):
     from train_gpt import Muon
 
     torch.manual_seed(4)
@@ -133,7 +158,7 @@ def test_batched_muon_matches_a_per_matrix_reference():
     params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
     ref = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
-    opt = Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01)
+    opt = Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01, method=method)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in params]
         for p, g in zip(params, grads):
@@ -141,7 +166,7 @@ def test_batched_muon_matches_a_per_matrix_reference():
         opt.step()
         for i, g in enumerate(grads):  # the textbook update, one matrix at a time
             bufs[i] = 0.9 * bufs[i] + g
-            u = newton_schulz(g + 0.9 * bufs[i], 5).float() * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            u = newton_schulz(g + 0.9 * bufs[i], 5, method=method).float() * max(1.0, g.size(0) / g.size(1)) ** 0.5
             ref[i] = ref[i] * (1 - 0.1 * 0.01) - 0.1 * u
     for p, r in zip(params, ref):
         assert torch.allclose(p.detach(), r, atol=2e-3), (p.detach() - r).abs().max()

@@ -97,14 +97,14 @@ def readme_recipes() -> list[dict[str, str]]:
     return recipes
 
 
-def test_readme_has_the_five_recipes():
+def test_readme_has_the_six_recipes():
     recipes = readme_recipes()
-    assert len(recipes) == 5
+    assert len(recipes) == 6
     for recipe in recipes:
         build_config(recipe)  # each parses and validates as written
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
     recipe = readme_recipes()[index]
     heads = int(recipe.get("NUM_HEADS", 8))
