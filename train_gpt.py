@@ -2027,7 +2027,8 @@ def log_header(cfg: Config, rt: Runtime) -> None:
 def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
     compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    base = GPT(cfg, compute_dtype, compile=cfg.compile and rt.device.type == "cuda").to(rt.device)
+    with rt.device:  # initialized where it runs: CPU QR for the orthogonal init took minutes with 4 runs on one host
+        base = GPT(cfg, compute_dtype, compile=cfg.compile and rt.device.type == "cuda")
     model = base
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
