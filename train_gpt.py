@@ -1890,6 +1890,13 @@ def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
                f"gained:{state.step - fixed_steps}")
 
 
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """Write under a temporary name, then rename: a kill leaves the previous file or the new one, never a part."""
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
 def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
           validate, averages: WeightAverages) -> TrainState:
     state, loader = TrainState(), make_loader()
@@ -2101,9 +2108,8 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
         try:
             budget = cfg.target_bytes - code_bytes
             blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log, model_meta(cfg))
-            start, temporary = time.perf_counter(), path.with_name(path.name + ".tmp")
-            temporary.write_bytes(blob)
-            os.replace(temporary, path)
+            start = time.perf_counter()
+            write_whole(path, lambda p: p.write_bytes(blob))
             rt.log(f"export_write {path.name} time:{time.perf_counter() - start:.1f}s")
         except ArtifactTooLarge as exc:
             failure = str(exc)
@@ -2225,9 +2231,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
     if rt.main:
-        temporary = out / "final_model.float.pt.tmp"  # whole or absent: a kill mid-write leaves no final name
-        torch.save(averages.checkpoint(), temporary)
-        os.replace(temporary, out / "final_model.float.pt")
+        write_whole(out / "final_model.float.pt", partial(torch.save, averages.checkpoint()))
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
     results = []
