@@ -1847,12 +1847,9 @@ def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, 
 def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float) -> None:
     step_avg = state.elapsed_ms / max(state.step, 1)
     tokens_per_s = cfg.train_batch_tokens * state.step / max(state.elapsed_ms / 1000, 1e-9)
+    eta_s = (cfg.iterations - state.step) * step_avg / 1000 if cfg.iterations else math.inf
     if cfg.max_wallclock_seconds > 0:
-        eta_s = (1 - t) * training_seconds(cfg)
-        if cfg.iterations:
-            eta_s = min(eta_s, (cfg.iterations - state.step) * step_avg / 1000)
-    else:
-        eta_s = (cfg.iterations - state.step) * step_avg / 1000
+        eta_s = min(eta_s, (1 - t) * training_seconds(cfg))
     total = cfg.iterations if cfg.iterations else "?"
     rt.log(f"step:{state.step}/{total} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
            f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
