@@ -1985,6 +1985,10 @@ def check_inputs(cfg: Config) -> None:
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
     check_val_length(cfg, total)
+    summary = Path(cfg.data_path) / "summary.json"  # data/build_shards.py writes it; downloaded folders have none
+    built_with = json.loads(summary.read_text())["tokenizer"] if summary.is_file() else {}
+    require(built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]), f"TOKENIZER_PATH="
+            f"{cfg.tokenizer_path}: not the tokenizer of DATA_PATH={cfg.data_path}, {built_with.get('path')}")
     for name, package in (("zstd", zstandard), ("brotli", brotli)):
         require(cfg.compressor != name or package is not None,
                 f"COMPRESSOR={name}: its package is missing: pip install -r requirements.txt")
