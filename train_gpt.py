@@ -2277,6 +2277,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
         return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
 
     check_eval_budget(base, cfg, rt, len(val_tokens))
+    check_free_space(rt, base, out)
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
     averages = WeightAverages(cfg, base)
@@ -2344,6 +2345,15 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
                 if ttt > total / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
         raise UserError(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
                         f"{total:.0f} s; {hint}")
+
+
+def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
+    """Refuse a run whose files may not fit: per rank two checkpoints (the last stays until the next is whole) of at
+    most 5 floats a weight (itself, EMA, SWA, 2 optimizer states), then the float checkpoint and the artifact."""
+    need = (10 * rt.world_size + 3) * 4 * sum(p.numel() for p in base.parameters()) + ARTIFACT_LIMIT_BYTES
+    free = -rt.agree_max(-shutil.disk_usage(out).free)  # the least on any rank
+    if free < need:
+        raise UserError(f"{out}: {free / 1e9:.2f} GB free on its disk; the run may write {need / 1e9:.2f} GB")
 
 
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:
@@ -2448,6 +2458,8 @@ def main() -> int:
         if rt.main or isinstance(exc, DataError):  # a loader's data error may be seen by one rank only
             print(f"error: {exc}", file=sys.stderr, flush=True)
             rt.log(f"error: {exc}", console=False)
+        if exc.exit_code == 2 and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
+            shutil.rmtree(rt.log_path.parent)  # a refused run leaves no folder behind: its log was all there was
         return exc.exit_code
     finally:
         if rt.distributed and dist.is_initialized():

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT, clean_environ, final_summary, logged_losses, run_script, tiny_env
 from train_gpt import (GPT, ConfigError, Interrupted, Runtime, ShuffledLoader, TrainState, UserError,
-                       WeightAverages, build_config, build_optimizers, check_inputs, find_shards,
+                       WeightAverages, build_config, build_optimizers, check_free_space, check_inputs, find_shards,
                        load_checkpoint, save_checkpoint)
 
 # Everything a checkpoint must carry moves in these runs: the depth grows (1 core pass, then 2 from t = 0.2),
@@ -154,3 +155,11 @@ def test_a_signal_during_a_checkpoint_write_leaves_the_previous_one(tiny_data, t
     names = [name for name, _ in model.named_parameters()]  # the EMA's first update copied the weights
     assert parts["averages"].last_t == 0.1 and all(torch.equal(saved[n], e) for n, e in zip(names, parts["averages"].ema))
 
+
+def test_too_little_free_space_is_refused_naming_the_folder(tiny_data, tmp_path, monkeypatch):
+    _, model, _ = tiny_training(tiny_data)
+    rt = Runtime(0, 1, 0, torch.device("cpu"))
+    check_free_space(rt, model, tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    with pytest.raises(UserError, match=f"^{tmp_path}: 0.00 GB free on its disk; the run may write "):
+        check_free_space(rt, model, tmp_path)
