@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import lzma
 import math
@@ -22,6 +23,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,7 +78,7 @@ class DataError(UserError):
 
 
 class Interrupted(UserError):
-    """SIGTERM/SIGINT: every rank stops on the same step, nothing is exported (exit code 5; no resume yet)."""
+    """SIGTERM/SIGINT: every rank stops on the same step, writes a checkpoint for RESUME, exports nothing (exit 5)."""
     exit_code = 5
 
 
@@ -101,6 +103,8 @@ class Config:
                                "SentencePiece .model used for byte counting")
     run_id: str = knob("", "run name; empty = time stamp + random suffix")
     out_dir: str = knob("", "folder for the log and artifact; empty = runs/<RUN_ID>; must not exist or be empty")
+    resume: str = knob("", "continue the run in this folder from its checkpoint (same settings, same number of ranks)")
+    checkpoint_every: float = knob(0.0, "write a checkpoint every N seconds of training; 0 = on SIGTERM/SIGINT only")
     seed: int = knob(1337, "seed for initialization")
     # model shape
     vocab_size: int = knob(8192, "vocabulary size; must equal the tokenizer's")
@@ -327,7 +331,7 @@ def validate(cfg: Config) -> dict:
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -723,17 +727,16 @@ class ShuffledLoader(BatchLoader):
     seq_len + 1 tokens from a random phase offset, and draws all shards' windows in one permutation,
     without replacement. A micro-step takes the next world_size * seqs windows of that order and rank r
     the r-th share: ranks are disjoint within a step, and any number of shards serves any number of
-    ranks. Everything follows from (seed, epoch, position), so a run can be resumed exactly.
+    ranks. Everything follows from the seed and the batches read, so a run can be resumed exactly.
     (Long documents such as books would otherwise fill a batch with a few consecutive documents.)"""
 
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
-                 seed: int, epoch: int = 0, position: int = 0, vocab_size: int = 65536):
+                 seed: int, vocab_size: int = 65536):
         super().__init__(rank, world_size, seqs, seq_len, device, vocab_size)
         self.shards, self.seed = [map_shard(p) for p in paths], seed
         if all(len(t) < seq_len + 1 for t in self.shards):
             raise DataError(f"{paths[0].parent}: no train shard holds TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens")
-        self._start_epoch(epoch)
-        self.position = position
+        self._start_epoch(0)
 
     def _start_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
@@ -744,8 +747,10 @@ class ShuffledLoader(BatchLoader):
         self.order = rng.permutation(int(self.first[-1]))
         self.epoch, self.position = epoch, 0
 
-    def state(self) -> tuple[int, int, int]:
-        return self.seed, self.epoch, self.position
+    def skip(self, batches: int) -> None:
+        """RESUME: pass over the batches the run has trained on (the position follows from the step count)."""
+        for _ in range(batches):
+            self._windows(self.world_size * self.seqs)
 
     def _windows(self, n: int) -> np.ndarray:
         parts = []
@@ -1745,6 +1750,12 @@ class WeightAverages:
             state[choice] = None if averaged is None else dict(zip(names, (a.cpu() for a in averaged)))
         return state
 
+    def state_dict(self) -> dict:  # for a resumable checkpoint: the sums and counts, not the averages
+        return dict(ema=self.ema, swa=self.swa, swa_count=self.swa_count, last_t=self.last_t)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.swa, self.swa_count, self.last_t = (state[k] for k in ("ema", "swa", "swa_count", "last_t"))
+
     @torch.no_grad()
     def export_into_model(self) -> str:
         """Load the chosen weights into the model; returns what was exported (for the log)."""
@@ -1829,12 +1840,9 @@ def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, 
 def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float) -> None:
     step_avg = state.elapsed_ms / max(state.step, 1)
     tokens_per_s = cfg.train_batch_tokens * state.step / max(state.elapsed_ms / 1000, 1e-9)
+    eta_s = (cfg.iterations - state.step) * step_avg / 1000 if cfg.iterations else math.inf
     if cfg.max_wallclock_seconds > 0:
-        eta_s = (1 - t) * training_seconds(cfg)
-        if cfg.iterations:
-            eta_s = min(eta_s, (cfg.iterations - state.step) * step_avg / 1000)
-    else:
-        eta_s = (cfg.iterations - state.step) * step_avg / 1000
+        eta_s = min(eta_s, (1 - t) * training_seconds(cfg))
     total = cfg.iterations if cfg.iterations else "?"
     rt.log(f"step:{state.step}/{total} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
            f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
@@ -1872,12 +1880,58 @@ def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
                f"gained:{state.step - fixed_steps}")
 
 
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """Write under a temporary name, then rename: a kill leaves the previous file or the new one, never a part."""
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(folder: Path, cfg: Config, rt: Runtime, parts: dict, state: TrainState) -> None:
+    """Every rank writes what it holds (Muon's momentum exists only on the rank that owns a matrix): a sha256, then a
+    torch.save. Once all files are whole, rank 0 names them in checkpoint.json and removes older ones. No random
+    state: training draws no random numbers (the loader's order follows from SEED and the step)."""
+    start, buffer = time.perf_counter(), io.BytesIO()
+    folder.mkdir(exist_ok=True)
+    torch.save(dict(state=dataclasses.asdict(state), **{name: part.state_dict() for name, part in parts.items()}),
+               buffer)
+    payload = buffer.getbuffer()
+    write_whole(folder / f"step{state.step}.rank{rt.rank}.pt",
+                lambda p: p.write_bytes(hashlib.sha256(payload).digest() + payload))
+    if rt.distributed:
+        dist.barrier()
+    if rt.main:
+        manifest = json.dumps(dict(step=state.step, config=dataclasses.asdict(cfg)))
+        write_whole(folder / "checkpoint.json", lambda p: p.write_text(manifest))
+        for old in set(folder.glob("step*")) - set(folder.glob(f"step{state.step}.*")):
+            old.unlink()
+    rt.log(f"checkpoint step:{state.step} time:{time.perf_counter() - start:.2f}s folder:{folder}")
+
+
+def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoader) -> TrainState:
+    """RESUME: every rank loads its file of the checkpoint that checkpoint.json names (check_inputs checked that)."""
+    folder = Path(cfg.resume) / "checkpoint"
+    path = folder / f"step{json.loads((folder / 'checkpoint.json').read_text())['step']}.rank{rt.rank}.pt"
+    blob = memoryview(path.read_bytes() if path.is_file() else b"")
+    bad = rt.agree_max(-1 if hashlib.sha256(blob[32:]).digest() == blob[:32] else rt.rank)  # then every rank stops
+    if bad >= 0:
+        raise UserError(f"RESUME={cfg.resume}: the checkpoint file of rank {bad:.0f} is missing, partial or corrupt")
+    snapshot = torch.load(io.BytesIO(blob[32:]), map_location=rt.device, weights_only=True)
+    for name, part in parts.items():
+        part.load_state_dict(snapshot[name])
+    loader.skip(snapshot["state"]["step"] * cfg.micro_steps)  # its position follows from the steps trained
+    rt.log(f"resume step:{snapshot['state']['step']} train_time:{snapshot['state']['elapsed_ms']:.0f}ms from:{folder}")
+    return TrainState(**snapshot["state"])
+
+
 def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
-          validate, averages: WeightAverages) -> TrainState:
-    state, loader = TrainState(), make_loader()
+          validate, averages: WeightAverages, out: Path) -> TrainState:
+    loader = make_loader()
+    parts = dict(model=base, averages=averages, **{f"optimizer{i}": o for i, o in enumerate(optimizers)})
+    state = load_checkpoint(cfg, rt, parts, loader) if cfg.resume else TrainState()
     rt.synchronize()
-    clock = time.perf_counter()
-    stop = False
+    clock, checkpoint_ms = time.perf_counter(), state.elapsed_ms
+    stop = cfg.max_wallclock_seconds > 0 and state.elapsed_ms >= 1000 * training_seconds(cfg)  # resumed at the end
     while True:
         last = stop or (cfg.iterations and state.step >= cfg.iterations)
         if last or (cfg.val_loss_every and state.step and state.step % cfg.val_loss_every == 0):
@@ -1899,9 +1953,6 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         now = time.perf_counter()
         elapsed_ms, diverged, stop_asked = rt.agree_max(state.elapsed_ms + 1000 * (now - clock),
                                                         float(not torch.isfinite(loss)), float(bool(STOP_SIGNALS)))
-        if stop_asked:  # agreed across ranks, like every decision that stops training
-            raise Interrupted(f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
-                              f"{state.step}; nothing was exported")
         if diverged:  # agreed across ranks: every rank stops here, and nothing is exported
             raise Diverged(f"the training loss is not finite at step {state.step} (on some rank); stopping without "
                            "an export: lower MATRIX_LR / SCALAR_LR or set GRAD_CLIP_NORM")
@@ -1919,6 +1970,12 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             log_step(rt, cfg, state, state.last_loss, run_fraction(cfg, state.step, elapsed_ms / 1000))
         if stop:
             rt.log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{state.step}/{cfg.iterations}")
+        if stop_asked or (cfg.checkpoint_every and elapsed_ms - checkpoint_ms >= 1000 * cfg.checkpoint_every):
+            save_checkpoint(out / "checkpoint", cfg, rt, parts, state)
+            clock, checkpoint_ms = time.perf_counter(), elapsed_ms  # writing it is not training time
+        if stop_asked:  # agreed across ranks, like every decision that stops training
+            raise Interrupted(f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
+                              f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}")
 
 
 STOP_SIGNALS: list[str] = []  # filled by main's signal handler; the training loop polls it every step
@@ -1945,6 +2002,8 @@ def parameter_checksum(model: GPT) -> float:
 def resolve_out_dir(cfg: Config, env: Mapping[str, str]) -> Path | None:
     """The run's folder when it is fixed by RUN_ID/OUT_DIR (checked before any GPU work), else None
     (rank 0 then picks a fresh name). An existing non-empty folder is refused, never overwritten."""
+    if cfg.resume:  # continued where it ran (check_inputs checks its checkpoint)
+        return Path(cfg.resume)
     out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.run_id if cfg.run_id else None
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         name = "OUT_DIR" if cfg.out_dir else "RUN_ID"
@@ -1959,6 +2018,17 @@ def check_inputs(cfg: Config) -> None:
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
     check_val_length(cfg, total)
+    summary = Path(cfg.data_path) / "summary.json"  # data/build_shards.py writes it; downloaded folders have none
+    built_with = json.loads(summary.read_text())["tokenizer"] if summary.is_file() else {}
+    require(built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]), f"TOKENIZER_PATH="
+            f"{cfg.tokenizer_path}: not the tokenizer of DATA_PATH={cfg.data_path}, {built_with.get('path')}")
+    if cfg.resume:  # a complete checkpoint, written with these settings but for where it writes, logs and compiles
+        manifest = Path(cfg.resume) / "checkpoint" / "checkpoint.json"
+        require(manifest.is_file(), f"RESUME={cfg.resume}: no complete checkpoint there ({manifest} not found)")
+        saved, ours = json.loads(manifest.read_text())["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
+        free = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile")
+        differ = [k.upper() for k, v in saved.items() if k not in free and ours.get(k) != v]
+        require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
     for name, package in (("zstd", zstandard), ("brotli", brotli)):
         require(cfg.compressor != name or package is not None,
                 f"COMPRESSOR={name}: its package is missing: pip install -r requirements.txt")
@@ -1991,7 +2061,7 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
         try:  # created exclusively: of two runs started at once with one RUN_ID, the second stops here
-            rt.log_path.open("x").close()
+            rt.log_path.open("a" if cfg.resume else "x").close()
         except FileExistsError:
             claimed, rt.log_path = [False], None
     if rt.distributed:
@@ -2079,9 +2149,8 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
         try:
             budget = cfg.target_bytes - code_bytes
             blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log, model_meta(cfg))
-            start, temporary = time.perf_counter(), path.with_name(path.name + ".tmp")
-            temporary.write_bytes(blob)
-            os.replace(temporary, path)
+            start = time.perf_counter()
+            write_whole(path, lambda p: p.write_bytes(blob))
             rt.log(f"export_write {path.name} time:{time.perf_counter() - start:.1f}s")
         except ArtifactTooLarge as exc:
             failure = str(exc)
@@ -2186,12 +2255,13 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
         return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
 
     check_eval_budget(base, cfg, rt, len(val_tokens))
+    check_free_space(rt, base, out)
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
     averages = WeightAverages(cfg, base)
     TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
     try:
-        state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages)
+        state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages, out)
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
@@ -2201,10 +2271,9 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
     rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
-    if rt.main:
-        temporary = out / "final_model.float.pt.tmp"  # whole or absent: a kill mid-write leaves no final name
-        torch.save(averages.checkpoint(), temporary)
-        os.replace(temporary, out / "final_model.float.pt")
+    if rt.main:  # the float checkpoint replaces the resumable one
+        write_whole(out / "final_model.float.pt", partial(torch.save, averages.checkpoint()))
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
     results = []
@@ -2253,6 +2322,15 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
                 if ttt > total / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
         raise UserError(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
                         f"{total:.0f} s; {hint}")
+
+
+def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
+    """Refuse a run whose files may not fit: per rank two checkpoints (the last stays until the next is whole) of at
+    most 5 floats a weight (itself, EMA, SWA, 2 optimizer states), then the float checkpoint and the artifact."""
+    need = (10 * rt.world_size + 3) * 4 * sum(p.numel() for p in base.parameters()) + ARTIFACT_LIMIT_BYTES
+    free = -rt.agree_max(-shutil.disk_usage(out).free)  # the least on any rank
+    if free < need:
+        raise UserError(f"{out}: {free / 1e9:.2f} GB free on its disk; the run may write {need / 1e9:.2f} GB")
 
 
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:
@@ -2357,6 +2435,8 @@ def main() -> int:
         if rt.main or isinstance(exc, DataError):  # a loader's data error may be seen by one rank only
             print(f"error: {exc}", file=sys.stderr, flush=True)
             rt.log(f"error: {exc}", console=False)
+        if exc.exit_code == 2 and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
+            shutil.rmtree(rt.log_path.parent)  # a refused run leaves no folder behind: its log was all there was
         return exc.exit_code
     finally:
         if rt.distributed and dist.is_initialized():

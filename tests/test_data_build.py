@@ -6,6 +6,7 @@ wrote against an independent reading of the format and an independent SentencePi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -100,6 +101,7 @@ def test_shards_are_bos_plus_encoded_documents_exactly(tmp_path, sp1024, sample_
     assert summary["splits"]["val"]["tokens"] == len(val)
     assert summary["splits"]["val"]["documents"] == len(val_docs)
     assert summary["tokenizer"]["vocab_size"] == 1024
+    assert summary["tokenizer"]["sha256"] == hashlib.sha256(SP1024.read_bytes()).hexdigest()  # train_gpt checks it
 
 
 def test_same_bytes_with_one_and_two_workers(tmp_path):

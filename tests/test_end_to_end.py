@@ -147,6 +147,7 @@ def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
                                             r"budget:600s$", ok.stdout, re.M), ok.stdout[-2000:]
     refused = run_script(tiny_env(tiny_data, RUN_ID="over", EVAL_BUDGET_S="0.000001"), tmp_path, timeout=120)
     assert refused.returncode == 2 and "EVAL_BUDGET_S=" in refused.stderr and "step:" not in refused.stdout
+    assert not (tmp_path / "runs" / "over").exists()  # a refused run leaves no folder behind
 
 
 def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):

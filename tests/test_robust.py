@@ -97,3 +97,23 @@ def test_an_artifact_for_another_tokenizer_is_refused_and_its_model_settings_are
     assert config_for_artifact(other, meta, "a.ptz") == cfg  # every model setting back from the artifact
     with pytest.raises(DataError, match="EVAL_ONLY=a.ptz: written with another tokenizer"):
         config_for_artifact(cfg, {**meta, "tokenizer_sha256": "0" * 64}, "a.ptz")
+
+
+def test_a_data_folder_built_with_another_tokenizer_is_refused(tiny_data, tmp_path):
+    """data/build_shards.py records the tokenizer's sha256 in summary.json; a folder without one is not checked."""
+    import hashlib
+    import json
+    import shutil
+
+    from conftest import tokenizer_path
+    from train_gpt import check_inputs
+
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    cfg = build_config(tiny_env(data))
+    (data / "summary.json").write_text(json.dumps({"tokenizer": {"path": "other.model", "sha256": "0" * 64}}))
+    with pytest.raises(ConfigError, match=f"^TOKENIZER_PATH={tokenizer_path(1024)}: not the tokenizer of DATA_PATH="
+                                          f"{data}, other.model$"):
+        check_inputs(cfg)
+    ours = hashlib.sha256(tokenizer_path(1024).read_bytes()).hexdigest()
+    (data / "summary.json").write_text(json.dumps({"tokenizer": {"path": "mine.model", "sha256": ours}}))
+    check_inputs(cfg)
