@@ -78,7 +78,8 @@ def tiny_data(tmp_path_factory, sp1024) -> Path:
 
 # The default is the frontier shape (11 blocks, core 3..5 looped, partial RoPE over 16 dims); tiny test
 # models set these so NUM_LAYERS alone gives a plain, unshared stack with full RoPE.
-PLAIN_SHAPE = {"NUM_UNIQUE_LAYERS": "0", "LOOP_START": "0", "LOOP_END": "-1", "PROG_DEPTH": "", "ROPE_DIMS": "0"}
+PLAIN_SHAPE = {"NUM_UNIQUE_LAYERS": "0", "LOOP_START": "0", "LOOP_END": "-1", "PROG_DEPTH": "", "ROPE_DIMS": "0",
+               "SMEAR_GATE": "0"}
 
 
 def tiny_env(data: Path, **overrides) -> dict[str, str]:

@@ -23,12 +23,15 @@ def test_defaults_are_the_frontier_record_stack():
     assert (cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.mlp_act) == (512, 8, 4, 4.0, "leaky_relu2")
     assert (cfg.rope_dims, cfg.ln_scale, cfg.parallel_residual_start, cfg.skip_gates_enabled, cfg.xsa_last_n) == (
         16, True, 7, True, -1)
-    assert (cfg.layer_rows, cfg.loop_embed, cfg.ortho_init, cfg.qk_gain_init) == ("block", False, True, 5.25)
+    assert (cfg.layer_rows, cfg.loop_embed, cfg.ortho_init, cfg.qk_gain_init) == ("block", False, True, 5.0)
     assert (cfg.vocab_size, cfg.train_seq_len, cfg.train_batch_tokens) == (8192, 2048, 786_432)
     assert (cfg.matrix_lr, cfg.scalar_lr, cfg.tied_embed_lr, cfg.muon_momentum, cfg.muon_momentum_warmup_start,
-            cfg.muon_momentum_warmup_frac) == (0.022, 0.02, 0.03, 0.99, 0.92, 0.33)
+            cfg.muon_momentum_warmup_frac) == (0.026, 0.02, 0.03, 0.99, 0.92, 0.33)
     assert (cfg.muon_weight_decay, cfg.embed_wd, cfg.adam_wd, cfg.grad_clip_norm, cfg.warmdown_frac) == (
-        0.095, 0.085, 0.02, 0.3, 0.72)
+        0.095, 0.085, 0.02, 0.3, 0.85)
+    # the 2026-04-27 record's additions that measured better on the golf bench (docs/ablations.md)
+    assert (cfg.muon_ns, cfg.smear_gate, cfg.min_lr, cfg.beta2, cfg.attn_gate, cfg.doc_mask) == (
+        "polar", True, 0.1, 0.99, 0.0, False)
     assert cfg.muon_row_normalize and cfg.ema_horizon == 0.063  # 0.9965 per step at the record's ~4,550 steps
     assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_cosine, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, True, 1.0,
                                                                                              32_768)
