@@ -1413,16 +1413,6 @@ def dequantize_state(stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
             for name, s in stored.items()}
 
 
-def stored_summary(stored: dict[str, Stored]) -> str:
-    """Per group, the weight matrices quantized at each width and those kept whole; 'other' = the rest."""
-    counts: dict[tuple[str, str], int] = {}
-    for name, s in stored.items():
-        key = (weight_group(name) if s.values.ndim == 2 and name.endswith(".weight") else "other",
-               f"int{s.bits}" if s.bits else dtype_name(s.values))
-        counts[key] = counts.get(key, 0) + 1
-    return " ".join(f"{group}:{n}x{kind}" for (group, kind), n in sorted(counts.items()))
-
-
 def serialize(stored: dict[str, Stored]) -> tuple[list, dict[str, np.ndarray]]:
     """Tensors -> (header entries, sections). A section concatenates flat arrays of one kind: 'codes'
     (int8), 'scales' (float16), and one per dtype of whole tensors; an entry is [name, shape, dtype,
@@ -1585,8 +1575,6 @@ def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log, meta: 
         stored = quantize_state(state, recipe, hessians)
         times["quantize"] = time.perf_counter() - start
         blob = pack_artifact(stored, recipe, times, meta)
-        if attempt == 1:
-            log(f"export_stored {stored_summary(stored)}")
         log(f"export_try:{attempt} {recipe.describe()} bytes:{len(blob)} budget:{budget} "
             f"{'fits' if len(blob) <= budget else 'over'} " + " ".join(f"{k}:{v:.1f}s" for k, v in times.items()))
         if len(blob) <= budget:
