@@ -1243,7 +1243,6 @@ class ExportRecipe:
     compressor: str  # brotli, zstd or lzma
     zstd_level: int
     streams: int = EXPORT_STREAMS  # independently compressed pieces of the payload, one thread each
-    shuffle: bool = True  # multi-byte arrays stored byte plane by byte plane
 
     def group(self, name: str) -> QuantGroup:
         return getattr(self, weight_group(name))
@@ -1266,6 +1265,7 @@ def export_recipe(cfg: Config) -> ExportRecipe:
 
 def recipe_from_json(d: dict) -> ExportRecipe:
     """Inverse of dataclasses.asdict; ValueError for a recipe this script cannot decode."""
+    d = {k: v for k, v in d.items() if k != "shuffle"}  # older artifacts name it: always True (shuffled)
     recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
     if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
         raise ValueError(f"unknown recipe {recipe.describe()}")
@@ -1481,7 +1481,7 @@ def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict |
     compressed streams); `times` gets the steps' seconds."""
     start = time.perf_counter()
     entries, sections = serialize(stored)
-    raw = b"".join(shuffle_bytes(a) if recipe.shuffle else a.tobytes() for a in sections.values())
+    raw = b"".join(shuffle_bytes(a) for a in sections.values())
     middle = time.perf_counter()
     streams = compress(raw, recipe)
     (times if times is not None else {}).update(serialize=middle - start, compress=time.perf_counter() - middle)
@@ -1521,7 +1521,7 @@ def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecip
     ends = np.cumsum([0] + header["streams"]).tolist()
     raw = decompress([payload[a:b] for a, b in zip(ends, ends[1:])], recipe)
     ends = np.cumsum([0] + [count * np.dtype(dtype).itemsize for _, dtype, count in header["sections"]]).tolist()
-    sections = {name: unshuffle_bytes(raw[a:b], dtype) if recipe.shuffle else np.frombuffer(raw[a:b], dtype).copy()
+    sections = {name: unshuffle_bytes(raw[a:b], dtype)
                 for (name, dtype, _), a, b in zip(header["sections"], ends, ends[1:])}
     return deserialize(header["tensors"], sections), recipe
 

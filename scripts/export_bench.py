@@ -6,7 +6,7 @@ Usage:
 
 Builds train_gpt's model for the shape, replaces every float tensor with Gaussian noise (std-based
 steps make the bytes independent of its scale), exports it by rounding (no GPTQ) with the run's
-recipe for each codec x stream count x shuffle on/off, and prints one markdown row per export.
+recipe for each codec x stream count, and prints one markdown row per export.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def main() -> None:
     parser.add_argument("--env", nargs="*", default=[], help="extra knobs NAME=VALUE (after the record's shape)")
     parser.add_argument("--codecs", default="brotli,zstd,lzma", help="comma-separated codecs")
     parser.add_argument("--streams", default="1,16", help="comma-separated stream counts")
-    parser.add_argument("--no-shuffle", action="store_true", help="also export without byte shuffling")
     args = parser.parse_args()
     try:
         env = dict(item.split("=", 1) for item in RECORD_SHAPE + args.env)
@@ -42,20 +41,17 @@ def main() -> None:
     state = {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     print(f"parameters: {sum(v.numel() for v in state.values()):,}; knobs: {' '.join(RECORD_SHAPE + args.env)}",
           flush=True)
-    print("| codec | streams | shuffle | bytes | quantize s | serialize s | compress s (wall) | pack s (CPU) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| codec | streams | bytes | quantize s | serialize s | compress s (wall) | pack s (CPU) |")
+    print("|---|---|---|---|---|---|---|")
     for codec in args.codecs.split(","):
         for streams in map(int, args.streams.split(",")):
-            for shuffle in (True, False) if args.no_shuffle else (True,):
-                recipe = dataclasses.replace(train_gpt.export_recipe(cfg), compressor=codec, streams=streams,
-                                             shuffle=shuffle)
-                start = time.perf_counter()
-                stored = train_gpt.quantize_state(state, recipe)
-                quantize_s, times, cpu = time.perf_counter() - start, {}, time.process_time()
-                blob = train_gpt.pack_artifact(stored, recipe, times)
-                print(f"| {codec} | {streams} | {int(shuffle)} | {len(blob):,} | {quantize_s:.1f} | "
-                      f"{times['serialize']:.1f} | {times['compress']:.1f} | {time.process_time() - cpu:.1f} |",
-                      flush=True)
+            recipe = dataclasses.replace(train_gpt.export_recipe(cfg), compressor=codec, streams=streams)
+            start = time.perf_counter()
+            stored = train_gpt.quantize_state(state, recipe)
+            quantize_s, times, cpu = time.perf_counter() - start, {}, time.process_time()
+            blob = train_gpt.pack_artifact(stored, recipe, times)
+            print(f"| {codec} | {streams} | {len(blob):,} | {quantize_s:.1f} | "
+                  f"{times['serialize']:.1f} | {times['compress']:.1f} | {time.process_time() - cpu:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
