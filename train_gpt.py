@@ -1764,8 +1764,6 @@ class TrainState:
     first_loss: float = float("nan")
     passes: int = 0  # core passes of the plan in use
     full_depth_from: int | None = None  # first step at full depth: averaging (EMA/SWA) may start here
-    switched_at: int = -1  # the step that switched depth last
-    switched_from: int = 0  # the passes before that switch
     phase_ms: dict = dataclasses.field(default_factory=dict)  # passes -> every step time at that depth
 
 
@@ -1843,18 +1841,9 @@ def choose_depth(cfg: Config, rt: Runtime, state: TrainState, t: float) -> None:
         if state.passes:
             agreed = rt.all_equal((state.step + 1, passes))
             rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
-            state.switched_at, state.switched_from = state.step + 1, state.passes
         state.passes = passes
     if passes == cfg.repeats and state.full_depth_from is None:
         state.full_depth_from = state.step + 1
-
-
-def record_step_time(rt: Runtime, state: TrainState, step_ms: float) -> None:
-    if state.step == state.switched_at:
-        before = sorted(state.phase_ms[state.switched_from])
-        rt.log(f"depth_switch_first_step step:{state.step} time:{step_ms:.1f}ms "
-               f"median_before:{before[len(before) // 2]:.1f}ms")
-    state.phase_ms.setdefault(state.passes, []).append(step_ms)
 
 
 def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
@@ -1944,7 +1933,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         if diverged:  # agreed across ranks: every rank stops here, and nothing is exported
             raise Diverged(f"the training loss is not finite at step {state.step} (on some rank); stopping without "
                            "an export: lower MATRIX_LR / SCALAR_LR or set GRAD_CLIP_NORM")
-        record_step_time(rt, state, elapsed_ms - state.elapsed_ms)
+        state.phase_ms.setdefault(state.passes, []).append(elapsed_ms - state.elapsed_ms)
         state.elapsed_ms, clock = elapsed_ms, now
         averages.update(state.step, run_fraction(cfg, state.step, elapsed_ms / 1000), state.passes == cfg.repeats)
         stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * training_seconds(cfg)
