@@ -667,11 +667,6 @@ def read_shard_header(path: Path) -> int:
     return count
 
 
-def load_shard(path: Path) -> np.ndarray:
-    count = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_INTS * 4)
-
-
 def find_shards(data_path: str, split: str) -> list[Path]:
     folder = Path(data_path)
     if not folder.is_dir():
@@ -685,7 +680,7 @@ def find_shards(data_path: str, split: str) -> list[Path]:
 
 
 def map_shard(path: Path) -> np.ndarray:
-    """A shard's tokens, memory-mapped (pages are read when a window touches them)."""
+    """A shard's tokens, memory-mapped (pages are read when a window touches them; validation copies them whole)."""
     count = read_shard_header(path)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
 
@@ -775,7 +770,7 @@ def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
-    tokens = np.concatenate([load_shard(p) for p in find_shards(cfg.data_path, "val")])
+    tokens = np.concatenate([map_shard(p) for p in find_shards(cfg.data_path, "val")])
     check_val_length(cfg, len(tokens))
     if tokens.max() >= cfg.vocab_size:
         raise DataError(f"DATA_PATH={cfg.data_path}: validation token id {int(tokens.max())} >= VOCAB_SIZE="

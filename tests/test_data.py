@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script, tiny_env, tokenizer_path, write_shard
-from train_gpt import DataError, ShuffledLoader, load_shard, read_shard_header
+from train_gpt import DataError, ShuffledLoader, map_shard, read_shard_header
 
 
 def position_shards(folder, sizes):
@@ -24,7 +24,7 @@ def test_shard_round_trip(tmp_path):
     path = tmp_path / "fineweb_train_000000.bin"
     write_shard(path, [1, 2, 65535, 0])
     assert read_shard_header(path) == 4 and path.stat().st_size == 1024 + 8
-    assert load_shard(path).tolist() == [1, 2, 65535, 0]
+    assert map_shard(path).tolist() == [1, 2, 65535, 0]
 
 
 @pytest.mark.parametrize("corrupt, message", [
