@@ -1272,16 +1272,6 @@ def weight_group(name: str) -> str:
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "embed"
 
 
-def quant_bits(cfg: Config) -> dict[str, int]:
-    return {g: getattr(export_recipe(cfg), g).bits for g in GROUPS}
-
-
-def export_label(bits: dict[str, int]) -> str:
-    """'int8' when every group has the same width, else 'mixed' (e.g. final_int6_zstd_sliding)."""
-    widths = set(bits.values())
-    return f"int{widths.pop()}" if len(widths) == 1 else "mixed"
-
-
 def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     """Each row's step as stored (float16): clip_sigmas * std(row) / qmax, or for clip_sigmas = 0
     max|row| / qmax rounded up (a 2^-10 margin covers float16's rounding), so that nothing clips."""
@@ -2087,7 +2077,11 @@ def build_model(cfg: Config, rt: Runtime):
 
 
 def artifact_name(cfg: Config) -> str:
-    return f"{export_label(quant_bits(cfg))}{'gptq' if cfg.gptq else ''}_{cfg.compressor}"
+    """The export's name in its file and log lines: 'int6' when every group has the same width, else 'mixed', then
+    'gptq' with GPTQ, and the codec (final_model.mixedgptq_brotli.ptz, final_int6_lzma_sliding)."""
+    widths = {cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed}
+    label = f"int{widths.pop()}" if len(widths) == 1 else "mixed"
+    return f"{label}{'gptq' if cfg.gptq else ''}_{cfg.compressor}"
 
 
 def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor] | None:
