@@ -99,8 +99,7 @@ def derived():
 class Config:
     # data and run
     data_path: str = knob("./data/datasets/fineweb10B_sp8192", "folder with fineweb_train_*.bin and fineweb_val_*.bin")
-    tokenizer_path: str = knob("./data/tokenizers/fineweb_8192_bpe.model",
-                               "SentencePiece .model used for byte counting")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece .model for byte counting")
     run_id: str = knob("", "run name; empty = time stamp + random suffix")
     out_dir: str = knob("", "folder for the log and artifact; empty = runs/<RUN_ID>; must not exist or be empty")
     resume: str = knob("", "continue the run in this folder from its checkpoint (same settings, same number of ranks)")
@@ -113,18 +112,14 @@ class Config:
     loop_start: int = knob(3, "first physical block of the looped core")
     loop_end: int = knob(5, "last physical block of the looped core (inclusive); -1 = U-1")
     eval_repeats: int = knob(0, "passes through the core at evaluation; 0 = the training passes R")
-    prog_depth: str = knob("0.35:1,1.0:3",
-                           "progressive depth 'f1:r1,f2:r2,...,1.0:R': r_i core passes while the run fraction < f_i")
-    cross_repeat_skip: bool = knob(False,
-                                   "mix a block's output from its previous pass into its next input (zero-init scales)")
-    value_embeds: int = knob(0,
-                             "extra embedding tables added into the residual at every virtual layer (learned scales)")
+    prog_depth: str = knob("0.35:1,1.0:3", "progressive depth 'f1:r1,...,1.0:R': r_i core passes till run fraction f_i")
+    cross_repeat_skip: bool = knob(False, "add a block's previous-pass output into its next input (zero-init scales)")
+    value_embeds: int = knob(0, "extra embedding tables added to the residual at every virtual layer (learned scales)")
     model_dim: int = knob(512, "residual width")
     num_heads: int = knob(8, "query heads")
     num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS")
     mlp_mult: float = knob(4.0, "MLP hidden width as a multiple of MODEL_DIM (fractions allowed)")
-    mlp_act: str = knob("leaky_relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2",
-                        ("relu2", "leaky_relu2"))
+    mlp_act: str = knob("leaky_relu2", "relu2: relu(x)^2, leaky_relu2: leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2"))
     tie_embeddings: bool = knob(True, "share the token embedding with the output head")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
     rope_base: float = knob(10000.0, "RoPE base frequency")
@@ -133,12 +128,9 @@ class Config:
     xsa_last_n: int = knob(-1, "exclusive self-attention on the last N virtual layers; -1 = all")
     rope_dims: int = knob(16, "rotary dimensions per head (partial RoPE: the rest carry no position); 0 = all")
     ln_scale: bool = knob(True, "scale each block's normed inputs by 1/sqrt(physical block index + 1)")
-    parallel_residual_start: int = knob(7, "physical blocks from this index on: attention and MLP read the same "
-                                            "input and both add to the residual; -1 = none")
-    skip_gates_enabled: bool = knob(True, "U-Net skips enter through a per-channel sigmoid gate "
-                                           "(x = lerp(w*skip, x, sigmoid(g))) instead of being added")
-    layer_rows: str = knob("block", "per-layer scales and residual mix: a row per virtual layer or per block",
-                           ("virtual", "block"))
+    parallel_residual_start: int = knob(7, "from this physical block on, attention and MLP read one input; -1 = none")
+    skip_gates_enabled: bool = knob(True, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)), not x + w*skip")
+    layer_rows: str = knob("block", "scales and residual mix: a row per virtual layer or block", ("virtual", "block"))
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
     smear_gate: bool = knob(True, "add the previous token's embedding through a learned gate (zero-init); not at BOS")
@@ -202,16 +194,14 @@ class Config:
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
     eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
-    eval_stride: int = knob(64, "sliding-window stride (context up to window - stride); "
-                                "0 or >= the window = round trip only")
+    eval_stride: int = knob(64, "sliding-window stride (context <= window - stride); 0 or >= window = round trip only")
     ttt_lr: float = knob(0.005, "score-first test-time training: SGD LR on already-scored validation chunks; 0 = off")
     ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
     ttt_epochs: int = knob(3, "TTT: SGD steps on each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
     ttt_cosine: bool = knob(True, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
     ttt_grad_clip: float = knob(1.0, "TTT: clip the gradient norm of each step; 0 = off")
-    eval_only: str = knob("", "no training: score this artifact (.ptz), or re-export this float checkpoint (.pt) "
-                              "and score it")
+    eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
