@@ -675,14 +675,25 @@ def map_shard(path: Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
 
 
-class BatchLoader:
-    """Batches of `seqs` sequences of `seq_len` inputs (targets one
-    token later) for this rank, prepared ahead by prefetch() while the GPU runs the last micro-step."""
+class ShuffledLoader:
+    """Training batches of `seqs` sequences of `seq_len` inputs (targets one token later) for this rank,
+    prepared ahead by prefetch() while the GPU runs the last micro-step. The order: each epoch cuts every
+    shard into non-overlapping windows of seq_len + 1 tokens from a random phase offset, and draws all
+    shards' windows in one permutation, without replacement. A micro-step takes the next world_size * seqs
+    windows of that order and rank r the r-th share: ranks are disjoint within a step, and any number of
+    shards serves any number of ranks. Everything follows from the seed and the batches read, so a run can
+    be resumed exactly. (Long documents such as books would otherwise fill a batch with a few consecutive
+    documents.)"""
 
-    def __init__(self, rank: int, world_size: int, seqs: int, seq_len: int, device, vocab_size: int):
+    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
+                 seed: int, vocab_size: int = 65536):
         self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
         self.vocab_size = vocab_size  # token ids at or above it are refused as batches are read
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shards, self.seed = [map_shard(p) for p in paths], seed
+        if all(len(t) < seq_len + 1 for t in self.shards):
+            raise DataError(f"{paths[0].parent}: no train shard holds TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens")
+        self._start_epoch(0)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch prepared by prefetch(), else a fresh one."""
@@ -694,7 +705,10 @@ class BatchLoader:
             self._pending = self._load()
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._rows()  # [seqs, seq_len + 1]
+        ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
+        shard = np.searchsorted(self.first, ids, side="right") - 1
+        starts = self.phases[shard] + (ids - self.first[shard]) * self.seq_len
+        rows = np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])  # [seqs, seq_len + 1]
         if rows.max() >= self.vocab_size:  # here, not deep inside the model after minutes of training
             raise DataError(f"train shards: token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size}; "
                             "the shards were built with another tokenizer")
@@ -702,26 +716,6 @@ class BatchLoader:
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
-
-    def _rows(self) -> np.ndarray:
-        raise NotImplementedError
-
-
-class ShuffledLoader(BatchLoader):
-    """The training data order: each epoch cuts every shard into non-overlapping windows of
-    seq_len + 1 tokens from a random phase offset, and draws all shards' windows in one permutation,
-    without replacement. A micro-step takes the next world_size * seqs windows of that order and rank r
-    the r-th share: ranks are disjoint within a step, and any number of shards serves any number of
-    ranks. Everything follows from the seed and the batches read, so a run can be resumed exactly.
-    (Long documents such as books would otherwise fill a batch with a few consecutive documents.)"""
-
-    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
-                 seed: int, vocab_size: int = 65536):
-        super().__init__(rank, world_size, seqs, seq_len, device, vocab_size)
-        self.shards, self.seed = [map_shard(p) for p in paths], seed
-        if all(len(t) < seq_len + 1 for t in self.shards):
-            raise DataError(f"{paths[0].parent}: no train shard holds TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens")
-        self._start_epoch(0)
 
     def _start_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
@@ -747,14 +741,8 @@ class ShuffledLoader(BatchLoader):
             n -= len(part)
         return np.concatenate(parts)
 
-    def _rows(self) -> np.ndarray:
-        ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
-        shard = np.searchsorted(self.first, ids, side="right") - 1
-        starts = self.phases[shard] + (ids - self.first[shard]) * self.seq_len
-        return np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])
 
-
-def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> BatchLoader:
+def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> ShuffledLoader:
     shape = (rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
     return ShuffledLoader(paths, *shape, cfg.seed, vocab_size=cfg.vocab_size)
 
@@ -1742,7 +1730,7 @@ class TrainState:
     phase_ms: dict = dataclasses.field(default_factory=dict)  # passes -> every step time at that depth
 
 
-def train_step(model, loader: BatchLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
+def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Plan, optimizers) -> torch.Tensor:
     total = torch.zeros((), device=rt.device)
     for micro in range(cfg.micro_steps):
         x, y = loader.next_batch()
