@@ -497,18 +497,13 @@ def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
 
 def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
     """1 until the warmdown, then linear to 0 (or MIN_LR) at the end of the run (the cap or ITERATIONS)."""
-    return max(cfg.min_lr, warmdown_ramp(cfg, step, t, step_ms))
-
-
-def warmdown_ramp(cfg: Config, step: int, t: float, step_ms: float) -> float:
-    if cfg.warmdown_iters:
-        if cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
-            remaining_ms = (1 - t) * training_seconds(cfg) * 1000
-            return min(1.0, remaining_ms / (cfg.warmdown_iters * step_ms))
-        return min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
-    if cfg.warmdown_frac == 0:
-        return 1.0
-    return min(1.0, max(0.0, (1 - t) / cfg.warmdown_frac))
+    if cfg.warmdown_iters and cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
+        ramp = (1 - t) * training_seconds(cfg) * 1000 / (cfg.warmdown_iters * step_ms)
+    elif cfg.warmdown_iters:
+        ramp = (cfg.iterations - step) / cfg.warmdown_iters
+    else:
+        ramp = (1 - t) / cfg.warmdown_frac if cfg.warmdown_frac else 1.0
+    return min(1.0, max(cfg.min_lr, ramp))
 
 
 def muon_momentum(cfg: Config, step: int, t: float) -> float:
