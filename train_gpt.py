@@ -396,10 +396,6 @@ class Plan(NamedTuple):
     def blocks(self) -> tuple[int, ...]:
         return tuple(layer.block for layer in self.layers)
 
-    @property
-    def xsa(self) -> tuple[bool, ...]:
-        return tuple(layer.xsa for layer in self.layers)
-
 
 def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -> int:
     """R such that NUM_LAYERS = (U - core) + R * core; ConfigError naming the values that work."""
@@ -1745,7 +1741,7 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
     return total / cfg.micro_steps
 
 
-def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> float:
+def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> None:
     step_ms = state.elapsed_ms / max(state.step, 1)
     mult = lr_multiplier(cfg, state.step, t, step_ms)
     for opt in optimizers:
@@ -1753,7 +1749,6 @@ def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> float
             group["lr"] = group["base_lr"] * mult
             if isinstance(opt, Muon):
                 group["momentum"] = muon_momentum(cfg, state.step, t)
-    return mult
 
 
 def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:

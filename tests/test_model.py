@@ -36,7 +36,7 @@ def test_plan_from_config_and_xsa_on_last_layers():
                         "XSA_LAST_N": "4"})
     plan = plan_for(cfg, cfg.repeats)
     assert cfg.repeats == 3 and len(plan.blocks) == 17
-    assert plan.xsa == tuple([False] * 13 + [True] * 4)
+    assert [layer.xsa for layer in plan.layers] == [False] * 13 + [True] * 4
     assert list(plan_for(cfg, 1).blocks) == list(range(11))
 
 
