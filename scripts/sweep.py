@@ -1,9 +1,11 @@
-"""Run a grid or list of settings x seeds one after another, resumably; end with a table and plots.
+"""Run a grid or list of settings x seeds one after another (or N at once), resumably; end with a table and plots.
 
 Usage:
     python3 scripts/sweep.py --out sweeps/lr --grid "MATRIX_LR=0.02,0.03" --grid "WARMDOWN_FRAC=0.6,0.72" \\
         --seeds 1,2 [--set MAX_WALLCLOCK_SECONDS=300] [--nproc 8] [--dry-run]
     python3 scripts/sweep.py --out sweeps/shapes --list shapes.txt --seeds 1,2,3
+    python3 scripts/sweep.py --out sweeps/abl --list ablations.txt --lanes 4 [--gpus 4,5,6,7] \\
+        --set MAX_WALLCLOCK_SECONDS=150 --set TRAIN_ONLY=1
 
 Settings: the product of every --grid (values separated by ',', or by '|' when a value holds
 commas, e.g. "PROG_DEPTH=0.4:2,1.0:3|0.5:2,1.0:3") with every line of --list FILE (one setting a
@@ -19,6 +21,15 @@ is moved to <out>/interrupted/ and the run starts over (see resume_env). The end
 (runs sorted by score, then the mean per setting) and, with matplotlib, train_loss.png (train loss
 against tokens), val_bpb.png (each run's score by setting) and schedule_<best run>.png (its LR
 multiplier and core passes, computed by train_gpt's own schedule functions).
+
+--lanes N (default 1: one run at a time) runs up to N side by side on one host; a free lane takes the
+next pending run, a failed run stops nothing else, Ctrl-C stops every lane's run (twice: kills them).
+Lane i gets the next max(--nproc, 1) GPUs as CUDA_VISIBLE_DEVICES (from --gpus, else the environment's
+CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`; refused when too few), under torchrun its own
+--master_port (29500 + its first GPU's number), and OMP_NUM_THREADS = the CPU cores // (N x
+max(--nproc, 1)) unless it is set already: runs that each use every core slow each other down.
+Console lines then start with the run id.
+
 Exit status: 0 all runs finished, 1 a run failed, 2 bad arguments or settings, 130 interrupted.
 """
 from __future__ import annotations
@@ -42,6 +53,7 @@ import runs_table
 from runlog import LogError, RunLog, env_text, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
+MASTER_PORT = 29500  # torchrun's default; a lane's runs use this + the number of its first GPU
 PROGRESS = re.compile(r"^(step:\d+/\S+ (train|val)_loss|stopping_early|final_\S+ val_loss:\S+ val_bpb:\S+ eval_time"
                       r"|error|WARNING)")  # the lines a run's progress is shown by
 
@@ -64,6 +76,15 @@ class Run:
     label: str  # the setting, as the table shows it
     env: dict  # what this run adds to the environment: setting, SEED, RUN_ID, OUT_DIR
     folder: Path
+
+
+@dataclasses.dataclass
+class Lane:
+    """One of --lanes N > 1: the GPUs its runs get, their torchrun port and what it adds to their environment."""
+    index: int
+    gpus: list[str]
+    port: int | None  # torchrun --master_port; None for plain python (--nproc 0)
+    env: dict  # CUDA_VISIBLE_DEVICES, and OMP_NUM_THREADS unless the environment sets it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +188,67 @@ def status(run: Run, nproc: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Lanes: which GPUs, port and threads each of --lanes N gets
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_numbers(text: str) -> list[str]:
+    """--gpus: '4' -> 0..3 (a count); '4,5,6,7' -> those devices."""
+    if re.fullmatch(r"\d+", text.strip()):
+        return [str(i) for i in range(int(text))]
+    ids = [g.strip() for g in text.split(",")]
+    if not all(re.fullmatch(r"\d+", g) for g in ids) or len(set(ids)) != len(ids):
+        raise UsageError(f"--gpus {text}: expected a count or distinct GPU numbers separated by ','")
+    return ids
+
+
+def available_gpus(args, needed: int) -> tuple[list[str], str]:
+    """The GPUs to share out and where they were found: --gpus, else CUDA_VISIBLE_DEVICES, else
+    `nvidia-smi -L`, else (no nvidia-smi) as many as the lanes need."""
+    if args.gpus is not None:
+        return gpu_numbers(args.gpus), "--gpus"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return [g.strip() for g in visible.split(",")], "CUDA_VISIBLE_DEVICES"
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return [str(i) for i in range(needed)], "no nvidia-smi: assumed"
+    return [str(i) for i in range(sum(line.startswith("GPU ") for line in listed.splitlines()))], "nvidia-smi -L"
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def plan_lanes(args) -> list[Lane | None]:
+    """[None] for --lanes 1 (runs get the environment as it is); else lane i gets the i-th group of
+    max(nproc, 1) GPUs, its own torchrun port and an even share of the cores (UsageError when too few GPUs)."""
+    if args.lanes == 1:
+        return [None]
+    per = max(args.nproc, 1)
+    gpus, source = available_gpus(args, args.lanes * per)
+    if args.lanes * per > len(gpus):
+        raise UsageError(f"--lanes {args.lanes} x {per} GPU(s) a run needs {args.lanes * per} GPUs; {source} gives "
+                         f"{len(gpus)} ({','.join(gpus) or 'none'})")
+    if args.nproc and not all(g.isdigit() for g in gpus):
+        raise UsageError(f"{source}={','.join(gpus)}: torchrun lanes need GPU numbers (their ports follow from them)")
+    threads = max(1, cpu_cores() // (args.lanes * per))
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
+    lanes = []
+    for i in range(args.lanes):
+        own = gpus[i * per:(i + 1) * per]
+        lanes.append(Lane(i, own, MASTER_PORT + int(own[0]) if args.nproc else None,
+                          {"CUDA_VISIBLE_DEVICES": ",".join(own), **threads}))
+    return lanes
+
+
+def describe(lane: Lane) -> str:
+    return " ".join([f"lane {lane.index}:", *(f"{k}={v}" for k, v in lane.env.items()),
+                     *([f"--master_port={lane.port}"] if lane.port else [])])
+
+
+# ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
 
@@ -178,71 +260,172 @@ def resume_env(folder: Path) -> dict | None:
     return None
 
 
-def launch_command(args) -> list[str]:
+def launch_command(args, lane: Lane | None = None) -> list[str]:
     script = str(args.script)
-    if args.nproc:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", script]
+    if args.nproc:  # --standalone picks a free port itself; a lane names its own
+        where = [f"--master_port={lane.port}"] if lane else ["--standalone"]
+        return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={args.nproc}", script]
     return [sys.executable, script]
 
 
-def run_one(run: Run, args, extra_env: dict) -> bool:
+PRINT = threading.Lock()
+
+
+def say(text: str) -> None:
+    """One line on the console, whole even while several lanes print."""
+    with PRINT:
+        print(text, flush=True)
+
+
+def signal_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # it has ended already
+        pass
+
+
+class Running:
+    """The runs under way (each its own process group); stop() ends them and keeps new ones from starting."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.add(proc)
+            stopped = self.stopped
+        if stopped:
+            signal_group(proc)
+
+    def remove(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        with self.lock:
+            self.stopped = True
+            procs = list(self.procs)
+        for proc in procs:
+            signal_group(proc, sig)
+
+
+def run_one(run: Run, args, extra_env: dict, lane: Lane | None, running: Running) -> bool:
     """Launch one run, stream its progress lines, keep its console output; True when it finished."""
     console = args.out / "console" / f"{run.run_id}.txt"
     console.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **run.env, **extra_env, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(lane.env if lane else {}), **run.env, **extra_env, "PYTHONUNBUFFERED": "1"}
+    tag = f"  {run.run_id}: " if lane else "  "  # lanes print side by side
     start = time.monotonic()
     with open(console, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(launch_command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(launch_command(args, lane), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # its own group: stopped as a whole
-        stop = lambda: os.killpg(proc.pid, signal.SIGTERM)  # noqa: E731
-        timer = threading.Timer(args.timeout, stop) if args.timeout else None
+        running.add(proc)
+        timer = threading.Timer(args.timeout, signal_group, (proc,)) if args.timeout else None
         try:
             if timer:
                 timer.start()
             for line in proc.stdout:
                 out.write(line)
                 if PROGRESS.match(line):
-                    print(f"  {line.rstrip()}", flush=True)
+                    say(f"{tag}{line.rstrip()}")
             proc.wait()
-        except KeyboardInterrupt:
-            stop()
+        except BaseException:
+            signal_group(proc)
             proc.wait()
             raise
         finally:
             if timer:
                 timer.cancel()
+            running.remove(proc)
+    if running.stopped:  # Ctrl-C: the sweep says so once
+        return False
     if args.timeout and time.monotonic() - start >= args.timeout:
-        print(f"  stopped: over --timeout {args.timeout:g} s", flush=True)
+        say(f"{tag}stopped: over --timeout {args.timeout:g} s")
     try:
         finished = read_log(run.folder).finished
     except LogError:
         finished = False
     took = time.monotonic() - start
-    print(f"  {'finished' if finished else f'FAILED (exit {proc.returncode}; see {console})'} in {took:.0f} s",
-          flush=True)
+    say(f"{tag}{'finished' if finished else f'FAILED (exit {proc.returncode}; see {console})'} in {took:.0f} s")
     return finished
 
 
-def execute(runs: list[Run], states: list[str], args) -> list[str]:
-    """Run what is not done, in order; the run ids that failed."""
-    failed = []
-    for i, (run, state) in enumerate(zip(runs, states), 1):
-        if state == "done":
-            print(f"[{i}/{len(runs)}] {run.run_id}: already finished", flush=True)
-            continue
-        extra = {}
-        if state == "restart":
-            extra = resume_env(run.folder)
+def prepare(number: str, run: Run, state: str, args) -> dict | None:
+    """Before a run: None when it finished already, else what it adds to the environment (an
+    unfinished folder is resumed or moved aside)."""
+    if state == "done":
+        say(f"{number} {run.run_id}: already finished")
+        return None
+    extra = {}
+    if state == "restart":
+        extra = resume_env(run.folder)
+        if extra is None:
+            aside = args.out / "interrupted" / f"{run.run_id}-{time.strftime('%Y%m%d_%H%M%S')}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            run.folder.rename(aside)
+            say(f"{number} {run.run_id}: unfinished folder moved to {aside}; starting over")
+            extra = {}
+    return extra
+
+
+def wait_for(ended: list[threading.Event]) -> None:
+    """Until every lane has ended. Polled with sleep: a join interrupted by Ctrl-C can leave a running
+    thread looking ended (Python 3.11), and then its run would be left behind."""
+    while not all(e.is_set() for e in ended):
+        time.sleep(0.1)
+
+
+def execute(runs: list[Run], states: list[str], args, lanes: list[Lane | None]) -> list[str]:
+    """Run what is not done, in order, one per lane at a time; the run ids that failed. Ctrl-C stops
+    every run under way (a second one kills them) and raises KeyboardInterrupt once they have ended."""
+    pending = list(enumerate(zip(runs, states), 1))
+    failed, lock, running = set(), threading.Lock(), Running()
+
+    def lane_loop(lane: Lane | None, ended: threading.Event) -> None:
+        try:
+            take_runs(lane)
+        finally:
+            ended.set()
+
+    def take_runs(lane: Lane | None) -> None:
+        while True:
+            with lock:  # takes the next pending run
+                if running.stopped or not pending:
+                    return
+                i, (run, state) = pending.pop(0)
+                extra = prepare(f"[{i}/{len(runs)}]", run, state, args)
             if extra is None:
-                aside = args.out / "interrupted" / f"{run.run_id}-{time.strftime('%Y%m%d_%H%M%S')}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                run.folder.rename(aside)
-                print(f"[{i}/{len(runs)}] {run.run_id}: unfinished folder moved to {aside}; starting over", flush=True)
-                extra = {}
-        print(f"[{i}/{len(runs)}] {run.run_id}: running {run.label}", flush=True)
-        if not run_one(run, args, extra):
-            failed.append(run.run_id)
-    return failed
+                continue
+            say(f"[{i}/{len(runs)}] {run.run_id}: running {run.label}" + (f" ({describe(lane)})" if lane else ""))
+            try:
+                ok = run_one(run, args, extra, lane, running)
+            except Exception as exc:  # e.g. it could not be launched: the other lanes go on
+                say(f"  {run.run_id}: FAILED ({type(exc).__name__}: {exc})")
+                ok = False
+            if not ok:
+                with lock:
+                    failed.add(run.run_id)
+
+    ended = [threading.Event() for _ in lanes]
+    threads = [threading.Thread(target=lane_loop, args=lane_end, daemon=True) for lane_end in zip(lanes, ended)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(ended)
+    except KeyboardInterrupt:
+        running.stop()
+        for thread, end in zip(threads, ended):
+            if thread.ident is None:  # not started: nothing to wait for
+                end.set()
+        try:
+            wait_for(ended)
+        except KeyboardInterrupt:
+            running.stop(signal.SIGKILL)
+            wait_for(ended)
+        raise
+    return [run.run_id for run in runs if run.run_id in failed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +574,10 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=0, help="processes per run under torchrun; 0 = plain python (default)")
     p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help="script to run (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=0, help="stop a run after this many seconds (default: none)")
+    p.add_argument("--lanes", type=int, default=1, metavar="N",
+                   help="up to N runs at once, each on its own max(--nproc, 1) GPUs (default: 1, one after another)")
+    p.add_argument("--gpus", metavar="N|I,J,..", help="with --lanes: the GPUs to share out, a count (4: GPUs 0-3) or "
+                   "GPU numbers (4,5,6,7); default: CUDA_VISIBLE_DEVICES, else nvidia-smi -L's")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
     p.add_argument("--no-plots", action="store_true", help="the table only (no matplotlib needed)")
     args = p.parse_args(argv)
@@ -400,6 +587,10 @@ def parse_args(argv=None):
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     if args.nproc < 0:
         p.error(f"--nproc {args.nproc}: must be >= 0")
+    if args.lanes < 1:
+        p.error(f"--lanes {args.lanes}: must be >= 1")
+    if args.gpus is not None and args.lanes == 1:
+        p.error("--gpus goes with --lanes N > 1 (for one run at a time, set CUDA_VISIBLE_DEVICES)")
     if not args.script.is_file():
         p.error(f"--script {args.script}: file not found")
     return args
@@ -410,6 +601,7 @@ def main(argv=None) -> int:
     try:
         runs = plan_runs(args)
         states = [status(run, args.nproc) for run in runs]
+        lanes = plan_lanes(args)
         if not args.no_plots and not args.dry_run:
             try:
                 pyplot()
@@ -418,18 +610,23 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    launcher = " ".join(launch_command(args))
-    print(f"{len(runs)} runs ({sum(s == 'done' for s in states)} already finished), each: {launcher}")
+    launcher = " ".join(launch_command(args, lanes[0]))
+    at_once = f", {len(lanes)} at a time" if len(lanes) > 1 else ""
+    print(f"{len(runs)} runs ({sum(s == 'done' for s in states)} already finished){at_once}, each: {launcher}")
+    if len(lanes) > 1:
+        print("\n".join(f"  {describe(lane)}" for lane in lanes))
     for run, state in zip(runs, states):
         print(f"  {state:7} {run.run_id}: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in run.env.items()))
     if args.dry_run:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "plan.json").write_text(json.dumps(
-        dict(command=sys.argv, launcher=launcher, runs=[dataclasses.asdict(r) | {"folder": str(r.folder)}
-                                                         for r in runs]), indent=1) + "\n", encoding="utf-8")
+    plan = dict(command=sys.argv, launcher=launcher, runs=[dataclasses.asdict(r) | {"folder": str(r.folder)}
+                                                           for r in runs])
+    if len(lanes) > 1:
+        plan["lanes"] = [dataclasses.asdict(lane) for lane in lanes]
+    (args.out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
     try:
-        failed = execute(runs, states, args)
+        failed = execute(runs, states, args, lanes)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

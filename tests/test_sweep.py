@@ -1,10 +1,15 @@
 """scripts/sweep.py: a grid of two tiny CPU runs, resumed (a finished run is not run again, an
-unfinished one is moved aside and run again), its table and plots, and the schedules it draws."""
+unfinished one is moved aside and run again), its table and plots, and the schedules it draws;
+--lanes with a stand-in for train_gpt.py that sleeps and notes when it ran and what it was given."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +111,170 @@ def test_list_file_and_grid_make_the_product(tmp_path):
     assert runs[0].env["PROG_DEPTH"] == "0.5:1,1.0:2" and runs[2].env["PROG_DEPTH"] == "1.0:2"
     assert runs[0].env["MODEL_DIM"] == "128" and runs[0].label == "wide PROG_DEPTH=0.5:1,1.0:2"
     assert runs[4].label == "MODEL_DIM=64 PROG_DEPTH=0.5:1,1.0:2"
+
+
+# ---------------------------------------------------------------------------------------------
+# --lanes, with a stand-in: the config line and final_summary train_gpt.py would write for these
+# settings (so the sweep tabulates and resumes it), after sleeping seed x `seconds`; standin.json says when it ran,
+# with which devices, port and threads.
+# ---------------------------------------------------------------------------------------------
+
+STANDIN = """
+import dataclasses, json, os, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import train_gpt
+cfg = train_gpt.build_config(os.environ, int(os.environ.get("WORLD_SIZE", "1")))
+out = Path(cfg.out_dir)
+out.mkdir(parents=True, exist_ok=True)
+seen = dict(start=time.time(), pid=os.getpid(), **{{k: os.environ.get(k) for k in
+            ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_PORT", "WORLD_SIZE")}})
+(out / "started.json").write_text(json.dumps(seen))
+log = open(out / f"{{cfg.run_id}}.txt", "w")
+log.write("config " + json.dumps(dataclasses.asdict(cfg)) + "\\n")
+time.sleep({seconds} * cfg.seed)  # seed 1 ends first
+if cfg.seed == {fail_seed}:
+    sys.exit("error: the stand-in fails this seed")
+bpb = 1 + cfg.seed / 100
+print("step:4/4 train_loss:2.5 train_time:100ms", file=log)
+print("step:4/4 val_loss:2.0 val_bpb:%.4f" % bpb, flush=True)
+summary = dict(val_bpb=bpb, steps=4, train_time_ms=100, bytes_total=1000, seed=cfg.seed,
+               evals={{"final_int8_roundtrip": dict(val_bpb=bpb)}})
+(out / "standin.json").write_text(json.dumps(dict(seen, end=time.time())))
+log.write("final_summary " + json.dumps(summary) + "\\n")
+"""
+
+
+def standin(tmp_path: Path, seconds: float = 1.0, fail_seed: int = -1) -> Path:
+    path = tmp_path / "standin.py"
+    path.write_text(STANDIN.format(root=str(ROOT), seconds=seconds, fail_seed=fail_seed))
+    return path
+
+
+def sweep_command(out: Path, script: Path, *args) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--out", str(out), "--script", str(script),
+            "--no-plots", *args]
+
+
+def lanes_env(**extra) -> dict:
+    env = {k: v for k, v in clean_environ().items() if k not in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
+    return {**env, **extra}
+
+
+def run_lanes(out: Path, script: Path, *args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(out, script, *args), env=lanes_env(**env), capture_output=True, text=True,
+                          timeout=240)
+
+
+def seen(out: Path, run: str, name: str = "standin.json") -> dict:
+    return json.loads((out / "runs" / run / name).read_text())
+
+
+SEEDS = ("--seeds", "1,2,3", "--set", "MATRIX_LR=0.03")
+SEED_RUNS = ("base_seed1", "base_seed2", "base_seed3")
+
+
+@pytest.mark.slow
+def test_lanes_run_side_by_side_each_on_its_own_gpu_and_resume(tmp_path):
+    out, script = tmp_path / "lanes", standin(tmp_path)
+    result = run_lanes(out, script, *SEEDS, "--lanes", "2", "--gpus", "2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    one, two, three = (seen(out, run) for run in SEED_RUNS)
+    assert max(one["start"], two["start"]) < min(one["end"], two["end"])  # the first two ran at once
+    assert {one["CUDA_VISIBLE_DEVICES"], two["CUDA_VISIBLE_DEVICES"]} == {"0", "1"}
+    assert three["start"] > one["end"] and three["CUDA_VISIBLE_DEVICES"] == one["CUDA_VISIBLE_DEVICES"]  # its lane
+    threads = str(max(1, sweep.cpu_cores() // 2))
+    assert all(s["OMP_NUM_THREADS"] == threads and s["MASTER_PORT"] is None for s in (one, two, three))
+    table, means = (out / "table.md").read_text().split("\n\n")
+    assert [row.split(" | ")[1] for row in table.splitlines()[2:]] == ["1", "2", "3"]  # every run, best first
+    assert means.splitlines()[2] == "| base | 3 | 1.0200 | 0.0100 |" and means in result.stdout
+    assert "lane 1: CUDA_VISIBLE_DEVICES=1 OMP_NUM_THREADS=" in result.stdout
+    assert "  base_seed2: step:4/4 val_loss:2.0 val_bpb:1.0200" in result.stdout  # lanes' lines name their run
+    # resumed: the finished runs are not run again, an unfinished one is
+    log = out / "runs" / SEED_RUNS[1] / f"{SEED_RUNS[1]}.txt"
+    log.write_text(log.read_text().split("final_summary ")[0])
+    again = run_lanes(out, script, *SEEDS, "--lanes", "2", "--gpus", "2")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stdout.count(": already finished") == 2 and again.stdout.count(": running ") == 1
+    assert f"{SEED_RUNS[1]}: unfinished folder moved" in again.stdout
+    assert seen(out, SEED_RUNS[0]) == one and seen(out, SEED_RUNS[1])["start"] > two["end"]
+
+
+@pytest.mark.slow
+def test_a_failed_lane_run_stops_nothing_else(tmp_path):
+    out = tmp_path / "lanes"
+    result = run_lanes(out, standin(tmp_path, seconds=0.5, fail_seed=1), *SEEDS, "--lanes", "2", "--gpus", "0,1")
+    assert result.returncode == 1 and "1 run(s) failed: base_seed1 " in result.stderr, result.stderr[-2000:]
+    table = (out / "table.md").read_text()
+    assert "| base | 2 |" in table and "| base | 3 |" in table and "| 1 |" not in table
+
+
+@pytest.mark.slow
+def test_torchrun_lanes_get_their_own_port_and_keep_a_set_omp_num_threads(tmp_path):
+    out = tmp_path / "lanes"
+    result = run_lanes(out, standin(tmp_path), "--seeds", "1,2", "--nproc", "1", "--lanes", "2", "--gpus", "5,2",
+                       OMP_NUM_THREADS="3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = [seen(out, run) for run in SEED_RUNS[:2]]
+    assert max(r["start"] for r in runs) < min(r["end"] for r in runs)
+    assert {(r["CUDA_VISIBLE_DEVICES"], r["MASTER_PORT"]) for r in runs} == {("5", "29505"), ("2", "29502")}
+    assert all(r["OMP_NUM_THREADS"] == "3" and r["WORLD_SIZE"] == "1" for r in runs)
+
+
+@pytest.mark.slow
+def test_timeout_stops_each_lane_run(tmp_path):
+    out, begin = tmp_path / "lanes", time.monotonic()
+    result = run_lanes(out, standin(tmp_path, seconds=60), "--seeds", "1,2", "--lanes", "2", "--gpus", "2",
+                       "--timeout", "3")
+    assert result.returncode == 1 and "2 run(s) failed" in result.stderr, result.stdout[-2000:]
+    assert result.stdout.count("stopped: over --timeout 3 s") == 2 and time.monotonic() - begin < 40
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_lane_and_leaves_no_process(tmp_path):
+    out = tmp_path / "lanes"
+    sweep_run = subprocess.Popen(sweep_command(out, standin(tmp_path, seconds=120), *SEEDS, "--lanes", "2",
+                                               "--gpus", "2"), env=lanes_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    started = [out / "runs" / run / "started.json" for run in SEED_RUNS[:2]]
+    deadline = time.monotonic() + 60
+    while not all(p.is_file() for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sweep_run.send_signal(signal.SIGINT)
+    stdout, stderr = sweep_run.communicate(timeout=60)
+    assert sweep_run.returncode == 130 and "interrupted; run the same command again" in stderr, stdout + stderr
+    for path in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(json.loads(path.read_text())["pid"], 0)
+    assert not (out / "runs" / SEED_RUNS[2]).exists()  # no new run started after Ctrl-C
+
+
+def test_lanes_share_out_gpus_or_refuse_in_one_line(tmp_path, monkeypatch, capsys):
+    def lanes(*argv):
+        return sweep.plan_lanes(sweep.parse_args(["--out", str(tmp_path / "o"), *argv]))
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert lanes() == [None]  # one at a time: the environment as it is, torchrun picks its port
+    assert "--standalone" in sweep.launch_command(sweep.parse_args(["--out", "o", "--nproc", "2"]))
+    pairs = lanes("--lanes", "2", "--nproc", "2", "--gpus", "4,5,6,7")
+    assert [(lane.gpus, lane.port) for lane in pairs] == [(["4", "5"], 29504), (["6", "7"], 29506)]
+    threads = str(max(1, sweep.cpu_cores() // 4))
+    assert pairs[1].env == {"CUDA_VISIBLE_DEVICES": "6,7", "OMP_NUM_THREADS": threads}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1,2")  # the GPUs this shell may use
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert [lane.env for lane in lanes("--lanes", "3")] == [{"CUDA_VISIBLE_DEVICES": g} for g in "312"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fake = tmp_path / "bin" / "nvidia-smi"  # the GPU lines count, MIG lines not
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: H100 (UUID: a)'\necho '  MIG 1g (UUID: b)'\necho 'GPU 1: H1 (UUID: c)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert [lane.gpus for lane in lanes("--lanes", "2")] == [["0"], ["1"]]
+    with pytest.raises(sweep.UsageError, match=r"^--lanes 3 x 1 GPU\(s\) a run needs 3 GPUs; nvidia-smi -L gives 2 "
+                                                r"\(0,1\)$"):
+        lanes("--lanes", "3")
+    assert sweep.main(["--out", str(tmp_path / "o"), "--lanes", "2", "--nproc", "2", "--gpus", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --lanes 2 x 2 GPU(s) a run needs 4 GPUs; --gpus gives 3 (0,1,2)\n"
+    assert not (tmp_path / "o").exists()
