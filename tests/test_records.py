@@ -131,8 +131,8 @@ def with_summary(**fields):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change, track, reason", [
-    (lambda t: t.replace('"matrix_lr": 0.022', '"matrix_lr": 0.03', 1), "non_record_16mb",
-     "the logs differ in MATRIX_LR: 0.022 (seed1.txt), 0.03 (altered.txt)"),
+    (lambda t: t.replace('"matrix_lr": 0.026', '"matrix_lr": 0.03', 1), "non_record_16mb",
+     "the logs differ in MATRIX_LR: 0.026 (seed1.txt), 0.03 (altered.txt)"),
     (lambda t: re.sub(r"(?m)^code_sha256:[0-9a-f]{64}", "code_sha256:" + "0" * 64, t), "non_record_16mb",
      "the logs ran different code"),
     (lambda t: t[:t.index("\nfinal_summary ")], "non_record_16mb", "altered.txt: not a finished run"),
