@@ -77,6 +77,10 @@ class DataError(UserError):
     pass
 
 
+class Refused(UserError):
+    """A run refused after its folder was made, before training: the folder (only its log so far) is removed."""
+
+
 class Interrupted(UserError):
     """SIGTERM/SIGINT: every rank stops on the same step, writes a checkpoint for RESUME, exports nothing (exit 5)."""
     exit_code = 5
@@ -1847,11 +1851,15 @@ def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoade
     if bad >= 0:
         raise UserError(f"RESUME={cfg.resume}: the checkpoint file of rank {bad:.0f} is missing, partial or corrupt")
     snapshot = torch.load(io.BytesIO(blob[32:]), map_location=rt.device, weights_only=True)
-    for name, part in parts.items():
-        part.load_state_dict(snapshot[name])
-    loader.skip(snapshot["state"]["step"] * cfg.micro_steps)  # its position follows from the steps trained
-    rt.log(f"resume step:{snapshot['state']['step']} train_time:{snapshot['state']['elapsed_ms']:.0f}ms from:{folder}")
-    return TrainState(**snapshot["state"])
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(snapshot[name])
+        state = TrainState(**snapshot["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"RESUME={cfg.resume}: checkpoint written by another version of this script ({exc})") from None
+    loader.skip(state.step * cfg.micro_steps)  # its position follows from the steps trained
+    rt.log(f"resume step:{state.step} train_time:{state.elapsed_ms:.0f}ms from:{folder}")
+    return state
 
 
 def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
@@ -2254,7 +2262,7 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
         ttt = estimate.get("ttt", 0.0)
         hint = (f"TTT is {ttt:.0f} s of it: lower TTT_EPOCHS, raise EVAL_STRIDE or turn TTT off with TTT_LR=0"
                 if ttt > total / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
-        raise UserError(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
+        raise Refused(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
                         f"{total:.0f} s; {hint}")
 
 
@@ -2264,7 +2272,7 @@ def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
     need = (10 * rt.world_size + 3) * 4 * sum(p.numel() for p in base.parameters()) + ARTIFACT_LIMIT_BYTES
     free = -rt.agree_max(-shutil.disk_usage(out).free)  # the least on any rank
     if free < need:
-        raise UserError(f"{out}: {free / 1e9:.2f} GB free on its disk; the run may write {need / 1e9:.2f} GB")
+        raise Refused(f"{out}: {free / 1e9:.2f} GB free on its disk; the run may write {need / 1e9:.2f} GB")
 
 
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:
@@ -2369,7 +2377,7 @@ def main() -> int:
         if rt.main or isinstance(exc, DataError):  # a loader's data error may be seen by one rank only
             print(f"error: {exc}", file=sys.stderr, flush=True)
             rt.log(f"error: {exc}", console=False)
-        if exc.exit_code == 2 and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
+        if isinstance(exc, Refused) and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
             shutil.rmtree(rt.log_path.parent)  # a refused run leaves no folder behind: its log was all there was
         return exc.exit_code
     finally:

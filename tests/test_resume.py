@@ -3,6 +3,8 @@ of a run never stopped, on one process and on two; what cannot be resumed is ref
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import re
 import shutil
@@ -163,3 +165,19 @@ def test_too_little_free_space_is_refused_naming_the_folder(tiny_data, tmp_path,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
     with pytest.raises(UserError, match=f"^{tmp_path}: 0.00 GB free on its disk; the run may write "):
         check_free_space(rt, model, tmp_path)
+
+
+def test_a_checkpoint_of_another_script_version_is_refused_in_one_line(tiny_data, tmp_path):
+    cfg, model, parts = tiny_training(tiny_data)
+    rt = Runtime(0, 1, 0, torch.device("cpu"))
+    save_checkpoint(tmp_path / "checkpoint", cfg, rt, parts, TrainState(step=1, elapsed_ms=10.0))
+    path = tmp_path / "checkpoint" / "step1.rank0.pt"  # rewritten whole (valid checksum) with a field this version lacks
+    snapshot = torch.load(io.BytesIO(path.read_bytes()[32:]), weights_only=True)
+    snapshot["state"]["switched_at"] = 3
+    buffer = io.BytesIO()
+    torch.save(snapshot, buffer)
+    path.write_bytes(hashlib.sha256(buffer.getvalue()).digest() + buffer.getvalue())
+    resumed = build_config(tiny_env(tiny_data, EMA_HORIZON=0.2, RESUME=tmp_path))
+    loader = ShuffledLoader(find_shards(str(tiny_data), "train"), 0, 1, 32, 64, torch.device("cpu"), cfg.seed)
+    with pytest.raises(UserError, match=f"^RESUME={tmp_path}: checkpoint written by another version of this script"):
+        load_checkpoint(resumed, rt, parts, loader)
