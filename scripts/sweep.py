@@ -16,21 +16,27 @@ Each run is train_gpt.py (--script) launched as plain python (--nproc 0, the def
 one GPU or the CPU) or under torchrun with N processes, with OUT_DIR=<out>/runs/<run id>; its
 console output goes to <out>/console/<run id>.txt. Every run's settings are checked with
 train_gpt.build_config before anything starts. Rerunning the same command resumes: a run whose log
-has its final_summary is not run again (it must have the same settings), an unfinished run folder
-is moved to <out>/interrupted/ and the run starts over (see resume_env). The end: <out>/table.md
-(runs sorted by score, then the mean per setting) and, with matplotlib, train_loss.png (train loss
-against tokens), val_bpb.png (each run's score by setting) and schedule_<best run>.png (its LR
-multiplier and core passes, computed by train_gpt's own schedule functions).
+has its final_summary is not run again (it must have the same settings); an unfinished run whose
+folder holds a complete checkpoint (checkpoint/checkpoint.json, which train_gpt.py writes when stopped
+by SIGTERM/SIGINT, or every CHECKPOINT_EVERY seconds) continues from it with RESUME=<its folder> and the
+same settings, its console output appended; any other unfinished run folder is moved to
+<out>/interrupted/ and the run starts over. The end: <out>/table.md (runs sorted by score, then the
+mean per setting) and, with matplotlib, train_loss.png (train loss against tokens), val_bpb.png (each
+run's score by setting) and schedule_<best run>.png (its LR multiplier and core passes, computed by
+train_gpt's own schedule functions).
 
 --lanes N (default 1: one run at a time) runs up to N side by side on one host; a free lane takes the
-next pending run, a failed run stops nothing else, Ctrl-C stops every lane's run (twice: kills them).
-Lane i gets the next max(--nproc, 1) GPUs as CUDA_VISIBLE_DEVICES (from --gpus, else the environment's
-CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`; refused when too few), under torchrun its own
---master_port (29500 + its first GPU's number), and OMP_NUM_THREADS = the CPU cores // (N x
-max(--nproc, 1)) unless it is set already: runs that each use every core slow each other down.
-Console lines then start with the run id.
+next pending run, a failed run stops nothing else. Lane i gets the next max(--nproc, 1) GPUs as
+CUDA_VISIBLE_DEVICES (from --gpus, else the environment's CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`;
+refused when too few), under torchrun its own --master_port (29500 + its first GPU's number), and
+OMP_NUM_THREADS = the CPU cores // (N x max(--nproc, 1)) unless it is set already: runs that each use
+every core slow each other down. Console lines then start with the run id.
 
-Exit status: 0 all runs finished, 1 a run failed, 2 bad arguments or settings, 130 interrupted.
+Ctrl-C or SIGTERM to the sweep (say, its machine is pre-empted) sends SIGTERM to every run under way
+(a second one kills them) and starts no other: a run in training writes a checkpoint and exits 5, and
+the same command, run again, resumes it.
+
+Exit status: 0 all runs finished, 1 a run failed, 2 bad arguments or settings, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -60,6 +66,14 @@ PROGRESS = re.compile(r"^(step:\d+/\S+ (train|val)_loss|stopping_early|final_\S+
 
 class UsageError(Exception):
     """Bad arguments or settings: one `error:` line, exit 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to the sweep: its runs are stopped as on Ctrl-C, then exit 143."""
+
+
+def on_sigterm(number: int, frame) -> None:
+    raise Terminated()
 
 
 def train_gpt():
@@ -169,16 +183,17 @@ def expected_config(run: Run, nproc: int) -> dict:
 
 
 def status(run: Run, nproc: int) -> str:
-    """'done' (finished with these settings), 'restart' (an unfinished folder) or 'new'."""
+    """'done' (finished with these settings), 'resume' (unfinished, with a checkpoint), 'restart' (an
+    unfinished folder without one) or 'new'."""
     expected = expected_config(run, nproc)
     if not run.folder.exists() or not any(run.folder.iterdir()):
         return "new"
     try:
         log = read_log(run.folder)
     except LogError:
-        return "restart"
-    if not log.finished:
-        return "restart"
+        log = None
+    if log is None or not log.finished:
+        return "restart" if resume_env(run.folder) is None else "resume"
     differ = [k for k in expected if k not in ("run_id", "out_dir") and log.config.get(k) != expected[k]]
     if differ:
         k = differ[0]
@@ -254,10 +269,9 @@ def describe(lane: Lane) -> str:
 
 
 def resume_env(folder: Path) -> dict | None:
-    """How to continue an unfinished run in `folder`. train_gpt.py cannot resume yet, so None: the
-    folder is moved aside and the run starts over. Once it can (say RESUME=<checkpoint>), return
-    {"RESUME": str(checkpoint)} here and run() keeps the folder."""
-    return None
+    """How to continue an unfinished run in `folder`: RESUME=<folder> when train_gpt.py left a complete
+    checkpoint there (checkpoint.json names one only once every rank's file is whole), else None."""
+    return {"RESUME": str(folder)} if (folder / "checkpoint" / "checkpoint.json").is_file() else None
 
 
 def launch_command(args, lane: Lane | None = None) -> list[str]:
@@ -318,7 +332,7 @@ def run_one(run: Run, args, extra_env: dict, lane: Lane | None, running: Running
     env = {**os.environ, **(lane.env if lane else {}), **run.env, **extra_env, "PYTHONUNBUFFERED": "1"}
     tag = f"  {run.run_id}: " if lane else "  "  # lanes print side by side
     start = time.monotonic()
-    with open(console, "w", encoding="utf-8") as out:
+    with open(console, "a" if "RESUME" in extra_env else "w", encoding="utf-8") as out:
         proc = subprocess.Popen(launch_command(args, lane), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # its own group: stopped as a whole
         running.add(proc)
@@ -348,26 +362,29 @@ def run_one(run: Run, args, extra_env: dict, lane: Lane | None, running: Running
     except LogError:
         finished = False
     took = time.monotonic() - start
-    say(f"{tag}{'finished' if finished else f'FAILED (exit {proc.returncode}; see {console})'} in {took:.0f} s")
+    how = "finished" if finished else f"FAILED (exit {proc.returncode}; see {console})"
+    if not finished and resume_env(run.folder):
+        how += f"; it has a checkpoint: rerunning the sweep resumes it (to start over, remove {run.folder})"
+    say(f"{tag}{how} in {took:.0f} s")
     return finished
 
 
 def prepare(number: str, run: Run, state: str, args) -> dict | None:
-    """Before a run: None when it finished already, else what it adds to the environment (an
-    unfinished folder is resumed or moved aside)."""
+    """Before a run: None when it finished already, else what it adds to the environment (RESUME for
+    an unfinished folder with a checkpoint; one without is moved aside)."""
     if state == "done":
         say(f"{number} {run.run_id}: already finished")
         return None
-    extra = {}
+    if state == "resume":
+        manifest = json.loads((run.folder / "checkpoint" / "checkpoint.json").read_text(encoding="utf-8"))
+        say(f"{number} {run.run_id}: resuming from its checkpoint (step {manifest.get('step', '?')})")
+        return resume_env(run.folder)
     if state == "restart":
-        extra = resume_env(run.folder)
-        if extra is None:
-            aside = args.out / "interrupted" / f"{run.run_id}-{time.strftime('%Y%m%d_%H%M%S')}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            run.folder.rename(aside)
-            say(f"{number} {run.run_id}: unfinished folder moved to {aside}; starting over")
-            extra = {}
-    return extra
+        aside = args.out / "interrupted" / f"{run.run_id}-{time.strftime('%Y%m%d_%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        run.folder.rename(aside)
+        say(f"{number} {run.run_id}: unfinished folder moved to {aside}; starting over")
+    return {}
 
 
 def wait_for(ended: list[threading.Event]) -> None:
@@ -378,8 +395,9 @@ def wait_for(ended: list[threading.Event]) -> None:
 
 
 def execute(runs: list[Run], states: list[str], args, lanes: list[Lane | None]) -> list[str]:
-    """Run what is not done, in order, one per lane at a time; the run ids that failed. Ctrl-C stops
-    every run under way (a second one kills them) and raises KeyboardInterrupt once they have ended."""
+    """Run what is not done, in order, one per lane at a time; the run ids that failed. Ctrl-C (or
+    SIGTERM, raised as Terminated) stops every run under way (a second one kills them) and raises it
+    again once they have ended."""
     pending = list(enumerate(zip(runs, states), 1))
     failed, lock, running = set(), threading.Lock(), Running()
 
@@ -612,7 +630,8 @@ def main(argv=None) -> int:
         return 2
     launcher = " ".join(launch_command(args, lanes[0]))
     at_once = f", {len(lanes)} at a time" if len(lanes) > 1 else ""
-    print(f"{len(runs)} runs ({sum(s == 'done' for s in states)} already finished){at_once}, each: {launcher}")
+    resuming = f", {states.count('resume')} to resume" if "resume" in states else ""
+    print(f"{len(runs)} runs ({states.count('done')} already finished{resuming}){at_once}, each: {launcher}")
     if len(lanes) > 1:
         print("\n".join(f"  {describe(lane)}" for lane in lanes))
     for run, state in zip(runs, states):
@@ -625,11 +644,16 @@ def main(argv=None) -> int:
     if len(lanes) > 1:
         plan["lanes"] = [dataclasses.asdict(lane) for lane in lanes]
     (args.out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        signal.signal(signal.SIGTERM, on_sigterm)  # a pre-empted machine's notice: stop the runs as on Ctrl-C
         failed = execute(runs, states, args, lanes)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; run the same command again to "
+              "resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report(runs, args)
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see {args.out / 'console'})", file=sys.stderr)

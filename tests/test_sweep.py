@@ -1,6 +1,7 @@
 """scripts/sweep.py: a grid of two tiny CPU runs, resumed (a finished run is not run again, an
 unfinished one is moved aside and run again), its table and plots, and the schedules it draws;
---lanes with a stand-in for train_gpt.py that sleeps and notes when it ran and what it was given."""
+--lanes, checkpoints and SIGTERM with a stand-in for train_gpt.py that sleeps, notes when it ran and
+what it was given, and on SIGTERM writes a checkpoint and exits 5 as train_gpt.py does."""
 from __future__ import annotations
 
 import json
@@ -116,11 +117,13 @@ def test_list_file_and_grid_make_the_product(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # --lanes, with a stand-in: the config line and final_summary train_gpt.py would write for these
 # settings (so the sweep tabulates and resumes it), after sleeping seed x `seconds`; standin.json says when it ran,
-# with which devices, port and threads.
+# with which devices, port and threads. Like train_gpt.py, on SIGTERM (or, for `interrupt_seed`, after
+# its step 2) it writes checkpoint/checkpoint.json and exits 5; with RESUME it checks that RESUME is its
+# folder and holds that checkpoint, appends to its log and finishes (resumed.json: what it was given).
 # ---------------------------------------------------------------------------------------------
 
 STANDIN = """
-import dataclasses, json, os, sys, time
+import dataclasses, json, os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import train_gpt
@@ -128,11 +131,28 @@ cfg = train_gpt.build_config(os.environ, int(os.environ.get("WORLD_SIZE", "1")))
 out = Path(cfg.out_dir)
 out.mkdir(parents=True, exist_ok=True)
 seen = dict(start=time.time(), pid=os.getpid(), **{{k: os.environ.get(k) for k in
-            ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_PORT", "WORLD_SIZE")}})
-(out / "started.json").write_text(json.dumps(seen))
-log = open(out / f"{{cfg.run_id}}.txt", "w")
-log.write("config " + json.dumps(dataclasses.asdict(cfg)) + "\\n")
-time.sleep({seconds} * cfg.seed)  # seed 1 ends first
+            ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_PORT", "WORLD_SIZE", "RESUME")}})
+
+def checkpoint_and_exit(*_):
+    (out / "checkpoint").mkdir(exist_ok=True)
+    (out / "checkpoint" / "step2.rank0.pt").write_bytes(b"weights")
+    (out / "checkpoint" / "checkpoint.json").write_text(json.dumps(dict(step=2, config=dataclasses.asdict(cfg))))
+    sys.exit(5)
+
+signal.signal(signal.SIGTERM, checkpoint_and_exit)
+if cfg.resume:
+    if Path(cfg.resume) != out or not (out / "checkpoint" / "checkpoint.json").is_file():
+        sys.exit(f"error: RESUME={{cfg.resume}}: no checkpoint of this run there")
+    (out / "resumed.json").write_text(json.dumps(seen))
+    log = open(out / f"{{cfg.run_id}}.txt", "a")
+else:
+    (out / "started.json").write_text(json.dumps(seen))
+    log = open(out / f"{{cfg.run_id}}.txt", "w")
+    log.write("config " + json.dumps(dataclasses.asdict(cfg)) + "\\n")
+    print("step:2/4 train_loss:3.0 train_time:50ms", file=log, flush=True)
+    if cfg.seed == {interrupt_seed}:
+        checkpoint_and_exit()
+    time.sleep({seconds} * cfg.seed)  # seed 1 ends first
 if cfg.seed == {fail_seed}:
     sys.exit("error: the stand-in fails this seed")
 bpb = 1 + cfg.seed / 100
@@ -145,9 +165,10 @@ log.write("final_summary " + json.dumps(summary) + "\\n")
 """
 
 
-def standin(tmp_path: Path, seconds: float = 1.0, fail_seed: int = -1) -> Path:
+def standin(tmp_path: Path, seconds: float = 1.0, fail_seed: int = -1, interrupt_seed: int = -1) -> Path:
     path = tmp_path / "standin.py"
-    path.write_text(STANDIN.format(root=str(ROOT), seconds=seconds, fail_seed=fail_seed))
+    path.write_text(STANDIN.format(root=str(ROOT), seconds=seconds, fail_seed=fail_seed,
+                                   interrupt_seed=interrupt_seed))
     return path
 
 
@@ -247,6 +268,70 @@ def test_ctrl_c_stops_every_lane_and_leaves_no_process(tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(json.loads(path.read_text())["pid"], 0)
     assert not (out / "runs" / SEED_RUNS[2]).exists()  # no new run started after Ctrl-C
+
+
+def assert_resumed(out: Path, run: str, first: dict) -> None:
+    """Continued in its own folder with RESUME=<that folder>: its log and first start are kept, appended to."""
+    folder = out / "runs" / run
+    assert seen(out, run, "resumed.json")["RESUME"] == str(folder.resolve())
+    assert seen(out, run, "started.json") == first
+    log = (folder / f"{run}.txt").read_text()
+    assert log.count("config ") == 1 and log.index("step:2/4 ") < log.index("final_summary ")
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_a_run_with_a_checkpoint_and_restarts_one_without(tmp_path):
+    out, script = tmp_path / "ckpt", standin(tmp_path, seconds=0.2, interrupt_seed=1)
+    first = run_lanes(out, script, *SEEDS)
+    assert first.returncode == 1 and "1 run(s) failed: base_seed1 " in first.stderr, first.stdout + first.stderr
+    assert "FAILED (exit 5; see " in first.stdout and "it has a checkpoint: rerunning the sweep resumes" in first.stdout
+    started = seen(out, SEED_RUNS[0], "started.json")
+    console = out / "console" / f"{SEED_RUNS[0]}.txt"
+    console.write_text("the interrupted part\n")
+    log = out / "runs" / SEED_RUNS[2] / f"{SEED_RUNS[2]}.txt"  # interrupted before any checkpoint
+    log.write_text(log.read_text().split("final_summary ")[0])
+    plan = run_lanes(out, script, *SEEDS, "--dry-run")
+    assert "3 runs (1 already finished, 1 to resume)" in plan.stdout
+    assert "  resume  base_seed1: " in plan.stdout and "  restart base_seed3: " in plan.stdout
+    again = run_lanes(out, script, *SEEDS)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "[1/3] base_seed1: resuming from its checkpoint (step 2)" in again.stdout
+    assert f"{SEED_RUNS[2]}: unfinished folder moved" in again.stdout
+    assert [p.name[:len(SEED_RUNS[2])] for p in (out / "interrupted").iterdir()] == [SEED_RUNS[2]]
+    assert_resumed(out, SEED_RUNS[0], started)
+    assert console.read_text().startswith("the interrupted part\n")  # its console output appended to
+    assert seen(out, SEED_RUNS[2])["RESUME"] is None  # started over
+    table, means = (out / "table.md").read_text().split("\n\n")
+    assert [row.split(" | ")[1] for row in table.splitlines()[2:]] == ["1", "2", "3"]
+    assert means.splitlines()[2] == "| base | 3 | 1.0200 | 0.0100 |"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_lane_with_a_checkpoint_and_a_rerun_resumes_them(tmp_path):
+    """Under torchrun (whose ranks have their own sessions): SIGTERM to the sweep reaches every rank, which
+    checkpoints and exits; the same command then continues both runs and starts the third."""
+    out, args = tmp_path / "term", (*SEEDS, "--nproc", "1", "--lanes", "2", "--gpus", "2")
+    sweep_run = subprocess.Popen(sweep_command(out, standin(tmp_path, seconds=120), *args), env=lanes_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = [out / "runs" / run / "started.json" for run in SEED_RUNS[:2]]
+    deadline = time.monotonic() + 60
+    while not all(p.is_file() for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    firsts = [json.loads(p.read_text()) for p in started]
+    sweep_run.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep_run.communicate(timeout=60)
+    assert sweep_run.returncode == 143 and "terminated; run the same command again" in stderr, stdout + stderr
+    for first in firsts:
+        with pytest.raises(ProcessLookupError):
+            os.kill(first["pid"], 0)
+    assert all((p.parent / "checkpoint" / "checkpoint.json").is_file() for p in started)
+    assert not (out / "runs" / SEED_RUNS[2]).exists() and not (out / "table.md").exists()
+    again = run_lanes(out, standin(tmp_path, seconds=0.2), *args)  # the same script, now quick
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stdout.count("resuming from its checkpoint (step 2)") == 2 and not (out / "interrupted").exists()
+    for run, first in zip(SEED_RUNS, firsts):
+        assert_resumed(out, run, first)
+    assert [row.split(" | ")[1] for row in (out / "table.md").read_text().splitlines()[2:5]] == ["1", "2", "3"]
 
 
 def test_lanes_share_out_gpus_or_refuse_in_one_line(tmp_path, monkeypatch, capsys):
