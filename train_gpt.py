@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import lzma
@@ -184,6 +185,7 @@ class Config:
     export_weights: str = knob("ema", "weights to export: last, ema or swa", ("last", "ema", "swa"))
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
+    attn_backend: str = knob("auto", "auto: FlashAttention 3 if installed (compiled CUDA); sdpa: off", ("auto", "sdpa"))
     zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
     compressor: str = knob("brotli", "artifact codec: brotli (quality 11), zstd (ZSTD_LEVEL) or lzma (xz -9e)", CODECS)
     quant_bits_attn: int = knob(6, "bits per weight of attention matrices in the artifact (5-8)")
@@ -818,9 +820,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool,
-                 gate_scale: float = 0.0, gate_window: int = 12):
+                 gate_scale: float = 0.0, gate_window: int = 12, flash_attn=None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
+        self.flash_attn = flash_attn  # FlashAttention 3's flash_attn_func, or None: SDPA
         self.gate_scale, self.gate = gate_scale, nn.Parameter(torch.zeros(heads, gate_window)) if gate_scale else None
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
@@ -837,8 +840,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         gqa = self.heads != self.kv_heads
-        y = flex_attention(q, k, v, block_mask=docs, enable_gqa=gqa) if isinstance(docs, BlockMask) \
-            else F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=docs is None, enable_gqa=gqa)
+        if self.flash_attn is not None and docs is None:  # FA3 as in the records: (B, T, H, D) bf16, native GQA
+            y = self.flash_attn(*(t.transpose(1, 2).bfloat16() for t in (q, k, v)), causal=True)
+            y = (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some FA3 versions return (out, lse)
+        else:
+            y = flex_attention(q, k, v, block_mask=docs, enable_gqa=gqa) if isinstance(docs, BlockMask) \
+                else F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=docs is None, enable_gqa=gqa)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
             y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, None]
@@ -864,10 +871,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One physical block; the per-layer rows and constants it uses are passed in by the model."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, flash_attn=None):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0,
-                              cfg.attn_gate, cfg.gate_window)
+                              cfg.attn_gate, cfg.gate_window, flash_attn)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None):
@@ -881,16 +888,17 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """`compile` builds a compiled twin of every block and of the loss head (same parameters);
-    training steps run them, evaluation and calibration run the eager blocks (`eager=True`)."""
+    training steps run them, evaluation and calibration run the eager blocks (`eager=True`); `fa3`: FlashAttention 3."""
 
-    def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32, compile: bool = False):
+    def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32, compile: bool = False, fa3=False):
         super().__init__()
         self.cfg, self.compute_dtype = cfg, compute_dtype
         unique, depth, dim = cfg.unique_blocks, max_depth(cfg), cfg.model_dim
         rows = unique if cfg.layer_rows == "block" else depth
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(unique))
+        flash_attn = importlib.import_module("flash_attn_interface").flash_attn_func if fa3 else None
+        self.blocks = nn.ModuleList(Block(cfg, flash_attn) for _ in range(unique))
         # Rows indexed by virtual position (or by block with LAYER_ROWS=block), sized for the deepest plan.
         self.loop_emb = nn.Parameter(torch.zeros(depth, dim)) if cfg.loop_embed else None  # zero-init
         self.attn_scale = nn.Parameter(torch.ones(rows, dim))
@@ -1570,9 +1578,7 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def log(self, message: str, console: bool = True) -> None:
         if not self.main:
@@ -1632,9 +1638,7 @@ def packed_code_bytes() -> int:
 def environment_report(device: torch.device) -> str:
     lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
              f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}"]
-    if device.type == "cuda":
-        lines.append(f"cuda:{torch.version.cuda} gpu:{torch.cuda.get_device_name(device)} "
-                     f"count:{torch.cuda.device_count()}")
+    if device.type == "cuda":  # CUDA's version and the GPUs: log_header's next line
         try:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
         except (OSError, subprocess.TimeoutExpired):
@@ -1740,7 +1744,6 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     for opt in optimizers:
         opt.step()
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return total / cfg.micro_steps
 
@@ -1964,7 +1967,7 @@ def check_inputs(cfg: Config) -> None:
         manifest = Path(cfg.resume) / "checkpoint" / "checkpoint.json"
         require(manifest.is_file(), f"RESUME={cfg.resume}: no complete checkpoint there ({manifest} not found)")
         saved, ours = json.loads(manifest.read_text())["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
-        free = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile")
+        free = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile", "attn_backend")
         differ = [k.upper() for k, v in saved.items() if k not in free and ours.get(k) != v]
         require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
     for name, package in (("zstd", zstandard), ("brotli", brotli)):
@@ -2009,9 +2012,13 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     return out
 
 
-def attention_backend_name(flex: bool = False) -> str:
-    """The attention kernel training runs, as the log header names it (flex_attention: compiled, DOC_MASK=1)."""
-    return "flex_attention" if flex else "sdpa"
+def attention_backend_name(cfg: Config, device_type: str) -> str:
+    """The compiled blocks' attention kernel, as the log header names it; build_model gives GPT FA3 when it says fa3."""
+    if cfg.compile and device_type == "cuda" and cfg.attn_backend == "auto" and not cfg.doc_mask:
+        with contextlib.suppress(ImportError):  # FlashAttention 3, installed on the records' H100s
+            importlib.import_module("flash_attn_interface")
+            return "fa3"
+    return "flex_attention" if cfg.doc_mask and cfg.compile and device_type == "cuda" else "sdpa"
 
 
 def log_header(cfg: Config, rt: Runtime) -> None:
@@ -2026,7 +2033,7 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     cuda = rt.device.type == "cuda"
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
     rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
-           f"{attention_backend_name(cfg.doc_mask and cfg.compile and cuda)} world_size:{rt.world_size} "
+           f"{attention_backend_name(cfg, rt.device.type)} world_size:{rt.world_size} "
            f"gpu_count:{gpus} gpu:{gpu}")
     shards = find_shards(cfg.data_path, "train")
     rt.log(f"train_shards:{len(shards)} train_shard_tokens:{sum(read_shard_header(p) for p in shards)}")
@@ -2034,9 +2041,9 @@ def log_header(cfg: Config, rt: Runtime) -> None:
 
 def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
-    compute_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    cuda, fa3 = rt.device.type == "cuda", attention_backend_name(cfg, rt.device.type) == "fa3"
     with rt.device:  # initialized where it runs: CPU QR for the orthogonal init took minutes with 4 runs on one host
-        base = GPT(cfg, compute_dtype, compile=cfg.compile and rt.device.type == "cuda")
+        base = GPT(cfg, torch.bfloat16 if cuda else torch.float32, cfg.compile and cuda, fa3)
     model = base
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -2176,8 +2183,7 @@ def dry_run(cfg: Config, rt: Runtime) -> None:
 
 
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
-    sp = load_tokenizer(cfg)
-    tables = byte_tables(sp, cfg.vocab_size)
+    tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     train_shards = find_shards(cfg.data_path, "train")
     rt.log(f"data_order:shuffled seed:{cfg.seed}")  # shards and tokens: log_header's train_shards line

@@ -2,14 +2,18 @@
 attention (DOC_MASK), the smear gate (SMEAR_GATE), the sparse attention output gate (ATTN_GATE)."""
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import PLAIN_SHAPE, tokenizer_path
 
 import train_gpt
-from train_gpt import (BOS_ID, GPT, build_config, build_optimizers, config_for_artifact, export_recipe, model_meta,
-                       plan_for, quantize_state, rotary_tables)
+from train_gpt import (BOS_ID, GPT, attention_backend_name, build_config, build_optimizers, config_for_artifact,
+                       export_recipe, model_meta, plan_for, quantize_state, rotary_tables)
 
 VOCAB = 128
 
@@ -181,4 +185,59 @@ def test_config_validates_the_new_knobs():
         cfg_of(ATTN_GATE=-1)
     with pytest.raises(train_gpt.ConfigError, match="MUON_NS"):
         cfg_of(MUON_NS="cubic")
-    assert train_gpt.attention_backend_name(True) == "flex_attention" and train_gpt.attention_backend_name() == "sdpa"
+
+
+def flash_attn_stand_in(monkeypatch, returns_lse: bool = False) -> list:
+    """A module flash_attn_interface whose flash_attn_func is SDPA on FA3's (B, T, H, D) layout (as the GPU-less
+    shim of shared/bench); it records each call's shapes, dtype and causal flag, in the list returned."""
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        calls.append((tuple(q.shape), tuple(k.shape), q.dtype, causal))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                           enable_gqa=k.size(2) != q.size(2)).transpose(1, 2).contiguous()
+        return (y, torch.zeros(q.shape[:3])) if returns_lse else y
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    return calls
+
+
+@pytest.mark.parametrize("returns_lse", [False, True])
+@pytest.mark.parametrize("extras", [{}, dict(NUM_KV_HEADS=4, XSA_LAST_N=0, ATTN_GATE=1)])
+def test_flash_attention_gives_the_sdpa_output_with_kv_heads_as_they_are(monkeypatch, extras, returns_lse):
+    """ATTN_BACKEND=auto with flash_attn_interface importable: a compiled CUDA run says fa3 and its blocks call
+    flash_attn_func (bf16, causal, k/v with NUM_KV_HEADS heads); logits and gradients are the SDPA path's."""
+    calls = flash_attn_stand_in(monkeypatch, returns_lse)
+    cfg = cfg_of(**extras)
+    assert attention_backend_name(cfg, "cuda") == "fa3" and attention_backend_name(cfg, "cpu") == "sdpa"
+    sdpa, fa3 = GPT(cfg, torch.bfloat16), GPT(cfg, torch.bfloat16, fa3=True)  # bf16 as on CUDA
+    sdpa.load_state_dict(trained_like(cfg).state_dict())
+    fa3.load_state_dict(sdpa.state_dict())
+    plan, x = plan_for(cfg, cfg.repeats), torch.tensor([ROW, ROW[::-1]])
+    with torch.no_grad():
+        assert torch.allclose(fa3.logits(x, plan), sdpa.logits(x, plan), atol=1e-3)
+    B, T, H, kv = 2, len(ROW), cfg.num_heads, cfg.num_kv_heads
+    assert calls == [((B, T, H, 8), (B, T, kv, 8), torch.bfloat16, True)] * cfg.num_layers
+    fa3(x, x, plan).backward(), sdpa(x, x, plan).backward()  # training's path: the same gradients
+    assert torch.allclose(fa3.blocks[0].attn.c_q.weight.grad, sdpa.blocks[0].attn.c_q.weight.grad, atol=1e-3)
+
+
+@pytest.mark.parametrize("env, device, name", [(dict(ATTN_BACKEND="sdpa"), "cuda", "sdpa"), ({}, "cpu", "sdpa"),
+                                               (dict(COMPILE=0), "cuda", "sdpa"),
+                                               (dict(DOC_MASK=1), "cuda", "flex_attention")])
+def test_flash_attention_is_not_called_when_ruled_out(monkeypatch, env, device, name):
+    """ATTN_BACKEND=sdpa, the CPU, eager runs and DOC_MASK=1 (flex_attention) keep their kernels: nothing calls FA3."""
+    calls = flash_attn_stand_in(monkeypatch)
+    cfg = cfg_of(**env)
+    assert attention_backend_name(cfg, device) == name
+    model = GPT(cfg, torch.bfloat16, fa3=name == "fa3")
+    with torch.no_grad():
+        model.logits(torch.tensor([ROW]), plan_for(cfg, cfg.repeats))
+    assert calls == []
+
+
+def test_without_flash_attention_installed_nothing_changes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # import raises ImportError, as when not installed
+    assert attention_backend_name(cfg_of(), "cuda") == "sdpa" and attention_backend_name(cfg_of(), "cpu") == "sdpa"
+    assert attention_backend_name(cfg_of(DOC_MASK=1), "cuda") == "flex_attention"
+    assert attention_backend_name(cfg_of(DOC_MASK=1, COMPILE=0), "cuda") == "sdpa"

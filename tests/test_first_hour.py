@@ -37,4 +37,4 @@ def test_eval_budget_refusal_names_what_dominates(env, hint):
 
 
 def test_attention_backend_is_named_by_a_function_the_model_can_extend():
-    assert train_gpt.attention_backend_name() == "sdpa"
+    assert train_gpt.attention_backend_name(build_config(TINY), "cpu") == "sdpa"
