@@ -1825,13 +1825,14 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def save_checkpoint(folder: Path, cfg: Config, rt: Runtime, parts: dict, state: TrainState) -> None:
-    """Every rank writes what it holds (Muon's momentum exists only on the rank that owns a matrix): a sha256, then a
-    torch.save. Once all files are whole, rank 0 names them in checkpoint.json and removes older ones. No random
-    state: training draws no random numbers (the loader's order follows from SEED and the step)."""
+    """Rank 0 writes what every rank holds alike (weights, averages, Adam), every rank its Muon momentum (it exists
+    only on the rank that owns a matrix): a sha256, then a torch.save. Once all files are whole, rank 0 names them in
+    checkpoint.json and removes older ones. No random state: training draws no random numbers (the loader's order
+    follows from SEED and the step)."""
     start, buffer = time.perf_counter(), io.BytesIO()
     folder.mkdir(exist_ok=True)
-    torch.save(dict(state=dataclasses.asdict(state), **{name: part.state_dict() for name, part in parts.items()}),
-               buffer)
+    mine = {name: part.state_dict() for name, part in parts.items() if rt.main or isinstance(part, Muon)}
+    torch.save(dict(state=dataclasses.asdict(state), **mine), buffer)
     payload = buffer.getbuffer()
     write_whole(folder / f"step{state.step}.rank{rt.rank}.pt",
                 lambda p: p.write_bytes(hashlib.sha256(payload).digest() + payload))
@@ -1846,14 +1847,16 @@ def save_checkpoint(folder: Path, cfg: Config, rt: Runtime, parts: dict, state: 
 
 
 def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoader) -> TrainState:
-    """RESUME: every rank loads its file of the checkpoint that checkpoint.json names (check_inputs checked that)."""
+    """RESUME: every rank loads rank 0's file and its own of the checkpoint that checkpoint.json names."""
     folder = Path(cfg.resume) / "checkpoint"
-    path = folder / f"step{json.loads((folder / 'checkpoint.json').read_text())['step']}.rank{rt.rank}.pt"
-    blob = memoryview(path.read_bytes() if path.is_file() else b"")
-    bad = rt.agree_max(-1 if hashlib.sha256(blob[32:]).digest() == blob[:32] else rt.rank)  # then every rank stops
-    if bad >= 0:
+    step = json.loads((folder / "checkpoint.json").read_text())["step"]
+    files = {r: folder / f"step{step}.rank{r}.pt" for r in sorted({0, rt.rank})}
+    blobs = {r: memoryview(f.read_bytes() if f.is_file() else b"") for r, f in files.items()}
+    bad = rt.agree_max(max([-1] + [r for r, b in blobs.items() if hashlib.sha256(b[32:]).digest() != b[:32]]))
+    if bad >= 0:  # every rank stops
         raise UserError(f"RESUME={cfg.resume}: the checkpoint file of rank {bad:.0f} is missing, partial or corrupt")
-    snapshot = torch.load(io.BytesIO(blob[32:]), map_location=rt.device, weights_only=True)
+    snapshot = {k: v for blob in blobs.values()  # rank 0's shared parts, then this rank's own Muon momentum
+                for k, v in torch.load(io.BytesIO(blob[32:]), map_location=rt.device, weights_only=True).items()}
     try:
         for name, part in parts.items():
             part.load_state_dict(snapshot[name])
@@ -2186,18 +2189,13 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
     train_shards = find_shards(cfg.data_path, "train")
-    rt.log(f"data_order:shuffled seed:{cfg.seed}")  # shards and tokens: log_header's train_shards line
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
     eval_plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
 
-    def make_loader():
-        return make_train_loader(cfg, train_shards, rt.rank, rt.world_size, rt.device)
-
-    def evaluate_with(window, stride, ttt=False):
-        return evaluate(base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride,
-                        ttt)
+    make_loader = partial(make_train_loader, cfg, train_shards, rt.rank, rt.world_size, rt.device)
+    evaluate_with = partial(evaluate, base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
 
     def validate():  # during training: the round trip
         return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
@@ -2349,8 +2347,8 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes}) recipe:{recipe.describe()}")
     plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-    results = final_evaluations(cfg, rt, lambda window, stride, ttt: evaluate(
-        base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast, window, stride, ttt))
+    results = final_evaluations(cfg, rt, partial(evaluate, base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables,
+                                                 rt.autocast))
     return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
