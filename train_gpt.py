@@ -459,8 +459,7 @@ def plan_for(cfg: Config, repeats: int) -> Plan:
 
 
 def max_depth(cfg: Config) -> int:
-    passes = training_repeats(cfg) + [cfg.eval_repeats or cfg.repeats]
-    return max(len(plan_for(cfg, r).blocks) for r in passes)
+    return max(len(plan_for(cfg, r).layers) for r in training_repeats(cfg) + [cfg.eval_repeats or cfg.repeats])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,14 +653,12 @@ def map_shard(path: Path) -> np.ndarray:
 
 
 class ShuffledLoader:
-    """Training batches of `seqs` sequences of `seq_len` inputs (targets one token later) for this rank,
-    prepared ahead by prefetch() while the GPU runs the last micro-step. The order: each epoch cuts every
-    shard into non-overlapping windows of seq_len + 1 tokens from a random phase offset, and draws all
-    shards' windows in one permutation, without replacement. A micro-step takes the next world_size * seqs
-    windows of that order and rank r the r-th share: ranks are disjoint within a step, and any number of
-    shards serves any number of ranks. Everything follows from the seed and the batches read, so a run can
-    be resumed exactly. (Long documents such as books would otherwise fill a batch with a few consecutive
-    documents.)"""
+    """This rank's training batches: `seqs` sequences of `seq_len` inputs (targets one token later), prepared
+    by prefetch() while the GPU runs the last micro-step. Each epoch cuts every shard into non-overlapping
+    windows of seq_len + 1 tokens from a random phase and draws all shards' windows in one permutation (long
+    documents such as books would otherwise fill a batch). A micro-step takes the next world_size * seqs windows,
+    rank r the r-th share: ranks are disjoint, and any number of shards serves any number of ranks. The order
+    follows from the seed and the batches read, so a resumed run reads on exactly."""
 
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
                  seed: int, vocab_size: int = 65536):
@@ -1589,8 +1586,7 @@ class Runtime:
 
 def code_file() -> Path:
     """The file that is run (a self-extracting wrapper, when one is shipped), as counted bytes."""
-    main_module = sys.modules.get("__main__")
-    return Path(getattr(main_module, "__file__", None) or __file__)
+    return Path(getattr(sys.modules.get("__main__"), "__file__", None) or __file__)
 
 
 PACKED_HEADER = ("# Parameter Golf train_gpt.py, xz+base85 packed by scripts/pack_record.py; "
@@ -1726,8 +1722,7 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
 
 
 def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> None:
-    step_ms = state.elapsed_ms / max(state.step, 1)
-    mult = lr_multiplier(cfg, state.step, t, step_ms)
+    mult = lr_multiplier(cfg, state.step, t, state.elapsed_ms / max(state.step, 1))
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
