@@ -284,22 +284,17 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
     for alias, name in ENV_ALIASES.items():
         require(alias not in env or name not in env, f"{alias} and {name}: the same knob set twice; keep one")
     env = {ENV_ALIASES.get(k, k): v for k, v in env.items()}
-    values = {}
-    for name, field in env_knobs().items():
-        if name in env:
-            values[field.name] = parse_value(name, env[name], field.type, field.metadata["choices"])
-    cfg = Config(**values)
+    cfg = Config(**{field.name: parse_value(name, env[name], field.type, field.metadata["choices"])
+                    for name, field in env_knobs().items() if name in env})
     depth = validate(cfg)
     local_tokens, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
-    if rem:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
-                          f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
+    require(not rem, f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
+                     f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
     micro_steps = cfg.grad_accum_steps or auto_micro_steps(local_tokens, cfg.micro_batch_tokens // cfg.train_seq_len)
     per_micro = world_size * micro_steps * cfg.train_seq_len
-    if cfg.train_batch_tokens % per_micro:
-        raise ConfigError(f"GRAD_ACCUM_STEPS={cfg.grad_accum_steps}: TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must "
-                          f"be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = "
-                          f"{world_size} x {micro_steps} x {cfg.train_seq_len}")
+    require(cfg.train_batch_tokens % per_micro == 0, f"GRAD_ACCUM_STEPS={cfg.grad_accum_steps}: TRAIN_BATCH_TOKENS="
+            f"{cfg.train_batch_tokens} must be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = "
+            f"{world_size} x {micro_steps} x {cfg.train_seq_len}")
     return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
                                micro_batch_seqs=cfg.train_batch_tokens // per_micro, **depth)
 
@@ -307,10 +302,8 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
 def auto_micro_steps(local_seqs: int, max_micro_seqs: int) -> int:
     """The fewest micro-steps that split `local_seqs` evenly into micro-batches of at most
     `max_micro_seqs` sequences (fewer, larger micro-batches run faster while memory lasts)."""
-    for steps in range(1, local_seqs + 1):
-        if local_seqs % steps == 0 and local_seqs // steps <= max(1, max_micro_seqs):
-            return steps
-    return local_seqs
+    return next(steps for steps in range(1, local_seqs + 1)
+                if local_seqs % steps == 0 and local_seqs // steps <= max(1, max_micro_seqs))
 
 
 def require(ok: bool, message: str) -> None:
@@ -428,19 +421,15 @@ def parse_prog_depth(text: str) -> list[tuple[float, int]]:
     except ValueError:
         raise ConfigError(f"PROG_DEPTH={text!r}: expected 'f1:r1,f2:r2,...,1.0:R' (fraction:passes)") from None
     fracs = [f for f, _ in phases]
-    if fracs[-1] != 1.0 or any(not 0 < a < b for a, b in zip(fracs, fracs[1:])) or fracs[0] <= 0:
-        raise ConfigError(f"PROG_DEPTH={text!r}: fractions must rise strictly and end at 1.0")
-    if any(r < 1 for _, r in phases):
-        raise ConfigError(f"PROG_DEPTH={text!r}: passes must be >= 1")
+    require(0 < fracs[0] and fracs[-1] == 1.0 and all(a < b for a, b in zip(fracs, fracs[1:])),
+            f"PROG_DEPTH={text!r}: fractions must rise strictly and end at 1.0")
+    require(all(r >= 1 for _, r in phases), f"PROG_DEPTH={text!r}: passes must be >= 1")
     return phases
 
 
 def depth_phase(cfg: Config, t: float) -> int:
     """Core passes to use at run fraction t (all ranks use the same all-reduced t)."""
-    for frac, passes in cfg.depth_phases:
-        if t < frac:
-            return passes
-    return cfg.repeats
+    return next((passes for frac, passes in cfg.depth_phases if t < frac), cfg.repeats)
 
 
 def training_repeats(cfg: Config) -> list[int]:
@@ -474,8 +463,7 @@ def plan_for(cfg: Config, repeats: int) -> Plan:
 
 
 def max_depth(cfg: Config) -> int:
-    passes = training_repeats(cfg) + [cfg.eval_repeats or cfg.repeats]
-    return max(len(plan_for(cfg, r).blocks) for r in passes)
+    return max(len(plan_for(cfg, r).layers) for r in training_repeats(cfg) + [cfg.eval_repeats or cfg.repeats])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,12 +481,9 @@ def training_seconds(cfg: Config) -> float:
 
 
 def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
-    if cfg.max_wallclock_seconds > 0:
-        t = elapsed_s / training_seconds(cfg)
-        if cfg.iterations:
-            t = max(t, step / cfg.iterations)
-        return min(1.0, t)
-    return min(1.0, step / cfg.iterations)
+    by_time = elapsed_s / training_seconds(cfg) if cfg.max_wallclock_seconds > 0 else 0.0
+    by_step = step / cfg.iterations if cfg.iterations else 0.0
+    return min(1.0, max(by_time, by_step))
 
 
 def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
@@ -514,12 +499,10 @@ def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
 
 def muon_momentum(cfg: Config, step: int, t: float) -> float:
     if cfg.muon_momentum_warmup_steps:
-        ramp = min(1.0, step / cfg.muon_momentum_warmup_steps)
-    elif cfg.muon_momentum_warmup_frac > 0:
-        ramp = min(1.0, t / cfg.muon_momentum_warmup_frac)
+        ramp = step / cfg.muon_momentum_warmup_steps
     else:
-        ramp = 1.0
-    return cfg.muon_momentum_warmup_start + ramp * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
+        ramp = t / cfg.muon_momentum_warmup_frac if cfg.muon_momentum_warmup_frac > 0 else 1.0
+    return cfg.muon_momentum_warmup_start + min(1.0, ramp) * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,7 +555,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
-            updates = dict(zip(map(id, mine), self._updates(mine, group)))
+            updates = self._updates(mine, group)
             if self.world_size > 1:
                 flat = torch.cat([updates[id(p)].flatten() if id(p) in updates
                                   else torch.zeros(p.numel(), device=p.device, dtype=torch.bfloat16) for p in params])
@@ -582,9 +565,10 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [updates[id(p)].to(p.dtype) for p in params], alpha=-group["lr"])
 
-    def _updates(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    def _updates(self, params: list[torch.Tensor], group: dict) -> dict[int, torch.Tensor]:
+        """{id(p): p's orthogonalized update} for this rank's matrices."""
         if not params:
-            return []
+            return {}
         grads = [p.grad for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_mul_(bufs, group["momentum"])
@@ -592,17 +576,13 @@ class Muon(torch.optim.Optimizer):
         nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
         if group["row_normalize"]:  # MuonEq-R: every row of the update gets the same norm before orthogonalizing
             nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
-        out: list[torch.Tensor | None] = [None] * len(params)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(tuple(p.shape), []).append(i)
-        for (rows, cols), idx in by_shape.items():
-            stack = torch.stack([nesterov[i] for i in idx])
-            ortho = newton_schulz(stack, group["backend_steps"], method=group["method"])
-            ortho *= max(1.0, rows / cols) ** 0.5
-            for i, u in zip(idx, ortho.unbind(0)):
-                out[i] = u
-        return out
+        updates = {}
+        for rows, cols in dict.fromkeys(p.shape for p in params):  # one batched call per shape
+            idx = [i for i, p in enumerate(params) if p.shape == (rows, cols)]
+            ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"],
+                                  method=group["method"]) * max(1.0, rows / cols) ** 0.5
+            updates.update(zip((id(params[i]) for i in idx), ortho.unbind(0)))
+        return updates
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
@@ -677,14 +657,12 @@ def map_shard(path: Path) -> np.ndarray:
 
 
 class ShuffledLoader:
-    """Training batches of `seqs` sequences of `seq_len` inputs (targets one token later) for this rank,
-    prepared ahead by prefetch() while the GPU runs the last micro-step. The order: each epoch cuts every
-    shard into non-overlapping windows of seq_len + 1 tokens from a random phase offset, and draws all
-    shards' windows in one permutation, without replacement. A micro-step takes the next world_size * seqs
-    windows of that order and rank r the r-th share: ranks are disjoint within a step, and any number of
-    shards serves any number of ranks. Everything follows from the seed and the batches read, so a run can
-    be resumed exactly. (Long documents such as books would otherwise fill a batch with a few consecutive
-    documents.)"""
+    """This rank's training batches: `seqs` sequences of `seq_len` inputs (targets one token later), prepared
+    by prefetch() while the GPU runs the last micro-step. Each epoch cuts every shard into non-overlapping
+    windows of seq_len + 1 tokens from a random phase and draws all shards' windows in one permutation (long
+    documents such as books would otherwise fill a batch). A micro-step takes the next world_size * seqs windows,
+    rank r the r-th share: ranks are disjoint, and any number of shards serves any number of ranks. The order
+    follows from the seed and the batches read, so a resumed run reads on exactly."""
 
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
                  seed: int, vocab_size: int = 65536):
@@ -815,9 +793,8 @@ def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[to
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2 * cos.size(-1) dims of each head (all of them unless ROPE_DIMS is set)."""
-    rd = 2 * cos.size(-1)
-    half, rest = rd // 2, x[..., rd:]
-    x1, x2 = x[..., :half], x[..., half:rd]
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
@@ -838,9 +815,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor, docs=None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (linear(x).view(B, T, -1, self.head_dim).transpose(1, 2) for linear in (self.c_q, self.c_k, self.c_v))
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         gqa = self.heads != self.kv_heads
@@ -1010,8 +985,7 @@ def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float) -> tor
 
 
 def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    logits = softcap_logits(h, weight, softcap)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    return F.cross_entropy(softcap_logits(h, weight, softcap).flatten(0, -2), targets.reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1649,8 +1623,7 @@ class Runtime:
 
 def code_file() -> Path:
     """The file that is run (a self-extracting wrapper, when one is shipped), as counted bytes."""
-    main_module = sys.modules.get("__main__")
-    return Path(getattr(main_module, "__file__", None) or __file__)
+    return Path(getattr(sys.modules.get("__main__"), "__file__", None) or __file__)
 
 
 PACKED_HEADER = ("# Parameter Golf train_gpt.py, xz+base85 packed by scripts/pack_record.py; "
@@ -1747,7 +1720,7 @@ class WeightAverages:
     def export_into_model(self) -> str:
         """Load the chosen weights into the model; returns what was exported (for the log)."""
         choice = self.cfg.export_weights
-        averaged = self.averaged(choice) if choice != "last" else None
+        averaged = self.averaged(choice)
         if averaged is None:
             return "last" if choice == "last" else f"last (no {choice} average was taken: no full-depth steps in range)"
         for p, a in zip(self.model.parameters(), averaged):
@@ -1786,8 +1759,7 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
 
 
 def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> None:
-    step_ms = state.elapsed_ms / max(state.step, 1)
-    mult = lr_multiplier(cfg, state.step, t, step_ms)
+    mult = lr_multiplier(cfg, state.step, t, state.elapsed_ms / max(state.step, 1))
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
@@ -1826,8 +1798,7 @@ def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float)
     eta_s = (cfg.iterations - state.step) * step_avg / 1000 if cfg.iterations else math.inf
     if cfg.max_wallclock_seconds > 0:
         eta_s = min(eta_s, (1 - t) * training_seconds(cfg))
-    total = cfg.iterations if cfg.iterations else "?"
-    rt.log(f"step:{state.step}/{total} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
+    rt.log(f"step:{state.step}/{cfg.iterations or '?'} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
            f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
 
 
@@ -1980,7 +1951,7 @@ def parameter_checksum(model: GPT) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_out_dir(cfg: Config, env: Mapping[str, str]) -> Path | None:
+def resolve_out_dir(cfg: Config) -> Path | None:
     """The run's folder when it is fixed by RUN_ID/OUT_DIR (checked before any GPU work), else None
     (rank 0 then picks a fresh name). An existing non-empty folder is refused, never overwritten."""
     if cfg.resume:  # continued where it ran (check_inputs checks its checkpoint)
@@ -2017,16 +1988,13 @@ def check_inputs(cfg: Config) -> None:
 
 def setup_runtime() -> Runtime:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    local_rank, cuda = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if world_size > 1:
-        cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Runtime(rank, world_size, local_rank, device)
 
@@ -2084,13 +2052,10 @@ def build_model(cfg: Config, rt: Runtime):
     cuda, fa3 = rt.device.type == "cuda", attention_backend_name(cfg, rt.device.type) == "fa3"
     with rt.device:  # initialized where it runs: CPU QR for the orthogonal init took minutes with 4 runs on one host
         base = GPT(cfg, torch.bfloat16 if cuda else torch.float32, cfg.compile and cuda, fa3)
-    model = base
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+    model = nn.parallel.DistributedDataParallel(base, device_ids=[rt.local_rank] if cuda else None,
+                                                broadcast_buffers=False) if rt.distributed else base
     params = sum(p.numel() for p in base.parameters())
-    if rt.device.type == "cpu" and params > 5_000_000:
+    if not cuda and params > 5_000_000:
         rt.log(f"WARNING: running on the CPU with {params:,} parameters: expect hours; "
                "see data/README.md for a tiny CPU recipe")
     rt.log(f"model_params:{params} unique_blocks:{len(base.blocks)} plan:{list(plan_for(cfg, cfg.repeats).blocks)} "
@@ -2395,7 +2360,7 @@ def main() -> int:
     is_main = int(env.get("RANK", 0)) == 0
     try:
         cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
-        out = resolve_out_dir(cfg, env)
+        out = resolve_out_dir(cfg)
         check_inputs(cfg)
     except UserError as exc:
         if is_main:
