@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import collections
 import copy
 import dataclasses
 import hashlib
@@ -208,13 +207,11 @@ class Config:
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
     ttt_cosine: bool = knob(True, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
     ttt_grad_clip: float = knob(1.0, "TTT: clip the gradient norm of each step; 0 = off")
-    ttt_adapter: str = knob("sgd", "TTT trains: sgd (all weights, chunks of TTT_CHUNK) or lora (low-rank adapters "
-                                   "per document, reset at each BOS)", ("sgd", "lora"))
+    ttt_adapter: str = knob("sgd", "TTT trains all weights (sgd) or per-document adapters (lora)", ("sgd", "lora"))
     ttt_lora_rank: int = knob(64, "LoRA TTT: adapter rank (every block's linear maps and the head)")
     ttt_lora_lr: float = knob(2e-4, "LoRA TTT: Adam LR of the adapters")
     ttt_lora_chunk: int = knob(64, "LoRA TTT: a document's targets scored, then trained on, per step")
-    ttt_phases: str = knob("", "LoRA TTT: document counts 'n1,n2': after the first n documents are scored, the "
-                               "weights take TTT_LR SGD steps on all of them (TTT_CHUNK pieces); empty = none")
+    ttt_phases: str = knob("", "LoRA TTT: document counts 'n1,n2' after which all weights train on the text so far")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
@@ -333,11 +330,10 @@ def validate(cfg: Config) -> dict:
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
-                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
+                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every",
-                 "ttt_lora_lr"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -381,8 +377,7 @@ def validate(cfg: Config) -> dict:
     phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
-    ttt_phases = [int(n) for n in re.split(r"[, ]+", cfg.ttt_phases.strip()) if n] \
-        if re.fullmatch(r"[\d, ]*", cfg.ttt_phases) else [0]
+    ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(all(0 < n < m for n, m in zip(ttt_phases, ttt_phases[1:] + [math.inf])) and
             (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
@@ -900,8 +895,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None, lora: dict = {}):
-        """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph. `lora`: this
-        block's test-time adapters by linear map ("attn.c_q", ..., "mlp.proj"); empty = none."""
+        """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], docs, lora)
@@ -962,7 +956,6 @@ class GPT(nn.Module):
         return self._consts[key]
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
-        """`lora`: test-time adapters {"blocks": one dict per physical block (see Block), "head": (A, B)}."""
         dt, x, docs = self.compute_dtype, self.tok_emb(input_ids), None
         if self.smear is not None:  # smear gate (modded-nanogpt, as in the 2026-04-16 record), masked at a BOS
             lam, w = self.smear[0], self.smear[1:]  # (the 2026-04-27 record's fix: no document sees the previous)
@@ -1116,11 +1109,9 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
     return sums
 
 
-def score_batch(logits_fn, tokens: torch.Tensor, first: torch.Tensor, window: int, lo: torch.Tensor, hi: torch.Tensor,
-                tables: ByteTables, sums: torch.Tensor, nll_out: torch.Tensor | None) -> torch.Tensor:
-    """Losses [B, window] of the windows tokens[first[b]:][:window] (past the split's end: its last token, seen by
-    no scored target); adds window b's targets lo[b] <= j < hi[b] to `sums` and returns the losses (with gradients
-    when enabled) and the mask of the added targets."""
+def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out) -> tuple:
+    """Adds targets lo[b] <= j < hi[b] of the windows tokens[first[b]:][:window] (past the split's end: its last
+    token, seen by no scored target) to `sums`; returns the losses [B, window] (with any gradients) and their mask."""
     offsets = torch.arange(window + 1, device=tokens.device)
     seq = tokens[(first[:, None] + offsets).clamp(max=len(tokens) - 1)].long()
     x, y = seq[:, :-1], seq[:, 1:]
@@ -1135,10 +1126,9 @@ def score_batch(logits_fn, tokens: torch.Tensor, first: torch.Tensor, window: in
 
 
 def evaluation_windows(cfg: Config) -> list[tuple[str, int, int, str]]:
-    """The final evaluations as (kind, window, stride, adapter): the round trip over non-overlapping
-    TRAIN_SEQ_LEN windows, then the sliding window unless it would repeat the round trip, then
-    score-first TTT with TTT_ADAPTER when TTT_LR > 0 (the score is the last): `ttt` (sgd) over the
-    last one's windows, `ttt_lora` per document with windows of the same length."""
+    """The final evaluations as (kind, window, stride, adapter): the round trip over non-overlapping TRAIN_SEQ_LEN
+    windows, then the sliding window unless it would repeat the round trip, then score-first TTT when TTT_LR > 0
+    (the score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows."""
     kinds = [("roundtrip", cfg.train_seq_len, cfg.train_seq_len, "none")]
     window = cfg.eval_seq_len or cfg.train_seq_len
     if cfg.eval_stride and not (cfg.eval_stride >= window and window == cfg.train_seq_len):
@@ -1151,10 +1141,9 @@ def evaluation_windows(cfg: Config) -> list[tuple[str, int, int, str]]:
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
              tables: ByteTables, autocast, window: int, stride: int, adapter: str = "none",
              nll_out: torch.Tensor | None = None) -> tuple[float, float]:
-    """Score the whole split; (val_loss, val_bpb) from sums all-reduced over ranks. `adapter` is what legal
-    score-first test-time training trains, every score coming from weights that saw only scored tokens (the
-    weights are restored after): none; sgd: all weights, chunk by chunk (score_chunks); lora: adapters per
-    document, reset at each, and all weights at TTT_PHASES (score_documents)."""
+    """(val_loss, val_bpb) of the split. `adapter`: what legal score-first TTT trains, every score coming from weights
+    that saw only scored tokens (restored after). none: windows of `window` tokens moved by `stride`; sgd: so in
+    chunks of TTT_CHUNK targets, each scored, then trained on (ttt_step), the last never; lora: score_documents."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if adapter != "none" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
@@ -1165,9 +1154,27 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
 
     was_training = model.training
     model.eval()
-    scorer = score_documents if adapter == "lora" else score_chunks
-    sums = scorer(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, stride,
-                  adapter == "sgd", nll_out)
+    if adapter == "lora":
+        sums = score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window,
+                               nll_out)
+    else:
+        starts, score_from = plan_windows(len(tokens) - 1, window, stride)
+        first = starts + score_from  # first scored target of each window, rising
+        chunk_of = first // cfg.ttt_chunk if adapter == "sgd" else torch.zeros_like(first)
+        batch = max(1, cfg.val_batch_size // (world_size * window))
+        sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+        chunks = torch.unique_consecutive(chunk_of).tolist()
+        for i, c in enumerate(chunks):
+            idx = (chunk_of == c).nonzero().flatten()
+            lo, hi = shard_range(len(idx), rank, world_size)
+            sums += score_windows(logits_fn, tokens, starts[idx[lo:hi]], score_from[idx[lo:hi]], window, batch,
+                                  tables, nll_out)
+            if adapter == "sgd" and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
+                a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
+                if cfg.ttt_cosine:
+                    optimizer.param_groups[0]["lr"] = (cfg.ttt_lr * 0.5 *
+                                                       (1 + math.cos(math.pi * i / (len(chunks) - 1))))
+                ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
     if saved:  # TTT's updates are undone
         model.load_state_dict(saved)
     model.train(was_training)
@@ -1177,54 +1184,26 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     return loss / count, loss / math.log(2) / nbytes
 
 
-def score_chunks(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, stride, train,
-                 nll_out) -> torch.Tensor:
-    """Sums of sliding windows in chunks of TTT_CHUNK targets, in order, each scored under no_grad (shared out
-    over ranks) and, with `train` (the sgd adapter), then trained on with TTT_EPOCHS SGD steps, the last never."""
-    starts, score_from = plan_windows(len(tokens) - 1, window, stride)
-    first = starts + score_from  # first scored target of each window, rising
-    chunk_of = first // cfg.ttt_chunk if train else torch.zeros_like(first)
-    batch = max(1, cfg.val_batch_size // (world_size * window))
-    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
-    chunks = torch.unique_consecutive(chunk_of).tolist()
-    for i, c in enumerate(chunks):
-        idx = (chunk_of == c).nonzero().flatten()
-        lo, hi = shard_range(len(idx), rank, world_size)
-        sums += score_windows(logits_fn, tokens, starts[idx[lo:hi]], score_from[idx[lo:hi]], window, batch,
-                              tables, nll_out)
-        if train and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
-            a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
-            if cfg.ttt_cosine:
-                optimizer.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * i / (len(chunks) - 1)))
-            ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
-    return sums
-
-
 def document_bounds(tokens: torch.Tensor) -> list[tuple[int, int]]:
-    """Each document's targets [start, end): from its BOS to the one predicting the next BOS (targets before a
-    first BOS form a document too), so the documents cover every target once."""
+    """Each document's targets [start, end), BOS to the one before the next BOS: together every target once."""
     starts = sorted({0, *(tokens[:-1] == BOS_ID).nonzero().flatten().tolist()})
     return list(zip(starts, starts[1:] + [len(tokens) - 1]))
 
 
-def document_batches(bounds: list, rank: int, world_size: int, rows: int) -> list[list[tuple[int, int]]]:
-    """This rank's documents in batches of `rows`: longest first, dealt out round the ranks, so a batch
-    holds documents of similar length and each rank similar work."""
+def lora_batches(bounds: list, cfg: Config, window: int, rank: int, world_size: int) -> list[tuple[list, list]]:
+    """This rank's documents in batches, longest first and dealt round the ranks (balanced), each with the window
+    lengths of its chunk steps: the document so far rounded up to a power of two (few shapes to compile)."""
+    rows = max(1, cfg.val_batch_size // (world_size * window))
     mine = sorted(bounds, key=lambda d: d[0] - d[1])[rank::world_size]
-    return [mine[i:i + rows] for i in range(0, len(mine), rows)]
-
-
-def chunk_windows(longest: int, cfg: Config, window: int) -> list[int]:
-    """The window length of each chunk step of a batch: its chunks' context (the document so far) rounded up to a
-    power of two (few shapes to compile), at most `window`."""
-    return [min(window, 1 << ((c + 1) * cfg.ttt_lora_chunk - 1).bit_length())
-            for c in range(math.ceil(longest / cfg.ttt_lora_chunk))]
+    batches = [mine[i:i + rows] for i in range(0, len(mine), rows)]
+    steps = [range(math.ceil(max(e - s for s, e in docs) / cfg.ttt_lora_chunk)) for docs in batches]
+    return [(docs, [min(window, 1 << ((c + 1) * cfg.ttt_lora_chunk - 1).bit_length()) for c in chunks])
+            for docs, chunks in zip(batches, steps)]
 
 
 def lora_adapter(model: GPT, rows: int, rank: int, device) -> dict:
-    """Fresh adapters (LoRA, Hu et al. 2021), one per batch row, on every linear map of each physical block
-    and the head: A uniform in +-1/sqrt(fan_in) from a fixed seed (the same at every reset), B zero, so a
-    fresh adapter is the base model exactly."""
+    """Fresh adapters (LoRA, Hu et al. 2021), one per batch row: {"blocks": per physical block {"attn.c_q": (A, B),
+    ...}, "head": (A, B)}; A uniform in +-1/sqrt(fan_in) from a fixed seed, B zero: exactly the base model."""
     generator = torch.Generator().manual_seed(0)
 
     def pair(fan_out: int, fan_in: int):
@@ -1235,39 +1214,36 @@ def lora_adapter(model: GPT, rows: int, rank: int, device) -> dict:
     return dict(blocks=blocks, head=pair(*model.head_weight().shape))
 
 
-def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, stride, train,
+def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window,
                     nll_out) -> torch.Tensor:
-    """Sums of LoRA TTT (the 2026-04-14..27 records' phased TTT): documents in batches, each row one document
-    with its own adapter (lora_batch). At each TTT_PHASES count n, once every rank has scored documents < n,
-    all weights take TTT_EPOCHS SGD steps (TTT_LR, no cosine) on their text per TTT_CHUNK, all ranks together."""
+    """Sums of phased LoRA TTT (the 2026-04-14..27 records): lora_batch per batch. At each TTT_PHASES count n, once
+    all ranks scored documents < n, all weights take ttt_step (TTT_LR, no cosine) per TTT_CHUNK of their text."""
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
-    rows = max(1, cfg.val_batch_size // (world_size * window))
-    fresh = lora_adapter(model, rows, cfg.ttt_lora_rank, tokens.device)
+    fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
     tables = ByteTables(*(t.to(tokens.device) for t in tables))
     if model.compiled_blocks:  # compile every window shape on synthetic tokens, never on validation text
         synthetic = torch.randint(0, cfg.vocab_size, (window + cfg.ttt_lora_chunk,), device=tokens.device)
-        lora_batch(logits_fn, fresh, synthetic, [(0, len(synthetic) - 1)], cfg, window, tables, sums.clone(), None)
+        docs, lengths = lora_batches([(0, len(synthetic) - 1)], cfg, window, 0, 1)[0]
+        lora_batch(logits_fn, fresh, synthetic, docs, lengths, cfg, tables, sums.clone(), None)
     phases = [n for n in cfg.ttt_phase_docs if n < len(bounds)]
     for lo, hi in zip([0, *phases], [*phases, len(bounds)]):
-        for batch in document_batches(bounds[lo:hi], rank, world_size, rows):
-            lora_batch(logits_fn, fresh, tokens, batch, cfg, window, tables, sums, nll_out)
+        for docs, lengths in lora_batches(bounds[lo:hi], cfg, window, rank, world_size):
+            lora_batch(logits_fn, fresh, tokens, docs, lengths, cfg, tables, sums, nll_out)
         if hi < len(bounds):  # a global phase over documents [0, hi)
-            end, optimizer.state = bounds[hi][0], collections.defaultdict(dict)  # fresh momentum per phase
+            optimizer.state.clear()  # fresh momentum per phase
+            end = bounds[hi][0]
             for a in range(0, end - cfg.train_seq_len + 1, cfg.ttt_chunk):
                 ttt_step(logits_fn, params, optimizer, tokens, a, min(a + cfg.ttt_chunk, end), cfg, rank, world_size)
     return sums
 
 
-def lora_batch(logits_fn, fresh: dict, tokens, docs: list, cfg: Config, window: int, tables, sums, nll_out) -> None:
-    """Row b scores document docs[b] (rows past the last document score nothing) chunk by chunk, TTT_LORA_CHUNK
-    targets each with the document's preceding context up to `window` (never another document's text), and after
-    each chunk its adapter takes an Adam step on that chunk's mean loss (rows independent: each its own loss)."""
+def lora_batch(logits_fn, fresh: dict, tokens, docs: list, lengths: list, cfg: Config, tables, sums, nll_out) -> None:
+    """Row b (past the documents: none) scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its
+    document at most, then its own adapter takes an Adam step on that chunk's mean loss (rows independent)."""
     adapter = torch.utils._pytree.tree_map(lambda t: t.clone().requires_grad_(), fresh)  # reset: fresh adapters
     params = torch.utils._pytree.tree_leaves(adapter)
     optimizer = torch.optim.Adam(params, lr=cfg.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10)  # the records' beta1 = 0
-    pad = [(0, 0)] * (len(fresh["head"][0]) - len(docs))
-    start, end = (torch.tensor([d[i] for d in docs + pad], device=tokens.device) for i in (0, 1))
-    lengths = chunk_windows(int((end - start).max()), cfg, window)
+    start, end = torch.tensor(docs + [(0, 0)] * (len(fresh["head"][0]) - len(docs)), device=tokens.device).T
     for c, length in enumerate(lengths):
         a = torch.minimum(start + c * cfg.ttt_lora_chunk, end)  # the chunk's targets [a, b)
         b = torch.minimum(a + cfg.ttt_lora_chunk, end)
@@ -2370,10 +2346,10 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
 
 @torch.no_grad()
 def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int, bounds: list | None = None) -> None:
-    """Time eager forwards of synthetic evaluation batches, scale to this rank's share of the validation
-    work (eval_work; `bounds`: the documents, default one), and refuse a run whose final evaluations would
-    not fit EVAL_BUDGET_S, here or (on CUDA) scaled to the competition."""
+    """Time eager forwards of synthetic batches, scale to this rank's share of the work (`bounds`: the documents; a
+    training step is about 3 forwards), refuse final evaluations over EVAL_BUDGET_S, here or at competition scale."""
     estimate, plan = {}, plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+    bounds = bounds or [(0, num_tokens - 1)]
     for kind, window, stride, adapter in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
@@ -2383,7 +2359,14 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int, boun
             with rt.autocast():
                 base.logits(x, plan)
             rt.synchronize()
-        work = eval_work(cfg, adapter, window, stride, bounds or [(0, num_tokens - 1)], rt.rank, rt.world_size)
+        if adapter == "lora":  # forward tokens of the documents' chunk steps, then of the global phases
+            steps = sum(sum(lengths) for _, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size))
+            phases = sum(bounds[min(n, len(bounds) - 1)][0] for n in cfg.ttt_phase_docs)
+            work = 3 * batch * steps + 3 * cfg.ttt_epochs * phases / rt.world_size
+        else:  # forward tokens of the windows (whole batches), then of sgd's training
+            windows = math.ceil(len(plan_windows(num_tokens - 1, window, stride)[0]) / rt.world_size)
+            work = math.ceil(windows / batch) * batch * window
+            work += 3 * cfg.ttt_epochs * (num_tokens - 1) / rt.world_size if adapter == "sgd" else 0
         estimate[kind] = rt.agree_max((time.perf_counter() - start) / (batch * window) * work)
     total = sum(estimate.values())
     scaled = competition_seconds(total, num_tokens - 1, rt.world_size, rt.device.type)
@@ -2399,24 +2382,9 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int, boun
 
 
 def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
-    """An estimate scaled to the competition's evaluation (the sp8192 FineWeb validation split, 40,540,160
-    tokens in 50,000 documents, on 8 GPUs): work grows with the tokens per GPU. 0 off CUDA (no CPU run is
-    refused by what an H100 would take)."""
+    """An estimate scaled to the competition's evaluation (40,540,160 sp8192 FineWeb validation tokens on 8 GPUs:
+    work grows with the tokens per GPU); 0 off CUDA (no CPU run is refused by what an H100 would take)."""
     return seconds * 40_540_160 / num_targets * world_size / 8 if device_type == "cuda" else 0.0
-
-
-def eval_work(cfg: Config, adapter: str, window: int, stride: int, bounds: list, rank: int, world_size: int):
-    """Forward-token equivalents of one final evaluation on this rank; a training step costs about 3 forwards."""
-    if adapter == "lora":  # per-document steps, then the global phases
-        rows = max(1, cfg.val_batch_size // (world_size * window))
-        steps = sum(sum(chunk_windows(max(e - s for s, e in batch), cfg, window))
-                    for batch in document_batches(bounds, rank, world_size, rows))
-        return 3 * rows * steps + 3 * cfg.ttt_epochs * sum(bounds[min(n, len(bounds) - 1)][0]
-                                                           for n in cfg.ttt_phase_docs) / world_size
-    windows = len(plan_windows(bounds[-1][1], window, stride)[0])
-    batch = max(1, cfg.val_batch_size // (world_size * window))
-    scoring = math.ceil(math.ceil(windows / world_size) / batch) * batch * window
-    return scoring + (3 * cfg.ttt_epochs * bounds[-1][1] / world_size if adapter == "sgd" else 0)
 
 
 def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
