@@ -378,8 +378,7 @@ def validate(cfg: Config) -> dict:
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
-    require(all(0 < n < m for n, m in zip(ttt_phases, ttt_phases[1:] + [math.inf])) and
-            (cfg.ttt_adapter == "lora" or not ttt_phases),
+    require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
     return dict(repeats=repeats, unique_blocks=unique, core_last=loop_end, depth_phases=tuple(phases),
                 ttt_phase_docs=tuple(ttt_phases))
@@ -847,8 +846,7 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor, docs=None,
-                lora: dict = {}):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor, docs=None, lora={}):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
         q = self.c_q(x, lora.get("attn.c_q")).view(B, T, self.heads, self.head_dim).transpose(1, 2)
@@ -1010,7 +1008,7 @@ class GPT(nn.Module):
         """Evaluation's path: the compiled blocks when there are any (at the frontier shape a sliding
         evaluation is minutes of forwards; score_windows keeps one batch shape, so one compile)."""
         h = self.hidden(input_ids, plan, eager, lora)
-        return softcap_logits(h, self.head_weight(), self.cfg.logit_softcap, lora["head"] if lora else None)
+        return softcap_logits(h, self.head_weight(), self.cfg.logit_softcap, lora)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -1019,8 +1017,8 @@ class GPT(nn.Module):
         return self.head_loss(self.hidden(input_ids, plan), self.head_weight(), target_ids, self.cfg.logit_softcap)
 
 
-def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, lora: tuple | None = None) -> torch.Tensor:
-    logits = low_rank(F.linear(h, weight.to(h.dtype)), h, lora).float()
+def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, lora: dict | None = None) -> torch.Tensor:
+    logits = low_rank(F.linear(h, weight.to(h.dtype)), h, lora["head"] if lora else None).float()
     return softcap * torch.tanh(logits / softcap)
 
 
@@ -1141,9 +1139,8 @@ def evaluation_windows(cfg: Config) -> list[tuple[str, int, int, str]]:
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
              tables: ByteTables, autocast, window: int, stride: int, adapter: str = "none",
              nll_out: torch.Tensor | None = None) -> tuple[float, float]:
-    """(val_loss, val_bpb) of the split. `adapter`: what legal score-first TTT trains, every score coming from weights
-    that saw only scored tokens (restored after). none: windows of `window` tokens moved by `stride`; sgd: so in
-    chunks of TTT_CHUNK targets, each scored, then trained on (ttt_step), the last never; lora: score_documents."""
+    """(val_loss, val_bpb) of the split, windows of `window` moved by `stride`, with legal score-first TTT of `adapter`
+    (none; sgd: TTT_CHUNK targets at a time scored, then trained on; lora: score_documents); weights restored after."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if adapter != "none" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
@@ -1191,14 +1188,13 @@ def document_bounds(tokens: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def lora_batches(bounds: list, cfg: Config, window: int, rank: int, world_size: int) -> list[tuple[list, list]]:
-    """This rank's documents in batches, longest first and dealt round the ranks (balanced), each with the window
-    lengths of its chunk steps: the document so far rounded up to a power of two (few shapes to compile)."""
+    """This rank's documents in batches, longest first and dealt round the ranks, each with its chunk steps' windows."""
     rows = max(1, cfg.val_batch_size // (world_size * window))
-    mine = sorted(bounds, key=lambda d: d[0] - d[1])[rank::world_size]
+    mine = sorted(bounds, key=lambda d: d[0] - d[1])[rank::world_size]  # similar lengths in a batch and work per rank
     batches = [mine[i:i + rows] for i in range(0, len(mine), rows)]
     steps = [range(math.ceil(max(e - s for s, e in docs) / cfg.ttt_lora_chunk)) for docs in batches]
     return [(docs, [min(window, 1 << ((c + 1) * cfg.ttt_lora_chunk - 1).bit_length()) for c in chunks])
-            for docs, chunks in zip(batches, steps)]
+            for docs, chunks in zip(batches, steps)]  # the document so far, rounded up to a power of 2: few shapes
 
 
 def lora_adapter(model: GPT, rows: int, rank: int, device) -> dict:
@@ -1214,8 +1210,7 @@ def lora_adapter(model: GPT, rows: int, rank: int, device) -> dict:
     return dict(blocks=blocks, head=pair(*model.head_weight().shape))
 
 
-def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window,
-                    nll_out) -> torch.Tensor:
+def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, nll_out):
     """Sums of phased LoRA TTT (the 2026-04-14..27 records): lora_batch per batch. At each TTT_PHASES count n, once
     all ranks scored documents < n, all weights take ttt_step (TTT_LR, no cosine) per TTT_CHUNK of their text."""
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
@@ -2304,7 +2299,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     def validate():  # during training: the round trip
         return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
 
-    check_eval_budget(base, cfg, rt, len(val_tokens), document_bounds(val_tokens.cpu()))
+    check_eval_budget(base, cfg, rt, document_bounds(val_tokens.cpu()))
     check_free_space(rt, base, out)
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
@@ -2345,11 +2340,10 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
 
 
 @torch.no_grad()
-def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int, bounds: list | None = None) -> None:
-    """Time eager forwards of synthetic batches, scale to this rank's share of the work (`bounds`: the documents; a
+def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None:
+    """Time eager forwards of synthetic batches, scale to this rank's share of the work on `bounds` (document_bounds; a
     training step is about 3 forwards), refuse final evaluations over EVAL_BUDGET_S, here or at competition scale."""
     estimate, plan = {}, plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-    bounds = bounds or [(0, num_tokens - 1)]
     for kind, window, stride, adapter in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
@@ -2364,12 +2358,12 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int, boun
             phases = sum(bounds[min(n, len(bounds) - 1)][0] for n in cfg.ttt_phase_docs)
             work = 3 * batch * steps + 3 * cfg.ttt_epochs * phases / rt.world_size
         else:  # forward tokens of the windows (whole batches), then of sgd's training
-            windows = math.ceil(len(plan_windows(num_tokens - 1, window, stride)[0]) / rt.world_size)
+            windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)
             work = math.ceil(windows / batch) * batch * window
-            work += 3 * cfg.ttt_epochs * (num_tokens - 1) / rt.world_size if adapter == "sgd" else 0
+            work += 3 * cfg.ttt_epochs * bounds[-1][1] / rt.world_size if adapter == "sgd" else 0
         estimate[kind] = rt.agree_max((time.perf_counter() - start) / (batch * window) * work)
     total = sum(estimate.values())
-    scaled = competition_seconds(total, num_tokens - 1, rt.world_size, rt.device.type)
+    scaled = competition_seconds(total, bounds[-1][1], rt.world_size, rt.device.type)
     rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
            f" total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
     rt.log(f"eval_budget_competition total:{scaled:.1f}s (8 GPUs, 40,540,160 tokens, 50,000 documents; CUDA only)")
@@ -2382,8 +2376,7 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int, boun
 
 
 def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
-    """An estimate scaled to the competition's evaluation (40,540,160 sp8192 FineWeb validation tokens on 8 GPUs:
-    work grows with the tokens per GPU); 0 off CUDA (no CPU run is refused by what an H100 would take)."""
+    """The estimate at the competition's scale (40,540,160 sp8192 val tokens on 8 GPUs); 0 off CUDA (CPU runs pass)."""
     return seconds * 40_540_160 / num_targets * world_size / 8 if device_type == "cuda" else 0.0
 
 
