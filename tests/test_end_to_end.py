@@ -255,3 +255,30 @@ def test_train_only_stops_after_the_pre_export_score(tiny_data, tmp_path):
     files = {p.name for p in (tmp_path / "runs" / "trainonly").iterdir()}
     assert files == {"trainonly.txt", "final_model.float.pt"}  # no artifact, no final evaluations
     assert "final_" not in "".join(line for line in result.stdout.splitlines() if not line.startswith("final_summary"))
+
+
+@pytest.mark.slow
+def test_eval_only_scores_an_artifact_with_phased_lora_ttt(single_run, tiny_data, tmp_path):
+    """EVAL_ONLY with TTT_ADAPTER=lora: the score is the per-document LoRA TTT line, logged with its exact twin;
+    the artifact's sliding score is as in its run, and a global phase (TTT_PHASES) moves the LoRA score."""
+    cwd, out = single_run
+    artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
+    scores = {}
+    for phases in ("5", ""):
+        env = tiny_env(tiny_data, RUN_ID=f"lora{phases}", EVAL_ONLY=artifact, TTT_ADAPTER="lora", TTT_LR=0.05,
+                       TTT_LORA_LR=0.01, TTT_LORA_RANK=4, TTT_PHASES=phases, VAL_BATCH_SIZE=1024)  # 16 rows
+        result = run_script(env, tmp_path, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = re.search(r"^final_int8_brotli_ttt_lora val_loss:[\d.]+ val_bpb:([\d.]+) eval_time:\d+ms$",
+                         result.stdout, re.M)
+        exact = re.search(r"^final_int8_brotli_ttt_lora_exact val_loss:\d+\.\d{8} val_bpb:(\d+\.\d{8})$",
+                          result.stdout, re.M)
+        assert line and exact, result.stdout[-2000:]
+        summary = final_summary(result.stdout)
+        assert list(summary["evals"]) == [f"final_int8_brotli_{k}" for k in ("roundtrip", "sliding", "ttt_lora")]
+        assert summary["score_line"].startswith("final_int8_brotli_ttt_lora ")
+        assert abs(summary["val_bpb"] - float(exact[1])) < 1e-8 and abs(float(line[1]) - float(exact[1])) < 1e-4
+        sliding = summary["evals"]["final_int8_brotli_sliding"]["val_bpb"]
+        assert abs(sliding - final_summary(out)["val_bpb"]) < 1e-6  # as in its run (smaller batches)
+        scores[phases] = float(exact[1])
+    assert scores["5"] != scores[""]  # the phase's SGD steps on documents 0..4 changed the later documents' scores

@@ -30,7 +30,7 @@ def test_the_default_model_on_the_cpu_warns_once(capsys):
 def test_eval_budget_refusal_names_what_dominates(env, hint):
     cfg = build_config({**TINY, **env, "EVAL_BUDGET_S": "1e-9"})
     with pytest.raises(UserError, match=hint) as refused:
-        check_eval_budget(GPT(cfg, torch.float32), cfg, CPU, num_tokens=8192)
+        check_eval_budget(GPT(cfg, torch.float32), cfg, CPU, [(0, 8191)])  # one document, 8192 tokens
     message = str(refused.value)
     assert message.startswith("EVAL_BUDGET_S=1e-09: the final evaluations would take about")
     assert ("TTT_EPOCHS" in message) == (env["TTT_LR"] != "0")

@@ -27,7 +27,7 @@ def setup(**env):
 def scores(cfg, model, tokens, tables, ttt=True):
     nll = torch.full((len(tokens) - 1,), float("nan"))
     result = evaluate(model, plan_for(cfg, cfg.repeats), tokens, cfg, 0, 1, tables, contextlib.nullcontext,
-                      WINDOW, STRIDE, ttt, nll)
+                      WINDOW, STRIDE, "sgd" if ttt else "none", nll)
     return result, nll
 
 

@@ -1,0 +1,138 @@
+"""LoRA test-time training: per-document adapters, reset at each BOS, phases; exactness and causality."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from test_model import tiny_cfg
+from train_gpt import GPT, ByteTables, evaluate, plan_for
+
+WINDOW = 32
+BOS_AT = [0, 30, 75, 90, 170, 200, 215]  # 7 documents of 240 tokens; document 3 (80 targets) is longer than WINDOW
+
+
+def setup(**env):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(**{"NUM_LAYERS": 2, "TTT_LR": 0.05, "TTT_ADAPTER": "lora", "TTT_LORA_RANK": 4,
+                      "TTT_LORA_LR": 0.05, "TTT_LORA_CHUNK": 8, "TTT_EPOCHS": 1, "TRAIN_SEQ_LEN": 16, "TTT_CHUNK": 64,
+                      "VAL_BATCH_SIZE": 3 * WINDOW, **env})
+    model = GPT(cfg)
+    tokens = torch.randint(2, cfg.vocab_size, (240,), dtype=torch.int32)
+    tokens[BOS_AT] = train_gpt.BOS_ID
+    tables = ByteTables(torch.randint(0, 4, (cfg.vocab_size,), dtype=torch.int16), torch.rand(cfg.vocab_size) < 0.5,
+                        torch.rand(cfg.vocab_size) < 0.1)
+    return cfg, model, tokens, tables
+
+
+@functools.lru_cache(maxsize=None)
+def shared(phases: str, lora_lr: float):
+    return setup(TTT_PHASES=phases, TTT_LORA_LR=lora_lr)
+
+
+def setup_once(phases="", lora_lr=0.05):
+    """One model and split per setting, shared by the tests: evaluate restores the weights (checked below)."""
+    return shared(phases, lora_lr)
+
+
+def rewrite(tokens, lo, hi, cfg):
+    """Document [lo, hi)'s text changed, its BOS and the next document's kept."""
+    changed, text = tokens.clone(), (tokens[lo + 1:hi] + 1) % cfg.vocab_size
+    changed[lo + 1:hi] = torch.where(text == train_gpt.BOS_ID, 2, text)
+    return changed
+
+
+def scores(cfg, model, tokens, tables, adapter="lora"):
+    nll = torch.full((len(tokens) - 1,), float("nan"))
+    result = evaluate(model, plan_for(cfg, cfg.repeats), tokens, cfg, 0, 1, tables, contextlib.nullcontext,
+                      WINDOW, WINDOW, adapter, nll)
+    return result, nll
+
+
+@functools.lru_cache(maxsize=None)
+def unperturbed(phases: str, adapter: str, lora_lr: float):
+    return scores(*shared(phases, lora_lr), adapter)
+
+
+def baseline(phases="", adapter="lora", lora_lr=0.05):
+    """The unperturbed scores of a setting, computed once for all the tests that compare against them."""
+    return unperturbed(phases, adapter, lora_lr)
+
+
+def plain_scores(model, cfg, tokens):
+    """Target t's loss given its document from its BOS, at most WINDOW tokens: one causal forward per target, as
+    a batch of right-padded contexts (padding after the context cannot reach it)."""
+    plan, targets = plan_for(cfg, cfg.repeats), len(tokens) - 1
+    contexts = torch.zeros(targets, WINDOW, dtype=torch.long)
+    last = torch.empty(targets, dtype=torch.long)
+    for s, e in train_gpt.document_bounds(tokens):
+        for t in range(s, e):
+            x = tokens[max(s, t + 1 - WINDOW):t + 1].long()
+            contexts[t, :len(x)], last[t] = x, len(x) - 1
+    with torch.no_grad():
+        logits = model.logits(contexts, plan)[torch.arange(targets), last]
+    return F.cross_entropy(logits.float(), tokens[1:].long(), reduction="none")
+
+
+def test_lr_zero_equals_plain_per_document_scoring_and_counts_every_target_once():
+    cfg, model, tokens, tables = setup_once(lora_lr=0.0)
+    (loss, bpb), nll = baseline(lora_lr=0.0)
+    assert not nll.isnan().any()  # every target scored
+    assert torch.allclose(nll, plain_scores(model, cfg, tokens), atol=1e-5)  # as a plain per-document scorer
+    x, y = tokens[:-1].long(), tokens[1:].long()
+    nbytes = train_gpt.token_bytes(tables, x, y).sum().item()
+    assert math.isclose(loss, nll.double().mean().item(), rel_tol=1e-9)  # each target counted once
+    assert math.isclose(bpb, nll.double().sum().item() / math.log(2) / nbytes, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("adapter", ["none", "sgd", "lora"])
+def test_perturbing_a_token_changes_no_earlier_score(adapter):
+    phases = "3" if adapter == "lora" else ""  # lora with a global phase too
+    cfg, model, tokens, tables = setup_once(phases)
+    _, base = baseline(phases, adapter)
+    for t in (33, 120, 238):  # in a short document, the long one, the last
+        changed = tokens.clone()
+        changed[t] = (tokens[t] + 1) % cfg.vocab_size
+        _, after = scores(cfg, model, changed, tables, adapter)
+        assert torch.equal(after[:t - 1], base[:t - 1]), t  # targets before t - 1 predict tokens before t
+        assert not torch.equal(after[t - 1:], base[t - 1:]), t  # the perturbation is seen
+
+
+def test_adapters_reset_at_each_document_and_train_within_it():
+    cfg, model, tokens, tables = setup_once()
+    _, base = baseline()
+    _, frozen = baseline(adapter="none")
+    bounds = train_gpt.document_bounds(tokens)
+    s, e = bounds[4]  # a document of 30 targets: 4 chunks
+    assert torch.equal(base[s:s + 8], frozen[s:s + 8])  # its first chunk: a fresh adapter is the base model
+    assert (base[s + 8:e] - frozen[s + 8:e]).abs().max() > 1e-4  # later chunks: adapted
+    for d in (1, 4):  # rewrite document d's text: no other document's loss moves
+        lo, hi = bounds[d]
+        _, after = scores(cfg, model, rewrite(tokens, lo, hi, cfg), tables)
+        outside = torch.ones_like(base, dtype=torch.bool)
+        outside[lo:hi] = False
+        assert torch.equal(after[outside], base[outside]), d
+        assert not torch.equal(after[lo:hi], base[lo:hi]), d
+
+
+def test_a_phase_changes_only_later_documents():
+    cfg, model, tokens, tables = setup_once("3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, base = baseline("3")
+    bounds = train_gpt.document_bounds(tokens)
+    lo, hi = bounds[1]
+    _, after = scores(cfg, model, rewrite(tokens, lo, hi, cfg), tables)
+    phase_end = bounds[3][0]
+    assert torch.equal(after[:lo], base[:lo]) and torch.equal(after[hi:phase_end], base[hi:phase_end])
+    assert (after[phase_end:] - base[phase_end:]).abs().max() > 0  # the phase learned from document 1's text
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights restored
+
+
+def test_competition_scaling_refuses_on_cuda_only():
+    assert train_gpt.competition_seconds(10.0, 40_540_160 // 4, 2, "cuda") == pytest.approx(10.0)
+    assert train_gpt.competition_seconds(10.0, 40_540_160, 8, "cpu") == 0.0
