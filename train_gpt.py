@@ -196,9 +196,6 @@ class Config:
     embed_clip_sigmas: float = knob(20.0, "embedding/head rows' k (as MATRIX_CLIP_SIGMAS); 0 = step from the max")
     gptq: bool = knob(True, "GPTQ with act-order (Hessians of training batches) for block matrices and the head")
     gptq_batches: int = knob(64, "GPTQ calibration micro-batches of training data, shared out over ranks")
-    lqer_rank: int = knob(0, "LQER: rank of a correction of the rounding error of LQER_TENSORS matrices; 0 = off")
-    lqer_tensors: int = knob(3, "LQER: how many matrices get a correction (largest output error: docs/export.md)")
-    lqer_bits: int = knob(4, "LQER: bits per code of the correction's factors (2-8)")
     export_reserve_seconds: float = knob(12.0, "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration")
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
@@ -322,22 +319,21 @@ def validate(cfg: Config) -> dict:
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
                  "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base",
-                 "target_bytes", "gate_window", "lqer_tensors", "ttt_lora_rank", "ttt_lora_chunk"):
+                 "target_bytes", "gate_window", "ttt_lora_rank", "ttt_lora_chunk"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every",
-                 "lqer_rank"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
     require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
     for name, lo, hi in (("zstd_level", 1, 22), ("quant_bits_attn", 5, 8), ("quant_bits_mlp", 5, 8),
-                         ("quant_bits_embed", 5, 8), ("lqer_bits", 2, 8)):
+                         ("quant_bits_embed", 5, 8)):
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
@@ -1275,7 +1271,6 @@ EXPORT_STREAMS = 16  # 36M codes in 16 brotli streams: ~200 bytes more than one 
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]  # raw: no container per stream
 FIT_STEP, FIT_MAX_COARSENING, FIT_MAX_TRIES, FIT_MARGIN = 1.01, 4.0, 8, 2e-4
 GROUPS = ("attn", "mlp", "embed")
-LQER_FACTORS = (".lqer_a", ".lqer_b")  # a matrix's LQER factors in the artifact: A [rank, rows], B [rank, cols]
 
 
 class ArtifactTooLarge(UserError):
@@ -1298,9 +1293,6 @@ class ExportRecipe:
     compressor: str  # brotli, zstd or lzma
     zstd_level: int
     streams: int = EXPORT_STREAMS  # independently compressed pieces of the payload, one thread each
-    lqer_rank: int = 0  # LQER's rank (0: none) on the lqer_tensors most damaged matrices, factors of lqer_bits codes
-    lqer_tensors: int = 3
-    lqer_bits: int = 4
 
     def group(self, name: str) -> QuantGroup:
         return getattr(self, weight_group(name))
@@ -1311,24 +1303,21 @@ class ExportRecipe:
 
     def describe(self) -> str:
         return " ".join(f"{g}:int{q.bits}/k{q.clip_sigmas:.4g}{'/gptq' * q.gptq}" for g, q in
-                        ((g, getattr(self, g)) for g in GROUPS)) + f" codec:{self.compressor}x{self.streams}" + (
-            f" lqer:r{self.lqer_rank}x{self.lqer_tensors}/int{self.lqer_bits}" if self.lqer_rank else "")
+                        ((g, getattr(self, g)) for g in GROUPS)) + f" codec:{self.compressor}x{self.streams}"
 
 
 def export_recipe(cfg: Config) -> ExportRecipe:
     return ExportRecipe(QuantGroup(cfg.quant_bits_attn, cfg.matrix_clip_sigmas, cfg.gptq),
                         QuantGroup(cfg.quant_bits_mlp, cfg.mlp_clip_sigmas or cfg.matrix_clip_sigmas, cfg.gptq),
                         QuantGroup(cfg.quant_bits_embed, cfg.embed_clip_sigmas, cfg.gptq),
-                        cfg.compressor, cfg.zstd_level, lqer_rank=cfg.lqer_rank, lqer_tensors=cfg.lqer_tensors,
-                        lqer_bits=cfg.lqer_bits)
+                        cfg.compressor, cfg.zstd_level)
 
 
 def recipe_from_json(d: dict) -> ExportRecipe:
     """Inverse of dataclasses.asdict; ValueError for a recipe this script cannot decode."""
     d = {k: v for k, v in d.items() if k != "shuffle"}  # older artifacts name it: always True (shuffled)
     recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
-    if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS) or not (
-            2 <= recipe.lqer_bits <= 8):
+    if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
         raise ValueError(f"unknown recipe {recipe.describe()}")
     return recipe
 
@@ -1456,38 +1445,12 @@ def quantize_state(state: dict[str, torch.Tensor], recipe: ExportRecipe,
     for name, t in ((n, t.detach().cpu()) for n, t in state.items() if n not in stored):
         half = t.half() if t.is_floating_point() else t
         stored[name] = Stored(dtype_name(t), half if torch.isfinite(half).equal(torch.isfinite(t)) else t.float())
-    stored = {name: stored[name] for name in state}
-    return stored | (lqer_factors(state, stored, recipe, hessians) if recipe.lqer_rank else {})
-
-
-def lqer_factors(state, stored: dict[str, Stored], recipe: ExportRecipe, hessians: dict) -> dict[str, Stored]:
-    """LQER (Zhang et al. 2024; the 2026-04-27 record's rank 4 on 3 matrices): the lqer_tensors matrices whose
-    rounding error E = W - Q adds most to their outputs, tr(E H E^T) with H the GPTQ Hessian of their input (||E||^2
-    without one), get E's projection U U^T E on the top lqer_rank left singular vectors U of E H^(1/2): the best
-    rank-r fix of that output error. A = U^T and B = U^T E are stored as rows of lqer_bits codes, max-based steps."""
-    errors = {n: state[n].detach().float() - dequantize_rows(s.values, s.scale).to(state[n].device)
-              for n, s in stored.items() if s.bits}
-    h = {n: hessians[hessian_key(n)].float().to(e.device) for n, e in errors.items() if hessian_key(n) in hessians}
-    damage = {n: float(((e @ h[n]) * e).sum() if n in h else e.square().sum()) for n, e in errors.items()}
-    factors = {}
-    for name in sorted(damage, key=damage.get, reverse=True)[:recipe.lqer_tensors]:
-        e = errors[name]
-        if name in h:  # E times any root of H (root @ root.T = H) has the left singular vectors of E H^(1/2)
-            vals, vecs = torch.linalg.eigh(h[name])
-            e = e @ (vecs * vals.clamp_min(0).sqrt())
-        u = torch.linalg.svd(e, full_matrices=False)[0][:, :recipe.lqer_rank].T
-        for suffix, factor in zip(LQER_FACTORS, (u, u @ errors[name])):
-            codes, scale = quantize_rows(factor, recipe.lqer_bits)
-            factors[name + suffix] = Stored("float32", codes.cpu(), scale.cpu(), recipe.lqer_bits)
-    return factors
+    return {name: stored[name] for name in state}
 
 
 def dequantize_state(stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
-    """The tensors as the model holds them; a matrix with LQER factors gets A^T B added before its cast."""
-    values = {name: s.values if s.scale is None else dequantize_rows(s.values, s.scale) for name, s in stored.items()}
-    for name in [n.removesuffix(LQER_FACTORS[0]) for n in stored if n.endswith(LQER_FACTORS[0])]:
-        values[name] = values[name] + values.pop(name + LQER_FACTORS[0]).T @ values.pop(name + LQER_FACTORS[1])
-    return {name: v.to(getattr(torch, stored[name].dtype)) for name, v in values.items()}
+    return {name: (s.values if s.scale is None else dequantize_rows(s.values, s.scale)).to(getattr(torch, s.dtype))
+            for name, s in stored.items()}
 
 
 def serialize(stored: dict[str, Stored]) -> tuple[list, dict[str, np.ndarray]]:

@@ -72,9 +72,6 @@ def test_values_are_parsed_strictly():
     ({"COMPRESSOR": "bzip2"}, "COMPRESSOR"),
     ({"MLP_CLIP_SIGMAS": "-1"}, "MLP_CLIP_SIGMAS"),
     ({"TARGET_BYTES": "0"}, "TARGET_BYTES"),
-    ({"LQER_RANK": "-1"}, "LQER_RANK"),
-    ({"LQER_TENSORS": "0"}, "LQER_TENSORS"),
-    ({"LQER_BITS": "1"}, "LQER_BITS"),
 ])
 def test_bad_relations_name_the_variable(env, culprit):
     with pytest.raises(ConfigError, match=culprit):

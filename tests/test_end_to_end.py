@@ -151,35 +151,6 @@ def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
     assert "final_int6gptq_brotli_sliding" in final_summary(result.stdout)["evals"]
 
 
-@pytest.mark.slow
-def test_eval_only_reexport_with_lqer_counts_its_bytes_and_reloads_without_the_knobs(tiny_data, tmp_path):
-    """EVAL_ONLY of a float checkpoint (a wider model: its MLP matrices and embedding are quantized) with LQER and
-    GPTQ: the factors of LQER_TENSORS matrices are in the file whose size the total counts, and EVAL_ONLY of that
-    .ptz without the LQER knobs scores exactly as the run that wrote it (the correction comes with the file)."""
-    import torch
-
-    from train_gpt import GPT, LQER_FACTORS, build_config
-
-    shape = dict(MODEL_DIM=128, MLP_MULT=4.5, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, GPTQ=1, GPTQ_BATCHES=2)
-    torch.manual_seed(0)
-    model = GPT(build_config(tiny_env(tiny_data, **shape)))
-    torch.save({"last": model.state_dict(), "ema": None, "swa": None}, tmp_path / "model.float.pt")
-    lqer = dict(LQER_RANK=4, LQER_TENSORS=2, LQER_BITS=3)
-    first = run_script(tiny_env(tiny_data, RUN_ID="lqer", EVAL_ONLY=tmp_path / "model.float.pt", **shape, **lqer),
-                       tmp_path, timeout=180)
-    assert first.returncode == 0, first.stderr[-2000:]
-    summary, artifact = final_summary(first.stdout), tmp_path / "runs/lqer/final_model.mixedgptq_brotli.ptz"
-    assert re.search(r"^export_try:1 .* lqer:r4x2/int3 bytes:\d+ ", first.stdout, re.M)
-    assert summary["bytes_model"] == artifact.stat().st_size
-    assert summary["bytes_total"] == summary["bytes_model"] + (ROOT / "train_gpt.py").stat().st_size
-    stored = unpack_artifact(artifact.read_bytes(), artifact)[0]
-    factors = [n for n in stored if n.endswith(LQER_FACTORS)]
-    assert len(factors) == 4 and all(stored[n].bits == 3 for n in factors)
-    again = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact), tmp_path, timeout=180)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "lqer:r4x2/int3" in again.stdout and final_summary(again.stdout)["val_bpb"] == summary["val_bpb"]
-
-
 def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
     ok = run_script(tiny_env(tiny_data, RUN_ID="budget", ITERATIONS=2), tmp_path, timeout=120)
     assert ok.returncode == 0 and re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding:[\d.]+s total:[\d.]+s "

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import PLAIN_SHAPE
-from train_gpt import (ARTIFACT_MAGIC, FIT_STEP, KEEP_FLOAT_MAX_NUMEL, LQER_FACTORS, ArtifactTooLarge, DataError,
-                       build_config, dequantize_rows, dequantize_state, export_recipe, fit_artifact, gptq_quantize,
-                       pack_artifact, quantize_rows, quantize_state, shuffle_bytes, unpack_artifact, unshuffle_bytes)
+from train_gpt import (ARTIFACT_MAGIC, FIT_STEP, KEEP_FLOAT_MAX_NUMEL, ArtifactTooLarge, DataError, build_config,
+                       dequantize_rows, dequantize_state, export_recipe, fit_artifact, gptq_quantize, pack_artifact,
+                       quantize_rows, quantize_state, shuffle_bytes, unpack_artifact, unshuffle_bytes)
 
 
 def recipe(**env):
@@ -121,10 +121,8 @@ def test_loading_refuses_a_bad_magic_version_recipe_or_checksum_naming_the_file(
     flipped[-100] ^= 1
     wrong_codec = rebuild(blob, lambda h: {**h, "recipe": {**h["recipe"], "compressor": "zip"}})
     wrong_bits = rebuild(blob, lambda h: {**h, "recipe": {**h["recipe"], "attn": {**h["recipe"]["attn"], "bits": 3}}})
-    wrong_lqer = rebuild(blob, lambda h: {**h, "recipe": {**h["recipe"], "lqer_bits": 1}})
     cases = [(bytes(flipped), "checksum"), (b"PGBR" + blob[4:], "magic"), (blob[:4] + b"\x07" + blob[5:], "version"),
-             (wrong_codec, "recipe"), (wrong_bits, "recipe"), (wrong_lqer, "recipe"), (blob[:-10], "checksum"),
-             (b"", "magic")]
+             (wrong_codec, "recipe"), (wrong_bits, "recipe"), (blob[:-10], "checksum"), (b"", "magic")]
     for bad, culprit in cases:
         with pytest.raises(DataError, match=culprit) as info:
             unpack_artifact(bad, "runs/x/final_model.ptz")
@@ -133,9 +131,6 @@ def test_loading_refuses_a_bad_magic_version_recipe_or_checksum_naming_the_file(
     assert blob.startswith(ARTIFACT_MAGIC) and unpack_artifact(rebuild(blob, lambda h: h), "same")[1] == r
     older = rebuild(blob, lambda h: {**h, "recipe": {**h["recipe"], "shuffle": True}})  # before the field was dropped
     assert unpack_artifact(older, "older")[1] == r
-    lqer = ("lqer_rank", "lqer_tensors", "lqer_bits")  # before LQER: no such fields, read as off
-    assert unpack_artifact(rebuild(blob, lambda h: {**h, "recipe": {k: v for k, v in h["recipe"].items()
-                                                                     if k not in lqer}}), "older")[1] == r
     assert json.loads(zlib.decompress(blob[9:end]))["sha256"] == hashlib.sha256(blob[end:]).hexdigest()
 
 
@@ -305,85 +300,3 @@ def test_brotli_missing_is_a_one_line_error(tiny_data, monkeypatch):
         check_inputs(build_config(tiny_env(tiny_data, COMPRESSOR="brotli")))
     with pytest.raises(DataError, match="a.ptz: written with brotli, whose package is missing"):
         unpack_artifact(blob, "a.ptz")
-
-
-def lqer_names(stored) -> list[str]:
-    return [n.removesuffix(LQER_FACTORS[0]) for n in stored if n.endswith(LQER_FACTORS[0])]
-
-
-def test_lqer_round_trip_returns_exactly_the_corrected_weights_held_in_memory():
-    """quantize -> serialize -> compress -> decompress -> deserialize -> dequantize gives the in-memory
-    dequantization bit for bit, the correction A^T B included, and the header's recipe brings LQER back."""
-    state = synthetic_state()
-    r = dataclasses.replace(recipe(COMPRESSOR="zstd", ZSTD_LEVEL=3, LQER_RANK=4, LQER_TENSORS=2), streams=3)
-    stored = quantize_state(state, r)
-    back, r_back = unpack_artifact(pack_artifact(stored, r), "lqer.ptz")
-    assert r_back == r and "lqer:r4x2/int4" in r.describe()
-    memory, reloaded = dequantize_state(stored), dequantize_state(back)
-    assert list(memory) == list(reloaded) == list(state)  # the factors are folded in, not model tensors
-    assert all(torch.equal(memory[n], reloaded[n]) for n in state)
-    corrected = lqer_names(stored)
-    assert len(corrected) == 2
-    for name in (n for n in state if stored[n].bits):
-        plain = dequantize_rows(stored[name].values, stored[name].scale)
-        if name in corrected:
-            a, b = (stored[name + suffix] for suffix in LQER_FACTORS)
-            assert a.values.shape == (4, state[name].shape[0]) and b.values.shape == (4, state[name].shape[1])
-            assert a.bits == b.bits == 4 and a.values.abs().max() <= 7 and b.values.abs().max() <= 7
-            plain = plain + dequantize_rows(a.values, a.scale).T @ dequantize_rows(b.values, b.scale)
-        assert torch.equal(memory[name], plain)
-
-
-@pytest.mark.parametrize("rank", [1, 4, 8])
-def test_lqer_cuts_the_rounding_error_by_most_of_the_best_rank_r_fix(rank):
-    """Without a Hessian: the int4 factors of the correction keep >= 90% of the best rank-r cut of ||W - Q||_F
-    (Eckart-Young: the top r singular values of W - Q; measured 96-97%). White rounding error has no
-    low-rank structure, so the cut is small: 0.5%, 2% and 4% of ||W - Q|| at ranks 1, 4 and 8 here."""
-    name, w = "blocks.0.mlp.fc.weight", synthetic_state()["blocks.0.mlp.fc.weight"]
-    stored = quantize_state({name: w}, recipe(LQER_RANK=rank, LQER_TENSORS=1))
-    before = (w - dequantize_rows(stored[name].values, stored[name].scale)).norm()
-    after = (w - dequantize_state(stored)[name]).norm()
-    best = torch.linalg.svdvals(w - dequantize_rows(stored[name].values, stored[name].scale))[rank:].norm()
-    assert after < before * (1 - 0.004 * rank)
-    assert before**2 - after**2 >= 0.9 * (before**2 - best**2)
-
-
-def test_lqer_with_a_hessian_cuts_the_output_error_where_a_plain_svd_raises_it():
-    """After GPTQ on correlated inputs, the rank-4 correction weighted by the Hessian lowers the layer's output
-    error ||(W - Q - A^T B) X|| (measured 0.983 of GPTQ's); the record's plain SVD of W - Q raises it (1.01)."""
-    torch.manual_seed(5)
-    n, d_in, d_out, name = 4096, 256, 512, "blocks.0.mlp.fc.weight"
-    x = torch.randn(n, d_in) @ (torch.randn(d_in, d_in) * torch.logspace(0, -2, d_in)[None, :]).T
-    w, h = torch.randn(d_out, d_in) * 0.02, x.T @ x / n
-    stored = quantize_state({name: w}, recipe(LQER_RANK=4, LQER_TENSORS=1), {name: h})
-    error = w - dequantize_rows(stored[name].values, stored[name].scale)
-    assert torch.equal(stored[name].values, gptq_quantize(w, h, 6, 12.85)[0])
-    u = torch.linalg.svd(error, full_matrices=False)[0][:, :4].T  # the plain SVD's factors, coded alike
-    plain = dequantize_rows(*quantize_rows(u, 4)).T @ dequantize_rows(*quantize_rows(u @ error, 4))
-    output_error = (x @ (w - dequantize_state(stored)[name]).T).norm() / (x @ error.T).norm()
-    assert output_error < 0.99 < (x @ (error - plain).T).norm() / (x @ error.T).norm()
-
-
-def test_lqer_picks_the_matrices_with_the_largest_error_and_its_bytes_are_counted():
-    """Without Hessians the largest ||W - Q||_F (int8 tok_emb has the smallest); with one, tr(E H E^T): a Hessian
-    10^4 times larger on c_q's input makes c_q and c_k (same input) the worst. The factors grow the artifact by
-    what they pack to alone (+-15%), and the fitter keeps its cap with them: an export that fitted without LQER is
-    coarsened to fit with it."""
-    pytest.importorskip("brotli")
-    state = synthetic_state()
-    plain, lqer = (dataclasses.replace(recipe(LQER_RANK=rank, LQER_TENSORS=3), streams=4) for rank in (0, 8))
-    stored = quantize_state(state, lqer)
-    errors = {n: float((state[n] - dequantize_rows(s.values, s.scale)).norm()) for n, s in stored.items() if n in state
-              and s.bits}
-    assert set(lqer_names(stored)) == set(sorted(errors, key=errors.get)[1:]) and len(errors) == 4
-    hessians = {"blocks.0.attn.c_q.weight": 1e4 * torch.eye(288)}
-    weighted = quantize_state(state, dataclasses.replace(lqer, lqer_tensors=2), hessians)
-    assert set(lqer_names(weighted)) == {"blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight"}
-    factors = {n: s for n, s in stored.items() if n not in state}
-    alone = len(pack_artifact(factors, lqer)) - len(pack_artifact({}, lqer))
-    growth = len(pack_artifact(stored, lqer)) - len(pack_artifact(quantize_state(state, plain), plain))
-    assert 0.85 * alone <= growth <= 1.15 * alone and alone > sum(s.values.numel() for s in factors.values()) / 4
-    budget = len(pack_artifact(quantize_state(state, plain), dataclasses.replace(plain, compressor="zstd")))
-    blob, fitted, start, lines = fit(state, budget, LQER_RANK=8, LQER_TENSORS=3)
-    assert len(blob) <= budget and "over" in lines[0] and fitted.lqer_rank == 8 and fitted != start
-    assert len(lqer_names(unpack_artifact(blob, "fit.ptz")[0])) == 3
