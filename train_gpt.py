@@ -1313,15 +1313,6 @@ def export_recipe(cfg: Config) -> ExportRecipe:
                         cfg.compressor, cfg.zstd_level)
 
 
-def recipe_from_json(d: dict) -> ExportRecipe:
-    """Inverse of dataclasses.asdict; ValueError for a recipe this script cannot decode."""
-    d = {k: v for k, v in d.items() if k != "shuffle"}  # older artifacts name it: always True (shuffled)
-    recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
-    if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
-        raise ValueError(f"unknown recipe {recipe.describe()}")
-    return recipe
-
-
 def weight_group(name: str) -> str:
     """Which knobs govern a tensor: attention, MLP or embedding (everything outside the blocks)."""
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "embed"
@@ -1549,8 +1540,11 @@ def artifact_header(blob: bytes, source) -> tuple[dict, int]:
 def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
     """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
     header, end = artifact_header(blob, source)
-    try:
-        recipe = recipe_from_json(header["recipe"])
+    try:  # the inverse of dataclasses.asdict
+        d = {k: v for k, v in header["recipe"].items() if k != "shuffle"}  # older artifacts name it: always True
+        recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
+        if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
+            raise ValueError(f"unknown recipe {recipe.describe()}")
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{source}: header or export recipe not readable by this script ({exc})") from None
     if hashlib.sha256(payload := blob[end:]).hexdigest() != header.get("sha256"):
@@ -2218,18 +2212,14 @@ def compile_report() -> str:
             f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}")
 
 
-def estimate_artifact_bytes(model: GPT, cfg: Config) -> int:
-    """Code bytes + the artifact of Gaussian weights of the model's shapes by this run's recipe, without
-    GPTQ (std-based steps make it independent of the weights' scale; heavier-tailed trained rows pack smaller)."""
-    state = {k: torch.randn(v.shape) if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
-    recipe = export_recipe(cfg)
-    return code_file().stat().st_size + len(pack_artifact(quantize_state(state, recipe), recipe))
-
-
 def dry_run(cfg: Config, rt: Runtime) -> None:
     """Everything a run would decide up front, and a few timed steps, without training."""
     base, model = build_model(cfg, rt)
-    estimate = estimate_artifact_bytes(base, cfg)
+    # The artifact of Gaussian weights of the model's shapes by this run's recipe, without GPTQ (std-based steps make
+    # it independent of the weights' scale; heavier-tailed trained rows pack smaller), plus the code.
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v.cpu() for k, v in base.state_dict().items()}
+    recipe = export_recipe(cfg)
+    estimate = code_file().stat().st_size + len(pack_artifact(quantize_state(state, recipe), recipe))
     verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
     rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
@@ -2253,18 +2243,13 @@ def dry_run(cfg: Config, rt: Runtime) -> None:
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
-    train_shards = find_shards(cfg.data_path, "train")
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
-    eval_plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-
-    make_loader = partial(make_train_loader, cfg, train_shards, rt.rank, rt.world_size, rt.device)
+    shards, eval_plan = find_shards(cfg.data_path, "train"), plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+    make_loader = partial(make_train_loader, cfg, shards, rt.rank, rt.world_size, rt.device)
     evaluate_with = partial(evaluate, base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
-
-    def validate():  # during training: the round trip
-        return evaluate_with(cfg.train_seq_len, cfg.train_seq_len)
-
+    validate = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # during training: the round trip
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens.cpu()))
     check_free_space(rt, base, out)
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
