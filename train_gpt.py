@@ -332,8 +332,7 @@ def validate(cfg: Config) -> dict:
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
     require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
-    for name, lo, hi in (("zstd_level", 1, 22), ("quant_bits_attn", 5, 8), ("quant_bits_mlp", 5, 8),
-                         ("quant_bits_embed", 5, 8)):
+    for name, lo, hi in (("zstd_level", 1, 22), *((f"quant_bits_{group}", 5, 8) for group in GROUPS)):
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
@@ -1969,8 +1968,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         state.elapsed_ms, clock = elapsed_ms, now
         averages.update(state.step, run_fraction(cfg, state.step, elapsed_ms / 1000), state.passes == cfg.repeats)
         stop = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * training_seconds(cfg)
-        final = stop or state.step == cfg.iterations
-        if state.step == 1 or state.step % cfg.train_log_every == 0 or final:
+        if state.step == 1 or state.step % cfg.train_log_every == 0 or stop or state.step == cfg.iterations:
             if rt.distributed:  # the loss of the whole global batch, not rank 0's share
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             state.last_loss = loss.item()
@@ -2098,8 +2096,7 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     cuda = rt.device.type == "cuda"
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
     rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
-           f"{attention_backend_name(cfg, rt.device.type)} world_size:{rt.world_size} "
-           f"gpu_count:{gpus} gpu:{gpu}")
+           f"{attention_backend_name(cfg, rt.device.type)} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
     shards = find_shards(cfg.data_path, "train")
     rt.log(f"train_shards:{len(shards)} train_shard_tokens:{sum(read_shard_header(p) for p in shards)}")
 
@@ -2407,22 +2404,20 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         load_weights(base, dequantize_state(stored), cfg.eval_only)
         code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes}) recipe:{recipe.describe()}")
-    plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-    results = final_evaluations(cfg, rt, partial(evaluate, base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables,
-                                                 rt.autocast))
+    results = final_evaluations(cfg, rt, partial(evaluate, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats),
+                                                 val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast))
     return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
 
 def main() -> int:
     env = dict(os.environ)
-    is_main = int(env.get("RANK", 0)) == 0
     try:
         cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
         out = resolve_out_dir(cfg)
         check_inputs(cfg)
     except UserError as exc:
-        if is_main:
+        if int(env.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     rt = setup_runtime()
