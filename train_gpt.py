@@ -1444,9 +1444,8 @@ def dequantize_state(stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
 
 
 def serialize(stored: dict[str, Stored]) -> tuple[list, dict[str, np.ndarray]]:
-    """Tensors -> (header entries, sections). A section concatenates flat arrays of one kind: 'codes'
-    (int8), 'scales' (float16), and one per dtype of whole tensors; an entry is [name, shape, dtype,
-    bits, [[section, offset, count], ...]] in elements."""
+    """Tensors -> (header entries, sections): a section concatenates flat arrays of one kind ('codes' int8, 'scales'
+    float16, one per dtype of whole tensors); an entry is [name, shape, dtype, bits, [[section, offset, count]...]]."""
     # The codes first: behind 60 KB of shuffled float16, zstd-22 packed 36M codes 1 MB worse (measured).
     sections: dict[str, list[np.ndarray]] = {"codes": [], "scales": []}
 
@@ -1506,9 +1505,8 @@ def decompress(streams: list[bytes], recipe: ExportRecipe) -> bytes:
 
 def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict | None = None,
                   meta: dict | None = None) -> bytes:
-    """Magic, version, the header's length (4 bytes, little-endian), the JSON header (zlib: 8 KB ->
-    1.5 KB for the 36M model; `meta`: the model's settings and the tokenizer's hash), the payload (the
-    compressed streams); `times` gets the steps' seconds."""
+    """Magic, version, the header's length (4 bytes, little-endian), the JSON header (zlib: 8 KB -> 1.5 KB for the
+    36M model; `meta`: model settings, tokenizer hash), the compressed streams; `times` gets the steps' seconds."""
     start = time.perf_counter()
     entries, sections = serialize(stored)
     raw = b"".join(shuffle_bytes(a) for a in sections.values())
@@ -1573,10 +1571,9 @@ def rounding_cost(state: dict[str, torch.Tensor], names: list[str], group: Quant
 
 
 def coarsen(state, hessians, recipe: ExportRecipe, initial: ExportRecipe, saving: float):
-    """Raise clip sigmas by FIT_STEP at a time, each time in the group that loses least (squared
-    rounding error weighted by the input Hessian's diagonal; unit weights without one) per estimated
-    byte saved, until the estimate saved `saving` bytes: (recipe, estimated saving), or None when the
-    groups with a std clip reach FIT_MAX_COARSENING times their starting sigmas first."""
+    """Raise clip sigmas by FIT_STEP at a time, in the group that loses least (rounding error squared, weighted by the
+    input Hessian's diagonal, else 1) per estimated byte saved, until `saving` bytes are: (recipe, estimated saving),
+    or None when the std-clipped groups reach FIT_MAX_COARSENING times their starting sigmas first."""
     quantized = quantized_names(state)
     names = {g: [n for n in quantized if weight_group(n) == g] for g in GROUPS}
     weights = {n: hessians[hessian_key(n)].diagonal().to(state[n].device) for n in quantized
@@ -1599,9 +1596,8 @@ def coarsen(state, hessians, recipe: ExportRecipe, initial: ExportRecipe, saving
 
 def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log, meta: dict | None = None
                  ) -> tuple[bytes, ExportRecipe]:
-    """The artifact of `recipe` when it fits in `budget` bytes, else of a coarsened recipe that fits a
-    little under it: each try is a real quantization and compression, logged, and what a coarsening
-    really saved against its estimate calibrates the next. ArtifactTooLarge when coarsening runs out."""
+    """The artifact of `recipe` if it fits in `budget` bytes, else of a coarsened recipe a little under it; each try is
+    real and logged, its real saving per estimated byte calibrates the next. ArtifactTooLarge when coarsening ends."""
     initial, slope, last = recipe, 1.0, None  # slope: artifact bytes saved per estimated byte saved
     for attempt in range(1, FIT_MAX_TRIES + 1):
         start, times = time.perf_counter(), {}
@@ -1889,10 +1885,9 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def save_checkpoint(folder: Path, cfg: Config, rt: Runtime, parts: dict, state: TrainState) -> None:
-    """Rank 0 writes what every rank holds alike (weights, averages, Adam), every rank its Muon momentum (it exists
-    only on the rank that owns a matrix): a sha256, then a torch.save. Once all files are whole, rank 0 names them in
-    checkpoint.json and removes older ones. No random state: training draws no random numbers (the loader's order
-    follows from SEED and the step)."""
+    """Rank 0 writes what all ranks hold alike (weights, averages, Adam), each rank its Muon momentum (only a matrix's
+    owner has it): a sha256, then a torch.save. Once all are whole, rank 0 names them in checkpoint.json and removes
+    older ones. No random state: training draws none (the loader's order follows from SEED and the step)."""
     start, buffer = time.perf_counter(), io.BytesIO()
     folder.mkdir(exist_ok=True)
     mine = {name: part.state_dict() for name, part in parts.items() if rt.main or isinstance(part, Muon)}
@@ -2147,9 +2142,8 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor
 
 
 def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[int, int, Path]:
-    """Calibrate GPTQ (all ranks), quantize and fit under TARGET_BYTES, write the artifact (rank 0,
-    under a temporary name, then renamed), then load it back into `base` on every rank. When nothing
-    fits, every rank raises ArtifactTooLarge and no artifact is written."""
+    """Calibrate GPTQ (all ranks), fit the artifact under TARGET_BYTES and write it whole (rank 0), then load it back
+    into `base` on every rank. When nothing fits, every rank raises ArtifactTooLarge and nothing is written."""
     path = out / f"final_model.{artifact_name(cfg)}.ptz"
     hessians = gptq_hessians(cfg, rt, base)
     code_bytes, failure = code_file().stat().st_size, ""
@@ -2182,8 +2176,7 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
 
 
 def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str, float, float, float]]:
-    """Evaluate the reloaded artifact in the order of evaluation_windows. Returns (line name,
-    val_loss, val_bpb, ms) per evaluation; the last one is the score."""
+    """The reloaded artifact's evaluations in evaluation_windows' order: (line name, loss, bpb, ms); the last scores."""
     results = []
     for kind, window, stride, adapter in evaluation_windows(cfg):
         rt.synchronize()
@@ -2230,11 +2223,10 @@ def dry_run(cfg: Config, rt: Runtime) -> None:
         times.append(time.perf_counter() - start)
         rt.log(f"dry_run step:{i + 1} time:{1000 * times[-1]:.1f}ms" + (" (compile)" if i == 0 else ""))
     step_ms = 1000 * rt.agree_max(sorted(times[1:])[1])
-    tokens_per_s = cfg.train_batch_tokens / (step_ms / 1000)
     projected = (f"projected_steps:{int(training_seconds(cfg) * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
                  f"{cfg.max_wallclock_seconds:g}" if cfg.max_wallclock_seconds > 0 else
                  f"projected_time:{cfg.iterations * step_ms / 1000:.0f}s for ITERATIONS={cfg.iterations}")
-    rt.log(f"dry_run step_ms:{step_ms:.1f} tok/s:{tokens_per_s:.0f} {projected}")
+    rt.log(f"dry_run step_ms:{step_ms:.1f} tok/s:{cfg.train_batch_tokens / (step_ms / 1000):.0f} {projected}")
 
 
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
