@@ -1445,7 +1445,7 @@ def dequantize_state(stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
 
 def serialize(stored: dict[str, Stored]) -> tuple[list, dict[str, np.ndarray]]:
     """Tensors -> (header entries, sections): a section joins flat arrays of one kind ('codes' int8, 'scales' float16,
-    one per dtype of whole tensors); an entry: [name, shape, dtype, bits, [[section, offset, count], ...]] in elements."""
+    one per dtype of whole tensors); an entry: [name, shape, dtype, bits, [[section, offset, count]...]] in elements."""
     # The codes first: behind 60 KB of shuffled float16, zstd-22 packed 36M codes 1 MB worse (measured).
     sections: dict[str, list[np.ndarray]] = {"codes": [], "scales": []}
 
