@@ -118,8 +118,6 @@ class Config:
     loop_end: int = knob(5, "last physical block of the looped core (inclusive); -1 = U-1")
     eval_repeats: int = knob(0, "passes through the core at evaluation; 0 = the training passes R")
     prog_depth: str = knob("0.35:1,1.0:3", "progressive depth 'f1:r1,...,1.0:R': r_i core passes till run fraction f_i")
-    cross_repeat_skip: bool = knob(False, "add a block's previous-pass output into its next input (zero-init scales)")
-    value_embeds: int = knob(0, "extra embedding tables added to the residual at every virtual layer (learned scales)")
     model_dim: int = knob(512, "residual width")
     num_heads: int = knob(8, "query heads")
     num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS")
@@ -139,9 +137,7 @@ class Config:
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
     smear_gate: bool = knob(True, "add the previous token's embedding through a learned gate (zero-init); not at BOS")
-    attn_gate: float = knob(0.0, "s > 0: each head's attention output times sigmoid(s * w_h . the first GATE_WINDOW "
-                                 "channels of the attention input) (zero-init: halved); 0 = off")
-    gate_window: int = knob(12, "channels read by SMEAR_GATE and ATTN_GATE")
+    gate_window: int = knob(12, "channels of the embedding read by SMEAR_GATE")
     doc_mask: bool = knob(False, "attention stays inside documents (each starts with a BOS), via flex_attention")
     # batch and schedule
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
@@ -322,11 +318,11 @@ def validate(cfg: Config) -> dict:
                  "target_bytes", "gate_window", "ttt_lora_rank", "ttt_lora_chunk"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
+                 "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps",
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every"):
+                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -591,8 +587,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
-    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not n.endswith("attn.gate")]
-    embed = [model.tok_emb.weight] + [table.weight for table in model.value_embeds]
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    embed = [model.tok_emb.weight]
     head = [model.lm_head.weight] if model.lm_head is not None else []
     named = {id(p) for p in matrices + embed + head}
     scalars = [p for p in model.parameters() if id(p) not in named]
@@ -811,11 +807,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool,
-                 gate_scale: float = 0.0, gate_window: int = 12, flash_attn=None):
+                 flash_attn=None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
         self.flash_attn = flash_attn  # FlashAttention 3's flash_attn_func, or None: SDPA
-        self.gate_scale, self.gate = gate_scale, nn.Parameter(torch.zeros(heads, gate_window)) if gate_scale else None
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
@@ -840,9 +835,6 @@ class Attention(nn.Module):
             y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, None]
             y = (y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own).view(B, self.heads, T, self.head_dim)
-        if self.gate is not None:  # sparse output gate (modded-nanogpt, as in the 2026-04-23 record): 0.5 at init
-            gate = torch.sigmoid(self.gate_scale * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
-            y = y * gate.mT[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, -1), lora.get("attn.proj"))
 
 
@@ -864,7 +856,7 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, flash_attn=None):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0,
-                              cfg.attn_gate, cfg.gate_window, flash_attn)
+                              flash_attn)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None, lora: dict = {}):
@@ -897,12 +889,6 @@ class GPT(nn.Module):
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.skip_gate = nn.Parameter(torch.zeros(max(1, depth // 2), dim)) if cfg.skip_gates_enabled else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
-        # Cross-repeat skip: zero-init scales on a block's previous-pass output; value embeddings.
-        self.repeat_mix = nn.Parameter(torch.zeros(depth, dim)) if cfg.cross_repeat_skip else None
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, dim) for _ in range(cfg.value_embeds))
-        for table in self.value_embeds:
-            nn.init.normal_(table.weight, std=cfg.tied_embed_init_std)
-        self.value_scale = nn.Parameter(torch.zeros(depth, cfg.value_embeds)) if cfg.value_embeds else None
         self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
             for module in self.blocks.modules():
@@ -942,33 +928,25 @@ class GPT(nn.Module):
                 self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
                                 device=doc.device)
         x = rms_norm(x).to(dt)
-        x0, outputs, previous = x, {}, {}
+        x0, outputs = x, {}
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
         consts = self.layer_consts(plan, x.device)
-        values = [rms_norm(table(input_ids)).to(dt) for table in self.value_embeds]
         adapters = lora["blocks"] if lora else [{}] * len(self.blocks)
         for v, layer in enumerate(plan.layers):
             if layer.skip_from >= 0:
                 x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
-            if self.repeat_mix is not None and layer.block in previous:
-                x = x + self.repeat_mix[v].to(dt) * previous[layer.block]
-            for k, value in enumerate(values):
-                x = x + self.value_scale[v, k].to(dt) * value
             r = layer.row
             x = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
                                     self.mlp_scale[r].to(dt), rope, consts[v], docs, adapters[layer.block])
-            previous[layer.block] = x
             if layer.store:
                 outputs[v] = x
         # A plan too shallow to use a tensor still touches it (zero gradient), so DDP needs no
         # find_unused_parameters and every phase of a progressive run trains the same parameters.
         if len(plan.layers) < 2:
             x = x + 0 * self.skip_weight[0].to(dt) + (0 * self.skip_gate[0].to(dt) if self.skip_gate is not None else 0)
-        if self.repeat_mix is not None and len(previous) == len(plan.layers):
-            x = x + 0 * self.repeat_mix[0].to(dt)
         return rms_norm(x)
 
     def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
@@ -2342,10 +2320,10 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
 
 
 # The settings that define the model's shape and function: an artifact carries them, and EVAL_ONLY uses them.
-MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "cross_repeat_skip",
-               "value_embeds", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings",
-               "rope_base", "logit_softcap", "xsa_last_n", "rope_dims", "ln_scale", "parallel_residual_start",
-               "skip_gates_enabled", "layer_rows", "loop_embed", "smear_gate", "attn_gate", "gate_window", "doc_mask")
+MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "model_dim", "num_heads",
+               "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings", "rope_base", "logit_softcap", "xsa_last_n",
+               "rope_dims", "ln_scale", "parallel_residual_start", "skip_gates_enabled", "layer_rows", "loop_embed",
+               "smear_gate", "gate_window", "doc_mask")
 
 
 def model_meta(cfg: Config) -> dict:

@@ -30,8 +30,7 @@ def test_defaults_are_the_frontier_record_stack():
     assert (cfg.muon_weight_decay, cfg.embed_wd, cfg.adam_wd, cfg.grad_clip_norm, cfg.warmdown_frac) == (
         0.095, 0.085, 0.02, 0.3, 0.85)
     # the 2026-04-27 record's additions that measured better on the golf bench (docs/ablations.md)
-    assert (cfg.muon_ns, cfg.smear_gate, cfg.min_lr, cfg.beta2, cfg.attn_gate, cfg.doc_mask) == (
-        "polar", True, 0.1, 0.99, 0.0, False)
+    assert (cfg.muon_ns, cfg.smear_gate, cfg.min_lr, cfg.beta2, cfg.doc_mask) == ("polar", True, 0.1, 0.99, False)
     assert cfg.muon_row_normalize and cfg.ema_horizon == 0.063  # 0.9965 per step at the record's ~4,550 steps
     assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_cosine, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, True, 1.0,
                                                                                              32_768)

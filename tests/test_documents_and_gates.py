@@ -1,5 +1,5 @@
 """The later records' model pieces (issue 14), each against what it promises, on CPU: document-masked
-attention (DOC_MASK), the smear gate (SMEAR_GATE), the sparse attention output gate (ATTN_GATE)."""
+attention (DOC_MASK), the smear gate (SMEAR_GATE), FlashAttention 3 when installed."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +13,7 @@ from conftest import PLAIN_SHAPE, tokenizer_path
 
 import train_gpt
 from train_gpt import (BOS_ID, GPT, attention_backend_name, build_config, build_optimizers, config_for_artifact,
-                       export_recipe, model_meta, plan_for, quantize_state, rotary_tables)
+                       export_recipe, model_meta, plan_for, quantize_state)
 
 VOCAB = 128
 
@@ -48,7 +48,7 @@ def pieces(row: list[int]) -> list[list[int]]:
     return [row[a:b] for a, b in zip([0] + starts, starts + [len(row)])]
 
 
-@pytest.mark.parametrize("extras", [{}, dict(SMEAR_GATE=1, ATTN_GATE=0.5, NUM_KV_HEADS=4)])
+@pytest.mark.parametrize("extras", [{}, dict(SMEAR_GATE=1, NUM_KV_HEADS=4)])
 def test_doc_mask_equals_running_each_document_alone(extras):
     """RoPE sees only offsets, so a document's logits do not depend on where in the row it starts."""
     cfg = cfg_of(DOC_MASK=1, **extras)
@@ -75,8 +75,8 @@ def test_doc_mask_off_lets_documents_see_each_other():
     assert not torch.allclose(together, alone, atol=1e-3)  # the check above is not vacuous
 
 
-@pytest.mark.parametrize("env", [dict(DOC_MASK=1, SMEAR_GATE=1), dict(DOC_MASK=1, SMEAR_GATE=1, ATTN_GATE=1,
-                                                                      TIE_EMBEDDINGS=0, NUM_LAYERS=4)])
+@pytest.mark.parametrize("env", [dict(DOC_MASK=1, SMEAR_GATE=1), dict(DOC_MASK=1, SMEAR_GATE=1, TIE_EMBEDDINGS=0,
+                                                                      NUM_LAYERS=4)])
 def test_nothing_crosses_a_bos_forward_or_backward(env):
     """Changing the previous document (its last token included) leaves every output of the next one unchanged,
     and a loss on the next document sends no gradient to the previous one's token embeddings."""
@@ -119,44 +119,21 @@ def test_smear_gate_at_init_is_off_and_learns():
     assert smeared.smear.grad[0] != 0  # lambda moves first; w gets gradient once lambda is nonzero
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_attention_gate_halves_the_output_at_init_learns_and_scales_each_head(scale):
-    torch.manual_seed(4)
-    gated, plain = GPT(cfg_of(ATTN_GATE=scale)).blocks[0].attn, GPT(cfg_of()).blocks[0].attn
-    torch.nn.init.normal_(gated.proj.weight, std=0.1)
-    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate"})
-    x = torch.randn(2, 16, 32)
-    rope, xsa = rotary_tables(16, 4, 10000.0, "cpu"), torch.tensor(1.0)
-    out = gated(x, rope, xsa)
-    assert gated.gate.shape == (4, 6) and torch.allclose(out, 0.5 * plain(x, rope, xsa), atol=1e-6)
-    out.square().sum().backward()
-    assert gated.gate.grad.abs().min() > 0
-    heads = {}
-    for name, attn in (("gated", gated), ("plain", plain)):
-        attn.proj.register_forward_hook(lambda m, inp, o, name=name: heads.setdefault(name, inp[0].view(2, 16, 4, 8)))
-    with torch.no_grad():
-        gated.gate.normal_()
-        gated(x, rope, xsa), plain(x, rope, xsa)
-        gate = torch.sigmoid(scale * x[..., :6] @ gated.gate.T)  # per token and head, from the first 6 channels
-    assert torch.allclose(heads["gated"], heads["plain"] * gate[..., None], atol=1e-6)
-
-
 def test_new_parameters_go_to_adam_stay_float_in_the_artifact_and_travel_with_it():
     shape = dict(MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, TOKENIZER_PATH=tokenizer_path(1024))
-    cfg = cfg_of(SMEAR_GATE=1, ATTN_GATE=0.5, DOC_MASK=1, GATE_WINDOW=12, **shape)
+    cfg = cfg_of(SMEAR_GATE=1, DOC_MASK=1, GATE_WINDOW=12, **shape)
     model = GPT(cfg)
     adam, muon = build_optimizers(cfg, model, 0, 1, fused=False)  # asserts every parameter is in a group
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     scalars = {id(p) for p in adam.param_groups[1]["params"]}
-    gates = [model.smear] + [b.attn.gate for b in model.blocks]
-    assert all(id(p) in scalars and id(p) not in in_muon for p in gates)
+    assert id(model.smear) in scalars and id(model.smear) not in in_muon
     stored = quantize_state(model.state_dict(), export_recipe(cfg))
-    assert stored["smear"].bits == 0 and stored["blocks.0.attn.gate"].bits == 0
+    assert stored["smear"].bits == 0
     assert stored["blocks.0.attn.c_q.weight"].bits > 0  # the matrices beside them are still quantized
     meta = model_meta(cfg)["model"]
-    assert (meta["smear_gate"], meta["attn_gate"], meta["gate_window"], meta["doc_mask"]) == (True, 0.5, 12, True)
+    assert (meta["smear_gate"], meta["gate_window"], meta["doc_mask"]) == (True, 12, True)
     back = config_for_artifact(cfg_of(**shape), model_meta(cfg), "a.ptz")
-    assert (back.smear_gate, back.attn_gate, back.gate_window, back.doc_mask) == (True, 0.5, 12, True)
+    assert (back.smear_gate, back.gate_window, back.doc_mask) == (True, 12, True)
 
 
 def test_compiled_blocks_mask_through_flex_attention_equal_to_eager_and_compile_once():
@@ -166,7 +143,7 @@ def test_compiled_blocks_mask_through_flex_attention_equal_to_eager_and_compile_
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = cfg_of(DOC_MASK=1, NUM_LAYERS=1, SMEAR_GATE=1, ATTN_GATE=1)
+    cfg = cfg_of(DOC_MASK=1, NUM_LAYERS=1, SMEAR_GATE=1)
     model = trained_like(cfg)
     # backend "eager": dynamo's graph capture and guards as on the GPU, without inductor (no CPU flex kernel yet)
     model.compiled_blocks = [torch.compile(b, backend="eager", fullgraph=True, dynamic=False) for b in model.blocks]
@@ -181,8 +158,6 @@ def test_compiled_blocks_mask_through_flex_attention_equal_to_eager_and_compile_
 def test_config_validates_the_new_knobs():
     with pytest.raises(train_gpt.ConfigError, match="GATE_WINDOW=40"):
         cfg_of(GATE_WINDOW=40)
-    with pytest.raises(train_gpt.ConfigError, match="ATTN_GATE=-1"):
-        cfg_of(ATTN_GATE=-1)
     with pytest.raises(train_gpt.ConfigError, match="MUON_NS"):
         cfg_of(MUON_NS="cubic")
 
@@ -203,7 +178,7 @@ def flash_attn_stand_in(monkeypatch, returns_lse: bool = False) -> list:
 
 
 @pytest.mark.parametrize("returns_lse", [False, True])
-@pytest.mark.parametrize("extras", [{}, dict(NUM_KV_HEADS=4, XSA_LAST_N=0, ATTN_GATE=1)])
+@pytest.mark.parametrize("extras", [{}, dict(NUM_KV_HEADS=4, XSA_LAST_N=0)])
 def test_flash_attention_gives_the_sdpa_output_with_kv_heads_as_they_are(monkeypatch, extras, returns_lse):
     """ATTN_BACKEND=auto with flash_attn_interface importable: a compiled CUDA run says fa3 and its blocks call
     flash_attn_func (bf16, causal, k/v with NUM_KV_HEADS heads); logits and gradients are the SDPA path's."""

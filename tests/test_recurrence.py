@@ -30,10 +30,8 @@ def test_bad_prog_depth_names_the_variable(text):
 PLANS = [
     dict(NUM_UNIQUE_LAYERS=1, NUM_LAYERS=1),
     dict(NUM_UNIQUE_LAYERS=1, NUM_LAYERS=5, PROG_DEPTH="0.5:1,1.0:5"),
-    dict(NUM_UNIQUE_LAYERS=3, NUM_LAYERS=12, PROG_DEPTH="0.4:2,0.65:3,1.0:4", XSA_LAST_N=4,
-         CROSS_REPEAT_SKIP=1, VALUE_EMBEDS=2),
-    dict(NUM_UNIQUE_LAYERS=6, NUM_LAYERS=10, LOOP_START=2, LOOP_END=3, PROG_DEPTH="0.35:1,1.0:3",
-         CROSS_REPEAT_SKIP=1),
+    dict(NUM_UNIQUE_LAYERS=3, NUM_LAYERS=12, PROG_DEPTH="0.4:2,0.65:3,1.0:4", XSA_LAST_N=4, LOOP_EMBED=1),
+    dict(NUM_UNIQUE_LAYERS=6, NUM_LAYERS=10, LOOP_START=2, LOOP_END=3, PROG_DEPTH="0.35:1,1.0:3"),
     dict(NUM_UNIQUE_LAYERS=4, NUM_LAYERS=7, LOOP_START=3, LOOP_END=3),
 ]
 
@@ -64,24 +62,6 @@ def test_unet_pairs_defined_for_every_plan(env):
     for passes in training_repeats(cfg):
         depth = len(plan_for(cfg, passes).blocks)
         assert all(0 <= e < d < depth for e, d in unet_pairs(depth))
-
-
-def test_extras_start_as_no_ops_and_learn():
-    torch.manual_seed(1)
-    cfg = tiny(dict(NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6, CROSS_REPEAT_SKIP=1, VALUE_EMBEDS=2))
-    model = GPT(cfg)
-    for p in model.blocks.parameters():
-        p.data.add_(0.1 * torch.randn_like(p))
-    plan = plan_for(cfg, cfg.repeats)
-    x = torch.randint(0, 64, (2, 8))
-    before = model.logits(x, plan)
-    plain = GPT(tiny(dict(NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6)))
-    plain.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if not k.startswith(("repeat_mix", "value_"))})
-    assert torch.allclose(before, plain.logits(x, plan), atol=1e-6)  # zero-init scales: identical
-    model(x, x, plan).backward()
-    assert model.repeat_mix.grad[:2].abs().sum() == 0  # first pass: nothing to mix yet
-    assert model.repeat_mix.grad[2:].abs().sum() > 0 and model.value_scale.grad.abs().sum() > 0
 
 
 def readme_recipes() -> list[dict[str, str]]:
@@ -121,7 +101,7 @@ def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
 
 def test_two_ranks_switch_depth_together_and_stay_identical(tiny_data, tmp_path):
     env = tiny_env(tiny_data, NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6, PROG_DEPTH="0.3:1,0.6:2,1.0:3",
-                   CROSS_REPEAT_SKIP=1, VALUE_EMBEDS=1, GRAD_ACCUM_STEPS=2)
+                   LOOP_EMBED=1, GRAD_ACCUM_STEPS=2)
     result = run_script(env, tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     switches = re.findall(r"^depth_switch step:(\d+) t:[\d.]+ passes:(\d)->(\d) ranks_agree:(\w+)$", result.stdout, re.M)
