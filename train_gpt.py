@@ -541,9 +541,8 @@ def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7, method: str
 
 
 class Muon(torch.optim.Optimizer):
-    """Each rank orthogonalizes the matrices i with i % world_size == rank, stacked by shape so
-    one batched Newton-Schulz call serves all matrices of a shape; a flat all-reduce shares the
-    updates. Updates are scaled by sqrt(max(1, rows/cols)) as in the reference Muon."""
+    """Rank r orthogonalizes matrices i % world_size == r, stacked by shape (one batched Newton-Schulz call per
+    shape); a flat all-reduce shares the updates, scaled by sqrt(max(1, rows/cols)) as in the reference Muon."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, row_normalize: bool = False, method: str = "quintic"):
@@ -658,12 +657,11 @@ def map_shard(path: Path) -> np.ndarray:
 
 
 class ShuffledLoader:
-    """This rank's training batches: `seqs` sequences of `seq_len` inputs (targets one token later), prepared
-    by prefetch() while the GPU runs the last micro-step. Each epoch cuts every shard into non-overlapping
-    windows of seq_len + 1 tokens from a random phase and draws all shards' windows in one permutation (long
-    documents such as books would otherwise fill a batch). A micro-step takes the next world_size * seqs windows,
-    rank r the r-th share: ranks are disjoint, and any number of shards serves any number of ranks. The order
-    follows from the seed and the batches read, so a resumed run reads on exactly."""
+    """This rank's batches: `seqs` sequences of `seq_len` inputs (targets one token later), made by prefetch() while
+    the GPU runs the last micro-step. Each epoch cuts every shard into windows of seq_len + 1 tokens from a random
+    phase and draws all shards' windows in one permutation (long documents such as books would otherwise fill a
+    batch). A micro-step takes the next world_size * seqs windows, rank r the r-th share: disjoint ranks, any number
+    of shards for any number of ranks; the order follows from the seed and the batches read (a resume reads on)."""
 
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
                  seed: int, vocab_size: int = 65536):
@@ -806,8 +804,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool,
-                 flash_attn=None):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool, flash_attn=None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
         self.flash_attn = flash_attn  # FlashAttention 3's flash_attn_func, or None: SDPA
@@ -1020,9 +1017,8 @@ def token_bytes(tables: ByteTables, prev_ids: torch.Tensor, target_ids: torch.Te
 
 
 def plan_windows(num_targets: int, window: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of `window` targets that score every target in [0, num_targets) exactly once.
-    Window k starts at k*stride and scores its last `stride` targets (the first scores all); a
-    final window aligned to the end scores what is left. Returns (starts, score_from)."""
+    """(starts, score_from) of windows of `window` targets scoring each of [0, num_targets) once: window k starts at
+    k*stride and scores its last `stride` (the first all), a last one aligned to the end scores what is left."""
     assert num_targets >= window and 0 < stride <= window
     starts = list(range(0, num_targets - window + 1, stride))
     score_from = [0] + [window - stride] * (len(starts) - 1)
@@ -1042,19 +1038,16 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
                   starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
                   tables: ByteTables, nll_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows.
-    `tokens` is the whole split; target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss).
-    A last, partial batch is padded with copies of its last window that score nothing, so compiled
-    blocks see one batch shape."""
+    """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
+    target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A last, partial batch is padded with
+    copies of its last window that score nothing, so compiled blocks see one batch shape."""
     device = tokens.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    tables = ByteTables(*(t.to(device) for t in tables))
     for lo in range(0, len(starts), batch):
         first, score = starts[lo:lo + batch].to(device), score_from[lo:lo + batch].to(device)
-        if len(starts) > batch and len(first) < batch:
-            pad = batch - len(first)
-            first = torch.cat([first, first[-1:].expand(pad)])
-            score = torch.cat([score, score.new_full((pad,), window)])
+        pad = batch - len(first) if len(starts) > batch else 0
+        first = torch.cat([first, first[-1:].expand(pad)])
+        score = torch.cat([score, score.new_full((pad,), window)])
         score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out)
     return sums
 
@@ -1103,6 +1096,7 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
 
     was_training = model.training
     model.eval()
+    tables = ByteTables(*(t.to(tokens.device) for t in tables))
     if adapter == "lora":
         sums = score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window,
                                nll_out)
@@ -1115,14 +1109,12 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
         chunks = torch.unique_consecutive(chunk_of).tolist()
         for i, c in enumerate(chunks):
             idx = (chunk_of == c).nonzero().flatten()
-            lo, hi = shard_range(len(idx), rank, world_size)
-            sums += score_windows(logits_fn, tokens, starts[idx[lo:hi]], score_from[idx[lo:hi]], window, batch,
-                                  tables, nll_out)
+            mine = idx[slice(*shard_range(len(idx), rank, world_size))]
+            sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out)
             if adapter == "sgd" and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
                 a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
                 if cfg.ttt_cosine:
-                    optimizer.param_groups[0]["lr"] = (cfg.ttt_lr * 0.5 *
-                                                       (1 + math.cos(math.pi * i / (len(chunks) - 1))))
+                    optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
                 ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
     if saved:  # TTT's updates are undone
         model.load_state_dict(saved)
@@ -1167,7 +1159,6 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
     all ranks scored documents < n, all weights take ttt_step (TTT_LR, no cosine) per TTT_CHUNK of their text."""
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
     fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
-    tables = ByteTables(*(t.to(tokens.device) for t in tables))
     if model.compiled_blocks:  # compile every window shape on synthetic tokens, never on validation text
         synthetic = torch.randint(0, cfg.vocab_size, (window + cfg.ttt_lora_chunk,), device=tokens.device)
         docs, lengths = lora_batches([(0, len(synthetic) - 1)], cfg, window, 0, 1)[0]
@@ -1697,9 +1688,8 @@ def environment_report(device: torch.device) -> str:
 
 
 class WeightAverages:
-    """EMA and SWA of the parameters in fp32, only over full-depth steps. The EMA's horizon is a
-    fraction of the run: a step that advances the run fraction by dt keeps exp(-dt / horizon)
-    of the old average, so one setting means the same for 5 minutes or 4 hours."""
+    """EMA and SWA of the parameters in fp32, over full-depth steps only. The EMA's horizon is a fraction of the run:
+    a step advancing it by dt keeps exp(-dt / horizon) of the average, so a setting means the same for 5 min or 4 h."""
 
     def __init__(self, cfg: Config, model: GPT):
         self.cfg, self.model = cfg, model
