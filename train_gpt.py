@@ -57,11 +57,10 @@ CODECS = ("brotli", "zstd", "lzma")
 # ----------------------------------------------------------------------------------------------
 # Configuration
 #
-# Every knob is a field of one frozen dataclass; the field `num_unique_layers` is the environment
-# variable NUM_UNIQUE_LAYERS. build_config() parses a mapping (os.environ in main, a dict in
-# tests) strictly, checks relations between knobs, and raises ConfigError naming the variable.
-# Names of the upstream baseline keep their meaning. Unknown variables one typo away from a knob
-# are errors too: a misspelt knob silently ignored costs a competitor a paid ten-minute run.
+# Every knob is a field of one frozen dataclass; the field `num_unique_layers` is the environment variable
+# NUM_UNIQUE_LAYERS. build_config() parses a mapping (os.environ in main, a dict in tests) strictly, checks relations
+# between knobs, and raises ConfigError naming the variable. Names of the upstream baseline keep their meaning.
+# Unknown variables one typo away from a knob are errors too: a misspelt knob, silently ignored, costs a paid run.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -227,12 +226,12 @@ def env_knobs() -> dict[str, dataclasses.Field]:
 
 
 # Launcher and system variables that may sit next to our knobs without being typo-checked.
-ENV_ALLOWLIST = {"RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
-                 "GROUP_WORLD_SIZE", "PATH", "PWD", "OLDPWD", "HOME", "USER", "SHELL", "TERM", "LANG",
-                 "HOSTNAME", "TMPDIR", "LOGNAME", "SHLVL", "CI", "_", "DISPLAY", "EDITOR", "TZ"}
-ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", "PYTHON", "LC_", "HF_",
-                        "TRITON_", "NVIDIA_", "NV_", "PYTEST_", "XDG_", "SSH_", "MKL_", "KMP_", "GLOO_",
-                        "LD_", "PIP_", "CONDA_", "VIRTUAL_ENV", "OPENBLAS_", "CUBLAS_", "CUDNN_", "GIT_")
+ENV_ALLOWLIST = {"RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+                 "PATH", "PWD", "OLDPWD", "HOME", "USER", "SHELL", "TERM", "LANG", "HOSTNAME", "TMPDIR", "LOGNAME",
+                 "SHLVL", "CI", "_", "DISPLAY", "EDITOR", "TZ"}
+ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", "PYTHON", "LC_", "HF_", "TRITON_",
+                        "NVIDIA_", "NV_", "PYTEST_", "XDG_", "SSH_", "MKL_", "KMP_", "GLOO_", "LD_", "PIP_", "CONDA_",
+                        "VIRTUAL_ENV", "OPENBLAS_", "CUBLAS_", "CUDNN_", "GIT_")
 
 # The 2026-04-09 record's names of two knobs, accepted so that its commands run unchanged.
 ENV_ALIASES = {"GPTQ_CALIBRATION_BATCHES": "GPTQ_BATCHES", "GPTQ_RESERVE_SECONDS": "EXPORT_RESERVE_SECONDS"}
@@ -318,11 +317,11 @@ def validate(cfg: Config) -> dict:
                  "target_bytes", "gate_window", "ttt_lora_rank", "ttt_lora_chunk"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps",
-                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr",
-                 "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
-                 "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
-                 "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every"):
+                 "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "matrix_clip_sigmas",
+                 "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len", "eval_stride",
+                 "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
+                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps", "ttt_lr", "embed_wd",
+                 "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -375,10 +374,9 @@ def validate(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Depth plan
 #
-# The only place that knows about sharing and looping. U physical blocks; the core
-# LOOP_START..LOOP_END is run R times, the blocks before it once at the start and those after it
-# once at the end. A plan is one record per virtual layer (its physical block, parameter row,
-# XSA, parallel residual, norm scale and U-Net skip); the model iterates the records.
+# The only place that knows about sharing and looping. U physical blocks; the core LOOP_START..LOOP_END is run R
+# times, the blocks before it once at the start and those after it once at the end. A plan is one record per virtual
+# layer (physical block, parameter row, XSA, parallel residual, norm scale, U-Net skip); the model iterates them.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -470,9 +468,8 @@ def max_depth(cfg: Config) -> int:
 # ----------------------------------------------------------------------------------------------
 # Schedules: pure functions of the run fraction t in [0, 1]
 #
-# t = elapsed / MAX_WALLCLOCK_SECONDS with a cap, else step / ITERATIONS, so one set of defaults
-# fits 5 minutes on one GPU and 4 hours on eight. Upstream step-count knobs (WARMDOWN_ITERS,
-# MUON_MOMENTUM_WARMUP_STEPS) keep their step meaning when set.
+# t = elapsed / MAX_WALLCLOCK_SECONDS with a cap, else step / ITERATIONS: one set of defaults fits 5 minutes on one
+# GPU and 4 hours on eight. Upstream step-count knobs (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS) count steps.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -509,10 +506,9 @@ def muon_momentum(cfg: Config, step: int, t: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 #
-# Muon (momentum, then orthogonalize the update with a Newton-Schulz iteration) for the 2-D
-# matrices of the blocks; Adam for embeddings, the head and every vector/scale. Muon's
-# orthogonalization is split across ranks: each rank orthogonalizes every world_size-th matrix
-# and one all-reduce of a flat buffer shares the results (the idea of modded-nanogpt's Muon).
+# Muon (momentum, then orthogonalize the update with a Newton-Schulz iteration) for the 2-D matrices of the blocks;
+# Adam for embeddings, the head and every vector/scale. Muon's orthogonalization is split across ranks: each rank
+# orthogonalizes every world_size-th matrix, one all-reduce of a flat buffer shares them (modded-nanogpt's idea).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -587,16 +583,15 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    embed = [model.tok_emb.weight]
+    embed, embed_lr = [model.tok_emb.weight], cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
     head = [model.lm_head.weight] if model.lm_head is not None else []
     named = {id(p) for p in matrices + embed + head}
     scalars = [p for p in model.parameters() if id(p) not in named]
-    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
-    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
     groups = [dict(params=embed, lr=embed_lr, weight_decay=cfg.embed_wd),
               dict(params=scalars, lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)]
     groups += [dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else []
-    optimizers = [torch.optim.AdamW(groups, **adam),  # decoupled decay: p *= 1 - lr * weight_decay
+    # AdamW: decoupled decay, p *= 1 - lr * weight_decay
+    optimizers = [torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused),
                   Muon(matrices, cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps,
                        cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize, cfg.muon_ns)]
     for group in (g for opt in optimizers for g in opt.param_groups):
@@ -608,9 +603,9 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
 # ----------------------------------------------------------------------------------------------
 # Data
 #
-# The challenge's shard format: a 256 x int32 little-endian header (magic 20240520, version 1,
-# token count) followed by the tokens as little-endian uint16. Training draws windows of all shards in
-# a seeded shuffled order, each rank a disjoint share of every step, so any world size works.
+# The challenge's shard format: a 256 x int32 little-endian header (magic 20240520, version 1, token count) followed
+# by the tokens as little-endian uint16. Training draws windows of all shards in a seeded shuffled order, each rank a
+# disjoint share of every step, so any world size works.
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
@@ -758,12 +753,11 @@ def load_tokenizer(cfg: Config):
 # ----------------------------------------------------------------------------------------------
 # Model
 #
-# A GPT whose blocks may be shared across virtual layers. Per-virtual-layer parameters (loop
-# embedding, attention/MLP scales, residual mix, U-Net skip weights) are rows of a few tensors
-# indexed by virtual position, so every plan touches the same parameter objects and parameters
-# grow with passes only by those rows. Attention: GQA + RoPE + QK-RMSNorm + per-head query gain;
-# optional XSA (exclusive self-attention: each head's output loses its component along the
-# token's own value vector). MLP: relu^2 (or leaky_relu(0.5)^2). Tied embedding, tanh soft-cap.
+# A GPT whose blocks may be shared across virtual layers. Per-virtual-layer parameters (loop embedding, attention/MLP
+# scales, residual mix, U-Net skip weights) are rows of a few tensors indexed by virtual position, so every plan
+# touches the same parameter objects and parameters grow with passes only by those rows. Attention: GQA + RoPE +
+# QK-RMSNorm + per-head query gain; optional XSA (exclusive self-attention: each head's output loses its component
+# along the token's own value vector). MLP: relu^2 (or leaky_relu(0.5)^2). Tied embedding, tanh soft-cap.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -949,10 +943,8 @@ class GPT(nn.Module):
     def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
         """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
         through a sigmoid gate (zero-init: half the weighted skip, half the stream)."""
-        skip = self.skip_weight[slot].to(x.dtype) * skip
-        if self.skip_gate is None:
-            return x + skip
-        return torch.lerp(skip, x, torch.sigmoid(self.skip_gate[slot].to(x.dtype)))
+        skip, gate = self.skip_weight[slot].to(x.dtype) * skip, self.skip_gate
+        return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate[slot].to(x.dtype)))
 
     def logits(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
         """Evaluation's path: the compiled blocks when there are any (at the frontier shape a sliding
@@ -979,12 +971,11 @@ def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 #
-# val_bpb = (sum of CE in nats / ln 2) / (sum of UTF-8 bytes of the scored tokens). Byte counts
-# follow the challenge exactly: a piece's bytes without its leading "▁" (byte-fallback pieces 1,
-# control/unknown/unused 0) plus 1 for the leading space unless the previous token is a control,
-# unknown or unused id. Scoring runs over windows of fixed length: each window scores its targets
-# from `score_from` on, and the window plan guarantees each target is scored exactly once. Round
-# trip, sliding window and test-time training share this one scorer.
+# val_bpb = (sum of CE in nats / ln 2) / (sum of UTF-8 bytes of the scored tokens). Byte counts follow the challenge
+# exactly: a piece's bytes without its leading "▁" (byte-fallback pieces 1, control/unknown/unused 0) plus 1 for the
+# leading space unless the previous token is a control, unknown or unused id. Scoring runs over windows of fixed
+# length: each window scores its targets from `score_from` on, and the window plan guarantees each target is scored
+# exactly once: round trip, sliding window and SGD test-time training; LoRA TTT's windows stay inside documents.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1223,13 +1214,12 @@ def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int,
 # ----------------------------------------------------------------------------------------------
 # Quantization and export
 #
-# One recipe (per group: bits, clip rule, GPTQ; the codec; the byte layout), built once from the
-# config, drives quantize -> serialize -> shuffle -> compress, each a pure function with its
-# inverse. A row's step is k * std(row) / qmax, codes clipped at k sigma (the 2026-04-09 record's
-# rule: k sets the rate; only outliers clip), or max|row| / qmax for k = 0; it is stored in float16
-# and the codes are rounded with exactly the stored value. GPTQ (Frantar et al.) rounds columns in
-# descending order of the input Hessian's diagonal (act-order) and spreads each one's error over
-# the columns still to come. The file: magic, version, a JSON header, the compressed streams.
+# One recipe (per group: bits, clip rule, GPTQ; the codec; the byte layout), built once from the config, drives
+# quantize -> serialize -> shuffle -> compress, each a pure function with its inverse. A row's step is k * std(row) /
+# qmax, codes clipped at k sigma (the 2026-04-09 record's rule: k sets the rate; only outliers clip), or max|row| /
+# qmax for k = 0; it is stored in float16 and the codes are rounded with exactly the stored value. GPTQ (Frantar et
+# al.) rounds columns in descending order of the input Hessian's diagonal (act-order) and spreads each one's error
+# over the columns still to come. The file: magic, version, a JSON header, the compressed streams.
 # ----------------------------------------------------------------------------------------------
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -1680,10 +1670,9 @@ def environment_report(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------
 # Training
 #
-# Warm up (compile, prime kernels) on real batches, restore the initial weights and optimizer
-# state, then start the clock. Each step: micro-batches with gradient accumulation, optimizer
-# steps with LR and momentum from the schedules, then one all-reduced elapsed time that every rank
-# uses for the run fraction and the stop decision.
+# Warm up (compile, prime kernels) on real batches, restore the initial weights and optimizer state, then start the
+# clock. Each step: micro-batches with gradient accumulation, optimizer steps with LR and momentum from the schedules,
+# then one all-reduced elapsed time that every rank uses for the run fraction and the stop decision.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1715,11 +1704,9 @@ class WeightAverages:
         self.last_t = t
 
     def averaged(self, choice: str) -> list[torch.Tensor] | None:
-        if choice == "ema":
-            return self.ema
         if choice == "swa" and self.swa_count:
             return [s / self.swa_count for s in self.swa]
-        return None
+        return self.ema if choice == "ema" else None
 
     def checkpoint(self) -> dict:
         """Float weights for EVAL_ONLY: the last ones and every average that was taken."""
@@ -1935,8 +1922,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             if rt.distributed:  # the loss of the whole global batch, not rank 0's share
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             state.last_loss = loss.item()
-            if state.step == 1:
-                state.first_loss = state.last_loss
+            state.first_loss = state.last_loss if state.step == 1 else state.first_loss
             log_step(rt, cfg, state, state.last_loss, run_fraction(cfg, state.step, elapsed_ms / 1000))
         if stop:
             rt.log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{state.step}/{cfg.iterations}")
