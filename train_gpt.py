@@ -207,6 +207,8 @@ class Config:
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
     ttt_cosine: bool = knob(True, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
     ttt_grad_clip: float = knob(1.0, "TTT: clip the gradient norm of each step; 0 = off")
+    mix_eta: float = knob(0.0, "n-gram mixer on the score: step of its weights per TTT_CHUNK targets; 0 = off")
+    mix_buckets: int = knob(65_536, "n-gram mixer: trigram contexts hashed into this many rows of VOCAB_SIZE counts")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
@@ -320,11 +322,11 @@ def validate(cfg: Config) -> dict:
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
                  "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base",
-                 "target_bytes", "gate_window"):
+                 "target_bytes", "gate_window", "mix_buckets"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "value_embeds",
-                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas",
+                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "mix_eta",
                  "eval_seq_len", "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay",
                  "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps",
                  "ttt_lr", "embed_wd", "adam_wd", "rope_dims", "ttt_grad_clip", "attn_gate", "checkpoint_every"):
@@ -1069,12 +1071,64 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
+class NgramMixer:
+    """An online mixture p = sum_k w_k p_k of the network with unigram, bigram and trigram experts counted from
+    scored targets only; each order is interpolated with the one below (uniform below the unigram) by Witten-Bell,
+    p(y|h) = (c(h,y) + t(h) p_lower(y)) / (c(h) + t(h)), t(h) the distinct tokens seen after h: a distribution over
+    the vocabulary with mass on every token. The trigram's context is a hash of the two previous tokens into
+    MIX_BUCKETS rows (never of the target: a row sums to its context's count). Once per chunk the weights take an
+    exponentiated-gradient step on the mixture's log loss (Kivinen, Warmuth), w_k ~ w_k exp(MIX_ETA mean(p_k(y)/p(y))):
+    Hedge on the linearized loss tracks the best mixture; on each expert's own loss it would pick the network alone."""
+
+    def __init__(self, cfg: Config, device):
+        self.vocab, self.eta, self.buckets = cfg.vocab_size, cfg.mix_eta, cfg.mix_buckets
+        self.width = self.vocab + 2  # per order, flat, a row per context: each next token y's count, then c(h), t(h)
+        self.tables = [torch.zeros(rows * self.width, dtype=torch.int32, device=device)
+                       for rows in (1, self.vocab, self.buckets)]
+        self.log_w = torch.tensor([0.91, 0.03, 0.03, 0.03], dtype=torch.float64, device=device).log()
+        self.grad = torch.zeros(5, dtype=torch.float64, device=device)  # sums of p_k(y) / p(y), then the count
+
+    def contexts(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        """Each order's context row for targets `pos` (target i predicts tokens[i + 1]): tokens <= i only."""
+        prev, prev2 = tokens[pos].long(), tokens[(pos - 1).clamp(min=0)].long()
+        return [torch.zeros_like(prev), prev, (prev2 * 2_654_435_761 + prev) % self.buckets]
+
+    def mix(self, tokens: torch.Tensor, pos: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
+        """The mixture's nll (float64) of targets `pos` given the network's; adds them to the chunk's gradient."""
+        y, experts = tokens[pos + 1].long(), [(-nll.double()).exp()]
+        lower = torch.full_like(experts[0], 1 / self.vocab)
+        for table, row in zip(self.tables, self.contexts(tokens, pos)):  # unigram, bigram, trigram
+            c, n, t = (table[row * self.width + col].double() for col in (y, self.vocab, self.vocab + 1))
+            lower = torch.where(n > 0, (c + t * lower) / (n + t), lower)
+            experts.append(lower)
+        probs = torch.stack(experts, 1)
+        mixed = probs @ self.log_w.softmax(0)
+        self.grad += torch.cat([(probs / mixed[:, None]).sum(0), mixed.new_tensor([len(mixed)])])
+        return -mixed.log()
+
+    def update(self, tokens: torch.Tensor, a: int, b: int, world_size: int) -> None:
+        """After the chunk of targets [a, b) is scored: a step from its gradient summed over ranks, then every rank
+        counts its targets itself. So at a chunk's start every rank holds the counts of all targets before it."""
+        if world_size > 1:
+            dist.all_reduce(self.grad)
+        self.log_w += self.eta * self.grad[:-1] / self.grad[-1]
+        self.grad.zero_()
+        pos = torch.arange(a, b, device=tokens.device)
+        y = tokens[pos + 1].long()
+        for table, row in zip(self.tables, self.contexts(tokens, pos)):
+            seen = torch.unique(row * self.width + y)  # each (context, next token) once
+            new_types = seen[table[seen] == 0] // self.width * self.width + self.vocab + 1
+            for keys in (row * self.width + y, row * self.width + self.vocab, new_types):  # c(h,y), c(h), t(h)
+                table.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+
+
 @torch.no_grad()
 def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
                   starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
-                  tables: ByteTables, nll_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows.
-    `tokens` is the whole split; target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss).
+                  tables: ByteTables, nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None
+                  ) -> torch.Tensor:
+    """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows (a `mixer`'s loss for the
+    network's). `tokens` is the whole split; target i predicts tokens[i + 1] (nll_out[i], for tests, its loss).
     A last, partial batch is padded with copies of its last window that score nothing, so compiled
     blocks see one batch shape."""
     device = tokens.device
@@ -1091,11 +1145,14 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
         x, y = seq[:, :-1], seq[:, 1:]
         nll = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         mask = offsets[None, :-1] >= score[:, None]
-        sums[0] += nll.double()[mask].sum()
+        pos, scored = (first[:, None] + offsets[:-1])[mask], nll[mask]
+        if mixer is not None:
+            scored = mixer.mix(tokens, pos, scored)
+        sums[0] += scored.double().sum()
         sums[1] += mask.sum()
         sums[2] += token_bytes(tables, x, y)[mask].sum()
         if nll_out is not None:
-            nll_out[(first[:, None] + offsets[:-1])[mask]] = nll[mask].to(nll_out.dtype)
+            nll_out[pos] = scored.to(nll_out.dtype)
     return sums
 
 
@@ -1109,19 +1166,21 @@ def evaluation_windows(cfg: Config) -> list[tuple[str, int, int]]:
         kinds.append(("sliding", window, min(cfg.eval_stride, window)))
     if cfg.ttt_lr:
         kinds.append(("ttt", *kinds[-1][1:]))
+    if cfg.mix_eta:  # the n-gram mixer joins the score
+        kinds[-1] = (kinds[-1][0] + "_mix", *kinds[-1][1:])
     return kinds
 
 
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
              tables: ByteTables, autocast, window: int, stride: int, ttt: bool = False,
-             nll_out: torch.Tensor | None = None) -> tuple[float, float]:
-    """Score the whole split with windows of `window` tokens moved by `stride`; (val_loss, val_bpb)
-    from sums all-reduced over ranks. With `ttt`, legal score-first TTT: chunks of TTT_CHUNK targets,
-    in order, are scored under no_grad, then trained on (TTT_EPOCHS SGD steps, gradients summed over
-    ranks), the last one never; every score comes from weights that saw only scored tokens."""
+             nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> tuple[float, float]:
+    """Score the whole split with windows of `window` tokens moved by `stride`; (val_loss, val_bpb) from sums
+    all-reduced over ranks. With `ttt`, legal score-first TTT: chunks of TTT_CHUNK targets, in order, are scored under
+    no_grad, then trained on (TTT_EPOCHS SGD steps, gradients summed over ranks), the last one never; every score comes
+    from weights that saw only scored tokens. A `mixer` is chunked alike and learns from each chunk once scored."""
     starts, score_from = plan_windows(len(tokens) - 1, window, stride)
     first = starts + score_from  # first scored target of each window, rising
-    chunk_of = first // cfg.ttt_chunk if ttt else torch.zeros_like(first)
+    chunk_of = first // cfg.ttt_chunk if ttt or mixer else torch.zeros_like(first)
     batch = max(1, cfg.val_batch_size // (world_size * window))
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if ttt else {}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1139,9 +1198,11 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
         idx = (chunk_of == c).nonzero().flatten()
         lo, hi = shard_range(len(idx), rank, world_size)
         sums += score_windows(logits_fn, tokens, starts[idx[lo:hi]], score_from[idx[lo:hi]], window, batch,
-                              tables, nll_out)
-        if ttt and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
-            a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
+                              tables, nll_out, mixer)
+        a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window  # the targets this chunk just scored
+        if mixer is not None:
+            mixer.update(tokens, a, b, world_size)
+        if ttt and c != chunks[-1]:  # train on them
             if cfg.ttt_cosine:
                 optimizer.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * i / (len(chunks) - 1)))
             ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
@@ -2132,12 +2193,15 @@ def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str
     for kind, window, stride in evaluation_windows(cfg):
         rt.synchronize()
         start = time.perf_counter()
-        val_loss, val_bpb = evaluate_with(window, stride, kind == "ttt")
+        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
+        val_loss, val_bpb = evaluate_with(window, stride, kind.startswith("ttt"), mixer=mixer)
         rt.synchronize()
         ms = 1000 * (time.perf_counter() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
         rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
         rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        if mixer is not None:
+            rt.log(f"{name}_weights network,unigram,bigram,trigram:{mixer.log_w.softmax(0).tolist()}")
         results.append((name, val_loss, val_bpb, ms))
     return results
 
@@ -2249,21 +2313,26 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, num_tokens: int) -> N
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
         plan = plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
         for _ in range(2):  # the second forward is timed
             rt.synchronize()
             start = time.perf_counter()
             with rt.autocast():
                 base.logits(x, plan)
+            if mixer is not None:  # mix every target, and an update per batch (at least one per chunk)
+                pos = torch.arange(x.numel() - 1, device=rt.device)
+                mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
+                mixer.update(x.flatten(), 0, len(pos), 1)
             rt.synchronize()
         windows = math.ceil(len(plan_windows(num_tokens - 1, window, stride)[0]) / rt.world_size)
         estimate[kind] = rt.agree_max((time.perf_counter() - start) * math.ceil(windows / batch))
-        if kind == "ttt":  # plus its training: forward and backward, about 3 forwards per target and epoch
+        if kind.startswith("ttt"):  # plus its training: forward and backward, about 3 forwards per target and epoch
             estimate[kind] += 3 * cfg.ttt_epochs * estimate["roundtrip"]
     total = sum(estimate.values())
     rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
            f" total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
     if total > cfg.eval_budget_s:
-        ttt = estimate.get("ttt", 0.0)
+        ttt = estimate.get("ttt", estimate.get("ttt_mix", 0.0))
         hint = (f"TTT is {ttt:.0f} s of it: lower TTT_EPOCHS, raise EVAL_STRIDE or turn TTT off with TTT_LR=0"
                 if ttt > total / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
         raise Refused(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
