@@ -226,3 +226,23 @@ def test_train_only_stops_after_the_pre_export_score(tiny_data, tmp_path):
     files = {p.name for p in (tmp_path / "runs" / "trainonly").iterdir()}
     assert files == {"trainonly.txt", "final_model.float.pt"}  # no artifact, no final evaluations
     assert "final_" not in "".join(line for line in result.stdout.splitlines() if not line.startswith("final_summary"))
+
+
+def test_mixer_on_an_artifact_names_its_line_and_scores_alike_on_two_ranks(single_run, tiny_data, tmp_path):
+    """EVAL_ONLY with MIX_ETA: the score is final_..._sliding_mix, its weights are logged, and two ranks (each
+    counting every chunk itself, gradients summed) score as one."""
+    cwd, out = single_run
+    artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
+    scores = {}
+    for nproc in (1, 2):
+        env = tiny_env(tiny_data, RUN_ID=f"mix{nproc}", EVAL_ONLY=artifact, MIX_ETA=1, MIX_BUCKETS=4096, TTT_CHUNK=2048)
+        result = run_script(env, tmp_path, nproc=nproc, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = final_summary(result.stdout)
+        assert list(summary["evals"]) == ["final_int8_brotli_roundtrip", "final_int8_brotli_sliding_mix"]
+        assert summary["score_line"].startswith("final_int8_brotli_sliding_mix ")
+        weights = r"^final_int8_brotli_sliding_mix_weights network,unigram,bigram,trigram:\["
+        assert re.search(weights, result.stdout, re.M)
+        scores[nproc] = summary["val_bpb"]
+    assert abs(scores[1] - final_summary(out)["val_bpb"]) > 1e-4  # the mixer changed the score
+    assert abs(scores[1] - scores[2]) < 1e-4, scores

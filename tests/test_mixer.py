@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -165,3 +166,14 @@ def test_mixer_knobs_and_evaluation_names():
         "roundtrip", "sliding_mix"]
     assert [k for k, _, _ in evaluation_windows(tiny_cfg(EVAL_STRIDE=4, TTT_LR=0.1, MIX_ETA=1))] == [
         "roundtrip", "sliding", "ttt_mix"]
+
+
+def test_the_eval_budget_estimate_times_the_mixed_evaluation(capsys):
+    cfg = tiny_cfg(MIX_ETA=1, EVAL_STRIDE=4, TTT_LR=0, MIX_BUCKETS=64, VAL_BATCH_SIZE=256)
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"))
+    train_gpt.check_eval_budget(train_gpt.GPT(cfg), cfg, rt, 500)
+    assert re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding_mix:[\d.]+s total:", capsys.readouterr().out,
+                     re.M)
+    tight = tiny_cfg(MIX_ETA=1, EVAL_STRIDE=4, TTT_LR=0, VAL_BATCH_SIZE=256, EVAL_BUDGET_S=1e-9)
+    with pytest.raises(train_gpt.Refused, match="EVAL_BUDGET_S"):
+        train_gpt.check_eval_budget(train_gpt.GPT(tight), tight, rt, 500)
