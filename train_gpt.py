@@ -2193,7 +2193,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     make_loader = partial(make_train_loader, cfg, shards, rt.rank, rt.world_size, rt.device)
     evaluate_with = partial(evaluate, base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
     validate = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # during training: the round trip
-    check_eval_budget(base, cfg, rt, document_bounds(val_tokens.cpu()))
+    check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     check_free_space(rt, base, out)
     warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
