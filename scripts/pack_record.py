@@ -54,7 +54,13 @@ def main() -> None:
         sys.exit(f"error: --out {args.out}: already exists; remove it first")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = pack_code(source)
-    args.out.write_text(wrapper, encoding="utf-8")
+    partial = args.out.with_name(args.out.name + ".partial")  # renamed when whole: a failed write leaves no --out
+    try:
+        partial.write_text(wrapper, encoding="utf-8")
+        partial.replace(args.out)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        sys.exit(f"error: --out {args.out}: {exc.strerror or exc}")
     print(f"wrote {args.out}: {len(wrapper.encode())} bytes (readable source {len(source)} bytes)")
 
 

@@ -1,8 +1,12 @@
 """Honest bytes: a record ships a compressed self-extracting train_gpt.py; its log counts that file."""
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT, final_summary, run_script, tiny_env
 
@@ -33,3 +37,18 @@ def test_check_rejects_a_wrapper_of_other_source_and_refuses_to_overwrite(tmp_pa
     before = wrapper.read_bytes()
     again = subprocess.run(PACK + ["--out", str(wrapper)], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already exists" in again.stderr and wrapper.read_bytes() == before
+
+
+def test_a_failed_write_leaves_no_wrapper_and_no_partial_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "record" / "train_gpt.py"
+    real_write = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):  # half the wrapper reaches the disk, then the write fails
+        real_write(path, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(sys, "argv", ["pack_record.py", "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "scripts" / "pack_record.py"), run_name="__main__")
+    assert f"error: --out {out}: No space left on device" == stop.value.code
+    assert list(out.parent.iterdir()) == []  # neither the wrapper nor its partial file: a rerun can write it
