@@ -312,16 +312,16 @@ def require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> dict:
     """Check relations between knobs; return the derived depth fields (R, U, core end, phases)."""
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
-                 "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base",
-                 "target_bytes", "gate_window", "ttt_lora_rank", "ttt_lora_chunk"):
+                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size", "micro_batch_tokens",
+                 "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window",
+                 "ttt_lora_rank", "ttt_lora_chunk", "adam_eps"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "matrix_clip_sigmas",
                  "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len", "eval_stride",
-                 "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
-                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps", "ttt_lr", "embed_wd",
-                 "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every"):
+                 "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr", "tied_embed_lr",
+                 "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd", "rope_dims",
+                 "ttt_grad_clip", "checkpoint_every"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -331,7 +331,6 @@ def validate(cfg: Config) -> dict:
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
-    require(cfg.adam_eps > 0, f"ADAM_EPS={cfg.adam_eps}: must be > 0")
     require(0 <= cfg.seed < 2**32, f"SEED={cfg.seed}: must be in 0..{2**32 - 1}")
     require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
             f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
@@ -450,8 +449,7 @@ def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_la
 
 
 def unet_pairs(depth: int) -> list[tuple[int, int]]:
-    """(encoder layer, decoder layer) skip pairs: the first depth//2 layers store their output,
-    the following ones add it back in reverse order."""
+    """(encoder, decoder) layer pairs: the first depth//2 layers store their output, the next add it back in reverse."""
     half = depth // 2
     return [(half - 1 - i, half + i) for i in range(half)]
 
@@ -947,8 +945,7 @@ class GPT(nn.Module):
         return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate[slot].to(x.dtype)))
 
     def logits(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
-        """Evaluation's path: the compiled blocks when there are any (at the frontier shape a sliding
-        evaluation is minutes of forwards; score_windows keeps one batch shape, so one compile)."""
+        """Evaluation runs compiled blocks if any (minutes of forwards): score_windows keeps one shape, one compile."""
         h = self.hidden(input_ids, plan, eager, lora)
         return softcap_logits(h, self.head_weight(), self.cfg.logit_softcap, lora)
 
@@ -993,13 +990,9 @@ def byte_tables(sp, vocab_size: int) -> ByteTables:
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
         boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("▁"):
-            space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        piece = sp.id_to_piece(i)  # a byte-fallback piece is <0xNN>, no "▁"
+        space[i] = piece.startswith("▁")
+        base[i] = 1 if sp.is_byte(i) else len(piece.removeprefix("▁").encode("utf-8"))
     return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
@@ -1591,13 +1584,8 @@ class Runtime:
     device: torch.device
     log_path: Path | None = None
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    def __post_init__(self):
+        self.main, self.distributed = self.rank == 0, self.world_size > 1
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -2149,9 +2137,8 @@ def compile_report() -> str:
     """Dynamo's counters: graph breaks (fullgraph=True turns any into an error) and graphs built."""
     from torch._dynamo.utils import counters
 
-    stats = dict(counters["stats"])
     return (f"compile_stats graph_breaks:{sum(counters['graph_break'].values())} "
-            f"unique_graphs:{stats.get('unique_graphs', 0)} recompiles:{sum(counters['recompiles'].values())} "
+            f"unique_graphs:{counters['stats']['unique_graphs']} recompiles:{sum(counters['recompiles'].values())} "
             f"fx_cache_hits:{counters['inductor'].get('fxgraph_cache_hit', 0)} "
             f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}")
 
