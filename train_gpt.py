@@ -207,6 +207,8 @@ class Config:
     ttt_lora_lr: float = knob(2e-4, "LoRA TTT: Adam LR of the adapters")
     ttt_lora_chunk: int = knob(64, "LoRA TTT: a document's targets scored, then trained on, per step")
     ttt_phases: str = knob("", "LoRA TTT: document counts 'n1,n2' after which all weights train on the text so far")
+    mix_eta: float = knob(0.0, "n-gram mixer on the score: step of its weights per TTT_CHUNK targets; 0 = off")
+    mix_buckets: int = knob(65_536, "n-gram mixer: trigram contexts hashed into this many rows of VOCAB_SIZE counts")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
     dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
@@ -314,14 +316,14 @@ def validate(cfg: Config) -> dict:
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                  "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size", "micro_batch_tokens",
                  "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window",
-                 "ttt_lora_rank", "ttt_lora_chunk", "adam_eps"):
+                 "ttt_lora_rank", "ttt_lora_chunk", "mix_buckets", "adam_eps"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
     for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
                  "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "matrix_clip_sigmas",
                  "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len", "eval_stride",
                  "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr", "tied_embed_lr",
                  "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd", "rope_dims",
-                 "ttt_grad_clip", "checkpoint_every"):
+                 "ttt_grad_clip", "checkpoint_every", "mix_eta"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -366,6 +368,8 @@ def validate(cfg: Config) -> dict:
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
+    require(not cfg.mix_eta or cfg.ttt_adapter != "lora",
+            f"MIX_ETA={cfg.mix_eta:g}: the n-gram mixer does not mix LoRA TTT; set TTT_ADAPTER=sgd or MIX_ETA=0")
     return dict(repeats=repeats, unique_blocks=unique, core_last=loop_end, depth_phases=tuple(phases),
                 ttt_phase_docs=tuple(ttt_phases))
 
@@ -1018,10 +1022,60 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
+class NgramMixer:
+    """Online mixture p = sum_k w_k p_k of the network and unigram, bigram and trigram experts counted from scored
+    targets only, each order Witten-Bell-interpolated with the one below (uniform below the unigram): p(y|h) = (c(h,y) +
+    t(h) p_lower(y)) / (c(h) + t(h)), t(h) the distinct tokens seen after h, so every token has mass. The trigram's
+    context (never the target: a row sums to its context's count) is hashed into MIX_BUCKETS rows. Per chunk the weights
+    take an exponentiated-gradient step on the mixture's log loss (Kivinen, Warmuth), w_k ~ w_k exp(MIX_ETA
+    mean(p_k(y)/p(y))): it tracks the best mixture; Hedge on each expert's own loss would pick the network alone."""
+
+    def __init__(self, cfg: Config, device):
+        self.vocab, self.eta, self.buckets = cfg.vocab_size, cfg.mix_eta, cfg.mix_buckets
+        self.width = self.vocab + 2  # per order, flat, a row per context: each next token y's count, then c(h), t(h)
+        self.tables = [torch.zeros(rows * self.width, dtype=torch.int32, device=device)
+                       for rows in (1, self.vocab, self.buckets)]
+        self.log_w = torch.tensor([0.91, 0.03, 0.03, 0.03], dtype=torch.float64, device=device).log()
+        self.grad = torch.zeros(5, dtype=torch.float64, device=device)  # sums of p_k(y) / p(y), then the count
+
+    def contexts(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        """Each order's context row for targets `pos` (target i predicts tokens[i + 1]): tokens <= i only."""
+        prev, prev2 = tokens[pos].long(), tokens[(pos - 1).clamp(min=0)].long()
+        return [torch.zeros_like(prev), prev, (prev2 * 2_654_435_761 + prev) % self.buckets]
+
+    def mix(self, tokens: torch.Tensor, pos: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
+        """The mixture's nll (float64) of targets `pos` given the network's; adds them to the chunk's gradient."""
+        y, experts = tokens[pos + 1].long(), [(-nll.double()).exp()]
+        lower = torch.full_like(experts[0], 1 / self.vocab)
+        for table, row in zip(self.tables, self.contexts(tokens, pos)):  # unigram, bigram, trigram
+            c, n, t = (table[row * self.width + col].double() for col in (y, self.vocab, self.vocab + 1))
+            lower = torch.where(n > 0, (c + t * lower) / (n + t), lower)
+            experts.append(lower)
+        probs = torch.stack(experts, 1)
+        mixed = probs @ self.log_w.softmax(0)
+        self.grad += torch.cat([(probs / mixed[:, None]).sum(0), mixed.new_tensor([len(mixed)])])
+        return -mixed.log()
+
+    def update(self, tokens: torch.Tensor, a: int, b: int, world_size: int) -> None:
+        """After the chunk of targets [a, b) is scored: a step from its gradient summed over ranks, then every rank
+        counts its targets itself. So at a chunk's start every rank holds the counts of all targets before it."""
+        if world_size > 1:
+            dist.all_reduce(self.grad)
+        self.log_w += self.eta * self.grad[:-1] / self.grad[-1]
+        self.grad.zero_()
+        pos = torch.arange(a, b, device=tokens.device)
+        y = tokens[pos + 1].long()
+        for table, row in zip(self.tables, self.contexts(tokens, pos)):
+            seen = torch.unique(row * self.width + y)  # each (context, next token) once
+            new_types = seen[table[seen] == 0] // self.width * self.width + self.vocab + 1
+            for keys in (row * self.width + y, row * self.width + self.vocab, new_types):  # c(h,y), c(h), t(h)
+                table.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+
+
 @torch.no_grad()
-def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
-                  starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
-                  tables: ByteTables, nll_out: torch.Tensor | None = None) -> torch.Tensor:
+def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, starts: torch.Tensor,
+                  score_from: torch.Tensor, window: int, batch: int, tables: ByteTables,
+                  nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> torch.Tensor:
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
     target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A last, partial batch is padded with
     copies of its last window that score nothing, so compiled blocks see one batch shape."""
@@ -1032,44 +1086,53 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
         pad = batch - len(first) if len(starts) > batch else 0
         first = torch.cat([first, first[-1:].expand(pad)])
         score = torch.cat([score, score.new_full((pad,), window)])
-        score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out)
+        score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out,
+                    mixer)
     return sums
 
 
-def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out) -> tuple:
-    """Adds targets lo[b] <= j < hi[b] of the windows tokens[first[b]:][:window] (past the split's end: its last
-    token, seen by no scored target) to `sums`; returns the losses [B, window] (with any gradients) and their mask."""
+def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out,
+                mixer: NgramMixer | None = None) -> tuple:
+    """Adds targets lo[b] <= j < hi[b] of the windows tokens[first[b]:][:window] (past the split's end: its last token,
+    seen by no scored target) to `sums`, mixed by any `mixer`; returns the network's losses [B, window] (with any
+    gradients) and their mask."""
     offsets = torch.arange(window + 1, device=tokens.device)
     seq = tokens[(first[:, None] + offsets).clamp(max=len(tokens) - 1)].long()
     x, y = seq[:, :-1], seq[:, 1:]
     nll = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     mask = (offsets[None, :-1] >= lo[:, None]) & (offsets[None, :-1] < hi[:, None])
-    sums[0] += nll.detach().double()[mask].sum()
+    pos, scored = (first[:, None] + offsets[:-1])[mask], nll.detach()[mask]
+    if mixer is not None:
+        scored = mixer.mix(tokens, pos, scored)
+    sums[0] += scored.double().sum()
     sums[1] += mask.sum()
     sums[2] += token_bytes(tables, x, y)[mask].sum()
     if nll_out is not None:
-        nll_out[(first[:, None] + offsets[:-1])[mask]] = nll.detach()[mask].to(nll_out.dtype)
+        nll_out[pos] = scored.to(nll_out.dtype)
     return nll, mask
 
 
 def evaluation_windows(cfg: Config) -> list[tuple[str, int, int, str]]:
     """The final evaluations as (kind, window, stride, adapter): the round trip over non-overlapping TRAIN_SEQ_LEN
     windows, then the sliding window unless it would repeat the round trip, then score-first TTT when TTT_LR > 0
-    (the score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows."""
+    (the score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows; MIX_ETA mixes the last."""
     kinds = [("roundtrip", cfg.train_seq_len, cfg.train_seq_len, "none")]
     window = cfg.eval_seq_len or cfg.train_seq_len
     if cfg.eval_stride and not (cfg.eval_stride >= window and window == cfg.train_seq_len):
         kinds.append(("sliding", window, min(cfg.eval_stride, window), "none"))
     if cfg.ttt_lr:
         kinds.append(("ttt" if cfg.ttt_adapter == "sgd" else "ttt_lora", *kinds[-1][1:3], cfg.ttt_adapter))
+    if cfg.mix_eta:
+        kinds[-1] = (kinds[-1][0] + "_mix", *kinds[-1][1:])
     return kinds
 
 
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
              tables: ByteTables, autocast, window: int, stride: int, adapter: str = "none",
-             nll_out: torch.Tensor | None = None) -> tuple[float, float]:
+             nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) of the split, windows of `window` moved by `stride`, with legal score-first TTT of `adapter`
-    (none; sgd: TTT_CHUNK targets at a time scored, then trained on; lora: score_documents); weights restored after."""
+    (none; sgd: TTT_CHUNK targets at a time scored, then trained on; lora: score_documents); weights restored after.
+    A `mixer` (adapter none or sgd) is chunked alike and counts each chunk's targets once they are scored."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if adapter != "none" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
@@ -1087,16 +1150,19 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     else:
         starts, score_from = plan_windows(len(tokens) - 1, window, stride)
         first = starts + score_from  # first scored target of each window, rising
-        chunk_of = first // cfg.ttt_chunk if adapter == "sgd" else torch.zeros_like(first)
+        chunk_of = first // cfg.ttt_chunk if adapter == "sgd" or mixer else torch.zeros_like(first)
         batch = max(1, cfg.val_batch_size // (world_size * window))
         sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
         chunks = torch.unique_consecutive(chunk_of).tolist()
         for i, c in enumerate(chunks):
             idx = (chunk_of == c).nonzero().flatten()
             mine = idx[slice(*shard_range(len(idx), rank, world_size))]
-            sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out)
-            if adapter == "sgd" and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
-                a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
+            sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out,
+                                  mixer)
+            a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window  # the targets this chunk just scored
+            if mixer is not None:
+                mixer.update(tokens, a, b, world_size)
+            if adapter == "sgd" and c != chunks[-1]:  # train on them
                 if cfg.ttt_cosine:
                     optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
                 ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
@@ -2123,12 +2189,15 @@ def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str
     for kind, window, stride, adapter in evaluation_windows(cfg):
         rt.synchronize()
         start = time.perf_counter()
-        val_loss, val_bpb = evaluate_with(window, stride, adapter)
+        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
+        val_loss, val_bpb = evaluate_with(window, stride, adapter, mixer=mixer)
         rt.synchronize()
         ms = 1000 * (time.perf_counter() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
         rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
         rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        if mixer is not None:
+            rt.log(f"{name}_weights network,unigram,bigram,trigram:{mixer.log_w.softmax(0).tolist()}")
         results.append((name, val_loss, val_bpb, ms))
     return results
 
@@ -2228,11 +2297,16 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
     for kind, window, stride, adapter in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
+        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
         for _ in range(2):  # the second forward is timed
             rt.synchronize()
             start = time.perf_counter()
             with rt.autocast():
                 base.logits(x, plan)
+            if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
+                pos = torch.arange(x.numel() - 1, device=rt.device)
+                mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
+                mixer.update(x.flatten(), 0, len(pos), 1)
             rt.synchronize()
         if adapter == "lora":  # forward tokens of the documents' chunk steps, then of the global phases
             steps = sum(sum(lengths) for _, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size))

@@ -253,3 +253,24 @@ def test_eval_only_scores_an_artifact_with_phased_lora_ttt(single_run, tiny_data
         assert abs(sliding - final_summary(out)["val_bpb"]) < 1e-6  # as in its run (smaller batches)
         scores[phases] = float(exact[1])
     assert scores["5"] != scores[""]  # the phase's SGD steps on documents 0..4 changed the later documents' scores
+
+
+@pytest.mark.slow
+def test_mixer_on_an_artifact_names_its_line_and_scores_alike_on_two_ranks(single_run, tiny_data, tmp_path):
+    """EVAL_ONLY with MIX_ETA: the score is final_..._sliding_mix, its weights are logged, and two ranks (each
+    counting every chunk itself, gradients summed) score as one."""
+    cwd, out = single_run
+    artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
+    scores = {}
+    for nproc in (1, 2):
+        env = tiny_env(tiny_data, RUN_ID=f"mix{nproc}", EVAL_ONLY=artifact, MIX_ETA=1, MIX_BUCKETS=4096, TTT_CHUNK=2048)
+        result = run_script(env, tmp_path, nproc=nproc, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = final_summary(result.stdout)
+        assert list(summary["evals"]) == ["final_int8_brotli_roundtrip", "final_int8_brotli_sliding_mix"]
+        assert summary["score_line"].startswith("final_int8_brotli_sliding_mix ")
+        weights = r"^final_int8_brotli_sliding_mix_weights network,unigram,bigram,trigram:\["
+        assert re.search(weights, result.stdout, re.M)
+        scores[nproc] = summary["val_bpb"]
+    assert abs(scores[1] - final_summary(out)["val_bpb"]) > 1e-4  # the mixer changed the score
+    assert abs(scores[1] - scores[2]) < 1e-4, scores
