@@ -1137,9 +1137,9 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
 
-    def logits_fn(x, lora=None):
+    def logits_fn(x, lora=None):  # LoRA's batches shrink as their documents end: eager blocks, no recompiles
         with autocast():
-            return model.logits(x, plan, lora=lora)
+            return model.logits(x, plan, eager=lora is not None, lora=lora)
 
     was_training = model.training
     model.eval()
@@ -1209,10 +1209,6 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
     all ranks scored documents < n, all weights take ttt_step (TTT_LR, no cosine) per TTT_CHUNK of their text."""
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
     fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
-    if model.compiled_blocks:  # compile every window shape on synthetic tokens, never on validation text
-        synthetic = torch.randint(0, cfg.vocab_size, (window + cfg.ttt_lora_chunk,), device=tokens.device)
-        docs, lengths = lora_batches([(0, len(synthetic) - 1)], cfg, window, 0, 1)[0]
-        lora_batch(logits_fn, fresh, synthetic, docs, lengths, cfg, tables, sums.clone(), None)
     phases = [n for n in cfg.ttt_phase_docs if n < len(bounds)]
     for lo, hi in zip([0, *phases], [*phases, len(bounds)]):
         for docs, lengths in lora_batches(bounds[lo:hi], cfg, window, rank, world_size):
@@ -1225,19 +1221,27 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
     return sums
 
 
+def live_rows(docs: list, done: int) -> int:
+    """How many of `docs` (longest first) have targets past `done`, rounded up to a power of 2: few shapes, each one
+    compiled or planned once (a new shape per step cost ~0.3 s on an H200)."""
+    return min(len(docs), 1 << (sum(e - s > done for s, e in docs) - 1).bit_length())
+
+
 def lora_batch(logits_fn, fresh: dict, tokens, docs: list, lengths: list, cfg: Config, tables, sums, nll_out) -> None:
-    """Row b (past the documents: none) scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its
-    document at most, then its own adapter takes an Adam step on that chunk's mean loss (rows independent)."""
-    adapter = torch.utils._pytree.tree_map(lambda t: t.clone().requires_grad_(), fresh)  # reset: fresh adapters
+    """Row b scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its document at most, then its
+    own adapter takes an Adam step on that chunk's mean loss (independent rows, longest first: only live ones run)."""
+    adapter = torch.utils._pytree.tree_map(lambda t: t[:len(docs)].clone().requires_grad_(), fresh)  # reset
     params = torch.utils._pytree.tree_leaves(adapter)
     optimizer = torch.optim.Adam(params, lr=cfg.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10)  # the records' beta1 = 0
-    start, end = torch.tensor(docs + [(0, 0)] * (len(fresh["head"][0]) - len(docs)), device=tokens.device).T
+    start, end = torch.tensor(docs, device=tokens.device).T
     for c, length in enumerate(lengths):
-        a = torch.minimum(start + c * cfg.ttt_lora_chunk, end)  # the chunk's targets [a, b)
-        b = torch.minimum(a + cfg.ttt_lora_chunk, end)
-        first = torch.maximum(start, b - length)
+        live = live_rows(docs, c * cfg.ttt_lora_chunk)
+        a = torch.minimum(start[:live] + c * cfg.ttt_lora_chunk, end[:live])  # the chunk's targets [a, b)
+        b = torch.minimum(a + cfg.ttt_lora_chunk, end[:live])
+        first = torch.maximum(start[:live], b - length)
         with torch.enable_grad():
-            nll, mask = score_batch(partial(logits_fn, lora=adapter), tokens, first, length, a - first, b - first,
+            rows = torch.utils._pytree.tree_map(lambda t: t[:live], adapter)
+            nll, mask = score_batch(partial(logits_fn, lora=rows), tokens, first, length, a - first, b - first,
                                     tables, sums, nll_out)
             if c + 1 < len(lengths):  # score first, then train on what was scored
                 loss = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
@@ -2291,8 +2295,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
 
 @torch.no_grad()
 def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None:
-    """Time eager forwards of synthetic batches, scale to this rank's share of the work on `bounds` (document_bounds; a
-    training step is about 3 forwards), refuse final evaluations over EVAL_BUDGET_S, here or at competition scale."""
+    """Time forwards of synthetic batches as evaluate runs them, scale to this rank's share of the work on `bounds`
+    (document_bounds; a training step is ~3 forwards), refuse final evaluations over EVAL_BUDGET_S, here or at scale."""
     estimate, plan = {}, plan_for(cfg, cfg.eval_repeats or cfg.repeats)
     for kind, window, stride, adapter in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
@@ -2302,16 +2306,18 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
             rt.synchronize()
             start = time.perf_counter()
             with rt.autocast():
-                base.logits(x, plan)
+                base.logits(x, plan, eager=adapter == "lora")  # as evaluate runs it
             if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
                 pos = torch.arange(x.numel() - 1, device=rt.device)
                 mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
                 mixer.update(x.flatten(), 0, len(pos), 1)
             rt.synchronize()
         if adapter == "lora":  # forward tokens of the documents' chunk steps, then of the global phases
-            steps = sum(sum(lengths) for _, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size))
+            steps = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk)
+                        for docs, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size)
+                        for c, length in enumerate(lengths))
             phases = sum(bounds[min(n, len(bounds) - 1)][0] for n in cfg.ttt_phase_docs)
-            work = 3 * batch * steps + 3 * cfg.ttt_epochs * phases / rt.world_size
+            work = 3 * steps + 3 * cfg.ttt_epochs * phases / rt.world_size
         else:  # forward tokens of the windows (whole batches), then of sgd's training
             windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)
             work = math.ceil(windows / batch) * batch * window
@@ -2399,7 +2405,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         cfg = config_for_artifact(cfg, artifact_header(blob, f"EVAL_ONLY={source}")[0].get("meta", {}), str(source))
     tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
-    base = GPT(cfg, torch.bfloat16 if rt.device.type == "cuda" else torch.float32).to(rt.device)
+    base = build_model(cfg, rt)[0]  # compiled as in a training run: its evaluations take as long
     if source.suffix == ".pt":
         checkpoint = torch.load(source, map_location="cpu", weights_only=True)
         if checkpoint.get(cfg.export_weights) is None:
@@ -2411,6 +2417,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         load_weights(base, dequantize_state(stored), cfg.eval_only)
         code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes}) recipe:{recipe.describe()}")
+    check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     results = final_evaluations(cfg, rt, partial(evaluate, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats),
                                                  val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast))
     return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),

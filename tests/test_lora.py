@@ -133,6 +133,23 @@ def test_a_phase_changes_only_later_documents():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights restored
 
 
+def test_only_rows_with_targets_left_are_computed_each_with_its_document_so_far():
+    cfg, model, tokens, tables = setup_once()
+    shapes, logits = [], model.logits
+    model.logits = lambda x, *a, **k: shapes.append(tuple(x.shape)) or logits(x, *a, **k)
+    try:
+        scores(cfg, model, tokens, tables)
+    finally:
+        del model.logits
+    lengths = sorted((e - s for s, e in train_gpt.document_bounds(tokens)), reverse=True)  # 80, 45, 30, ...
+    rows, pow2 = cfg.val_batch_size // WINDOW, lambda n: 2 ** math.ceil(math.log2(n))
+    expected = [(min(len(lengths[i:i + rows]), pow2(sum(n > c * 8 for n in lengths[i:i + rows]))),  # live rows
+                 min(WINDOW, pow2(8 * (c + 1))))  # chunk 8: the document so far, both rounded up to a power of 2
+                for i in range(0, len(lengths), rows) for c in range(math.ceil(lengths[i] / 8))]
+    assert shapes == expected
+    assert (1, WINDOW) in shapes and lengths[0] > WINDOW  # the first batch ends on its longest document alone
+
+
 def test_competition_scaling_refuses_on_cuda_only():
     assert train_gpt.competition_seconds(10.0, 40_540_160 // 4, 2, "cuda") == pytest.approx(10.0)
     assert train_gpt.competition_seconds(10.0, 40_540_160, 8, "cpu") == 0.0
