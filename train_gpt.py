@@ -146,7 +146,6 @@ class Config:
     iterations: int = knob(20_000, "maximum optimizer steps")
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds; 0 = no cap")
     warmup_steps: int = knob(20, "compile/priming steps whose updates are thrown away (not an LR warmup)")
-    warmdown_iters: int = knob(0, "upstream: LR decays linearly over the last N steps; 0 = use WARMDOWN_FRAC")
     warmdown_frac: float = knob(0.85, "LR decays linearly to 0 over this last fraction of the run")
     min_lr: float = knob(0.1, "floor of the LR multiplier during the warmdown")
     val_loss_every: int = knob(1000, "validate every N steps (0 = only at the end)")
@@ -163,7 +162,6 @@ class Config:
     muon_ns: str = knob("polar", "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
                                    "iteration; closer to orthogonal in the same steps)", ("quintic", "polar"))
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at the start of its warmup")
-    muon_momentum_warmup_steps: int = knob(0, "upstream: momentum warmup steps; 0 = use MUON_MOMENTUM_WARMUP_FRAC")
     muon_momentum_warmup_frac: float = knob(0.33, "momentum warmup as a fraction of the run")
     muon_weight_decay: float = knob(0.095, "decoupled weight decay of Muon matrices (times LR)")
     muon_row_normalize: bool = knob(True, "scale each row of Muon's Nesterov update to unit norm before Newton-Schulz")
@@ -318,8 +316,8 @@ def validate(cfg: Config) -> dict:
                  "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window",
                  "ttt_lora_rank", "ttt_lora_chunk", "mix_buckets", "adam_eps"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
-    for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "matrix_clip_sigmas",
+    for name in ("num_unique_layers", "iterations", "warmup_steps", "val_loss_every",
+                 "grad_accum_steps", "eval_repeats", "matrix_clip_sigmas",
                  "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len", "eval_stride",
                  "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr", "tied_embed_lr",
                  "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd", "rope_dims",
@@ -471,7 +469,7 @@ def max_depth(cfg: Config) -> int:
 # Schedules: pure functions of the run fraction t in [0, 1]
 #
 # t = elapsed / MAX_WALLCLOCK_SECONDS with a cap, else step / ITERATIONS: one set of defaults fits 5 minutes on one
-# GPU and 4 hours on eight. Upstream step-count knobs (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS) count steps.
+# GPU and 4 hours on eight (upstream's step counts, WARMDOWN_ITERS and MUON_MOMENTUM_WARMUP_STEPS, are not knobs).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -486,22 +484,14 @@ def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
     return min(1.0, max(by_time, by_step))
 
 
-def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
+def lr_multiplier(cfg: Config, t: float) -> float:
     """1 until the warmdown, then linear to 0 (or MIN_LR) at the end of the run (the cap or ITERATIONS)."""
-    if cfg.warmdown_iters and cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
-        ramp = (1 - t) * training_seconds(cfg) * 1000 / (cfg.warmdown_iters * step_ms)
-    elif cfg.warmdown_iters:
-        ramp = (cfg.iterations - step) / cfg.warmdown_iters
-    else:
-        ramp = (1 - t) / cfg.warmdown_frac if cfg.warmdown_frac else 1.0
+    ramp = (1 - t) / cfg.warmdown_frac if cfg.warmdown_frac else 1.0
     return min(1.0, max(cfg.min_lr, ramp))
 
 
-def muon_momentum(cfg: Config, step: int, t: float) -> float:
-    if cfg.muon_momentum_warmup_steps:
-        ramp = step / cfg.muon_momentum_warmup_steps
-    else:
-        ramp = t / cfg.muon_momentum_warmup_frac if cfg.muon_momentum_warmup_frac > 0 else 1.0
+def muon_momentum(cfg: Config, t: float) -> float:
+    ramp = t / cfg.muon_momentum_warmup_frac if cfg.muon_momentum_warmup_frac > 0 else 1.0
     return cfg.muon_momentum_warmup_start + min(1.0, ramp) * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
 
 
@@ -1823,13 +1813,13 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
     return total / cfg.micro_steps
 
 
-def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> None:
-    mult = lr_multiplier(cfg, state.step, t, state.elapsed_ms / max(state.step, 1))
+def set_schedules(cfg: Config, optimizers, t: float) -> None:
+    mult = lr_multiplier(cfg, t)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(cfg, state.step, t)
+                group["momentum"] = muon_momentum(cfg, t)
 
 
 def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
@@ -1962,7 +1952,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
         choose_depth(cfg, rt, state, t)
-        set_schedules(cfg, optimizers, state, t)
+        set_schedules(cfg, optimizers, t)
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
         rt.synchronize()
