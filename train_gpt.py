@@ -198,7 +198,6 @@ class Config:
     ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
     ttt_epochs: int = knob(3, "TTT: SGD steps on each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
-    ttt_cosine: bool = knob(True, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
     ttt_grad_clip: float = knob(1.0, "TTT: clip the gradient norm of each step; 0 = off")
     ttt_adapter: str = knob("sgd", "TTT trains all weights (sgd) or per-document adapters (lora)", ("sgd", "lora"))
     ttt_lora_rank: int = knob(64, "LoRA TTT: adapter rank (every block's linear maps and the head)")
@@ -1152,9 +1151,8 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
             a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window  # the targets this chunk just scored
             if mixer is not None:
                 mixer.update(tokens, a, b, world_size)
-            if adapter == "sgd" and c != chunks[-1]:  # train on them
-                if cfg.ttt_cosine:
-                    optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
+            if adapter == "sgd" and c != chunks[-1]:  # train on them, the LR falling from TTT_LR as half a cosine
+                optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
                 ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
     if saved:  # TTT's updates are undone
         model.load_state_dict(saved)

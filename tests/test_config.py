@@ -32,8 +32,7 @@ def test_defaults_are_the_frontier_record_stack():
     # the 2026-04-27 record's additions that measured better on the golf bench (docs/ablations.md)
     assert (cfg.muon_ns, cfg.smear_gate, cfg.min_lr, cfg.beta2, cfg.doc_mask) == ("polar", True, 0.1, 0.99, False)
     assert cfg.muon_row_normalize and cfg.ema_horizon == 0.063  # 0.9965 per step at the record's ~4,550 steps
-    assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_cosine, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, True, 1.0,
-                                                                                             32_768)
+    assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, 1.0, 32_768)
     assert "8192" in cfg.data_path and "8192" in cfg.tokenizer_path
     assert (cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed, cfg.gptq) == (6, 6, 8, True)
     assert (cfg.matrix_clip_sigmas, cfg.mlp_clip_sigmas, cfg.embed_clip_sigmas) == (12.85, 0.0, 20.0)
