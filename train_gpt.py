@@ -141,8 +141,7 @@ class Config:
     # batch and schedule
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(786_432, "tokens per optimizer step, all ranks together")
-    grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = the fewest with <= MICRO_BATCH_TOKENS per GPU")
-    micro_batch_tokens: int = knob(131_072, "largest micro-batch per GPU in tokens when GRAD_ACCUM_STEPS=0")
+    micro_batch_tokens: int = knob(131_072, "most tokens per GPU in a micro-batch; a step runs the fewest micro-steps")
     iterations: int = knob(20_000, "maximum optimizer steps")
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds; 0 = no cap")
     warmup_steps: int = knob(20, "compile/priming steps whose updates are thrown away (not an LR warmup)")
@@ -284,16 +283,12 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
     cfg = Config(**{field.name: parse_value(name, env[name], field.type, field.metadata["choices"])
                     for name, field in env_knobs().items() if name in env})
     depth = validate(cfg)
-    local_tokens, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
+    local_seqs, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
     require(not rem, f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
                      f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
-    micro_steps = cfg.grad_accum_steps or auto_micro_steps(local_tokens, cfg.micro_batch_tokens // cfg.train_seq_len)
-    per_micro = world_size * micro_steps * cfg.train_seq_len
-    require(cfg.train_batch_tokens % per_micro == 0, f"GRAD_ACCUM_STEPS={cfg.grad_accum_steps}: TRAIN_BATCH_TOKENS="
-            f"{cfg.train_batch_tokens} must be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = "
-            f"{world_size} x {micro_steps} x {cfg.train_seq_len}")
+    micro_steps = auto_micro_steps(local_seqs, cfg.micro_batch_tokens // cfg.train_seq_len)
     return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
-                               micro_batch_seqs=cfg.train_batch_tokens // per_micro, **depth)
+                               micro_batch_seqs=local_seqs // micro_steps, **depth)
 
 
 def auto_micro_steps(local_seqs: int, max_micro_seqs: int) -> int:
@@ -315,12 +310,11 @@ def validate(cfg: Config) -> dict:
                  "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window",
                  "ttt_lora_rank", "ttt_lora_chunk", "mix_buckets", "adam_eps"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
-    for name in ("num_unique_layers", "iterations", "warmup_steps", "val_loss_every",
-                 "grad_accum_steps", "eval_repeats", "matrix_clip_sigmas",
-                 "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len", "eval_stride",
-                 "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr", "tied_embed_lr",
-                 "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd", "rope_dims",
-                 "ttt_grad_clip", "checkpoint_every", "mix_eta"):
+    for name in ("num_unique_layers", "iterations", "warmup_steps", "val_loss_every", "eval_repeats",
+                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len",
+                 "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
+                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd",
+                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):

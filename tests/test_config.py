@@ -40,7 +40,7 @@ def test_defaults_are_the_frontier_record_stack():
                                                                                                16_000_000)
     assert cfg.micro_steps == 6 and cfg.micro_batch_seqs == 64  # 384 sequences of 2048 on one GPU
     assert build_config({}, world_size=8).micro_steps == 1
-    assert build_config({"GRAD_ACCUM_STEPS": "8"}).micro_batch_seqs == 48
+    assert build_config({"MICRO_BATCH_TOKENS": str(48 * 2048)}).micro_steps == 8
     assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 2048 * 40)}, world_size=1).micro_steps == 2
 
 
@@ -57,7 +57,6 @@ def test_values_are_parsed_strictly():
     ({"MODEL_DIM": "500"}, "NUM_HEADS"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
-    ({"GRAD_ACCUM_STEPS": "5"}, "GRAD_ACCUM_STEPS"),
     ({"NUM_UNIQUE_LAYERS": "4"}, "NUM_LAYERS"),
     ({"LOOP_START": "20"}, "LOOP_START"),
     ({"LOOP_END": "20"}, "LOOP_END"),

@@ -22,7 +22,7 @@ def stored_matrices(artifact) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def single_run(tiny_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("single")
-    result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd)
+    result = run_script(tiny_env(tiny_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -69,7 +69,7 @@ def test_final_lines_have_the_documented_format(single_run):
 def test_existing_run_folder_is_refused(single_run, tiny_data):
     cwd, _ = single_run
     before = (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes()
-    result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd, timeout=60)
+    result = run_script(tiny_env(tiny_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd, timeout=60)
     assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
     assert (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes() == before
 
@@ -78,7 +78,7 @@ def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_pat
     """Same global batch: 2 ranks x 4 micro-steps see the same sequences as 1 rank x 8, so the
     runs agree up to float reduction order."""
     _, single = single_run
-    result = run_script(tiny_env(tiny_data, RUN_ID="ddp", GRAD_ACCUM_STEPS=4), tmp_path, nproc=2, timeout=300)
+    result = run_script(tiny_env(tiny_data, RUN_ID="ddp", MICRO_BATCH_TOKENS=256), tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final_summary ") == 1  # rank 0 logs alone
     multi = final_summary(result.stdout)
