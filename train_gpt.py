@@ -207,7 +207,6 @@ class Config:
     mix_buckets: int = knob(65_536, "n-gram mixer: trigram contexts hashed into this many rows of VOCAB_SIZE counts")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
-    dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
     micro_steps: int = derived()
@@ -234,6 +233,11 @@ ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", 
 # The 2026-04-09 record's names of two knobs, accepted so that its commands run unchanged.
 ENV_ALIASES = {"GPTQ_CALIBRATION_BATCHES": "GPTQ_BATCHES", "GPTQ_RESERVE_SECONDS": "EXPORT_RESERVE_SECONDS"}
 
+# Knobs taken out, refused by name rather than ignored: a run that ignored DRY_RUN=1 would train for real.
+ENV_REMOVED = {"DRY_RUN": "run scripts/dry_run.py", "GRAD_ACCUM_STEPS": "MICRO_BATCH_TOKENS sets the micro-steps",
+               "WARMDOWN_ITERS": "use WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_STEPS": "use MUON_MOMENTUM_WARMUP_FRAC",
+               "TTT_COSINE": "TTT's LR always falls as half a cosine"}
+
 
 def edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -247,6 +251,7 @@ def edit_distance(a: str, b: str) -> int:
 def check_typos(env: Mapping[str, str]) -> None:
     knobs = env_knobs()
     for name in sorted(env):
+        require(name not in ENV_REMOVED, f"{name}: no longer a knob; {ENV_REMOVED.get(name)}")
         if name in knobs or name in ENV_ALLOWLIST or name.startswith(ENV_ALLOWED_PREFIXES):
             continue
         for knob_name in knobs:
@@ -2198,33 +2203,6 @@ def compile_report() -> str:
             f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}")
 
 
-def dry_run(cfg: Config, rt: Runtime) -> None:
-    """Everything a run would decide up front, and a few timed steps, without training."""
-    base, model = build_model(cfg, rt)
-    # The artifact of Gaussian weights of the model's shapes by this run's recipe, without GPTQ (std-based steps make
-    # it independent of the weights' scale; heavier-tailed trained rows pack smaller), plus the code.
-    state = {k: torch.randn(v.shape) if v.is_floating_point() else v.cpu() for k, v in base.state_dict().items()}
-    recipe = export_recipe(cfg)
-    estimate = code_file().stat().st_size + len(pack_artifact(quantize_state(state, recipe), recipe))
-    verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
-    rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
-    optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    loader = make_train_loader(cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device)
-    plan, times = plan_for(cfg, cfg.repeats), []
-    for i in range(4):  # the first step compiles; the next three are timed
-        rt.synchronize()
-        start = time.perf_counter()
-        train_step(model, loader, rt, cfg, plan, optimizers)
-        rt.synchronize()
-        times.append(time.perf_counter() - start)
-        rt.log(f"dry_run step:{i + 1} time:{1000 * times[-1]:.1f}ms" + (" (compile)" if i == 0 else ""))
-    step_ms = 1000 * rt.agree_max(sorted(times[1:])[1])
-    projected = (f"projected_steps:{int(training_seconds(cfg) * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
-                 f"{cfg.max_wallclock_seconds:g}" if cfg.max_wallclock_seconds > 0 else
-                 f"projected_time:{cfg.iterations * step_ms / 1000:.0f}s for ITERATIONS={cfg.iterations}")
-    rt.log(f"dry_run step_ms:{step_ms:.1f} tok/s:{cfg.train_batch_tokens / (step_ms / 1000):.0f} {projected}")
-
-
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
@@ -2406,7 +2384,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
 
-def main() -> int:
+def main(phase: Callable[[Config, Runtime], None] | None = None) -> int:
     env = dict(os.environ)
     try:
         cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
@@ -2420,9 +2398,8 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_stop_signal)
     try:
-        if cfg.dry_run:
-            rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-            dry_run(cfg, rt)
+        if phase is not None:  # a tool's in place of the run, after its checks (scripts/dry_run.py): no folder, no log
+            phase(cfg, rt)
             return 0
         out = open_run_folder(cfg, rt, out)
         log_header(cfg, rt)

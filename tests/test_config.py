@@ -12,7 +12,7 @@ from conftest import PLAIN_SHAPE, ROOT, run_script, tiny_env
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from env_table import render_default  # noqa: E402
-from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, Config, ConfigError, build_config, env_knobs
+from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, ENV_REMOVED, Config, ConfigError, build_config, env_knobs
 
 
 def test_defaults_are_the_frontier_record_stack():
@@ -107,6 +107,17 @@ def test_the_record_s_gptq_names_are_aliases_and_may_not_double_a_knob():
         build_config({"GPTQ_CALIBRATION_BATCHES": "32", "GPTQ_BATCHES": "8"})
     with pytest.raises(ConfigError, match="GPTQ_BATCHES='x'"):
         build_config({"GPTQ_CALIBRATION_BATCHES": "x"})
+
+
+def test_removed_knobs_are_refused_by_name_not_ignored(tmp_path, tiny_data):
+    """An ignored DRY_RUN=1 would start a real run: each removed knob stops it in one line that names it."""
+    assert not set(ENV_REMOVED) & set(env_knobs())
+    for name in ENV_REMOVED:
+        with pytest.raises(ConfigError, match=f"^{name}: no longer a knob; "):
+            build_config({name: "1"})
+    result = run_script(tiny_env(tiny_data, DRY_RUN=1), tmp_path, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "DRY_RUN: no longer a knob; run scripts/dry_run.py" in result.stderr and not (tmp_path / "runs").exists()
 
 
 def test_typo_error_names_the_knob():

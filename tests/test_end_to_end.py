@@ -90,8 +90,8 @@ def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_pat
 
 
 def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, DRY_RUN=1, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4,
-                                 NUM_UNIQUE_LAYERS=2), tmp_path, timeout=120)
+    result = run_script(tiny_env(tiny_data, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4, NUM_UNIQUE_LAYERS=2), tmp_path,
+                        timeout=120, script=ROOT / "scripts" / "dry_run.py")
     assert result.returncode == 0, result.stderr[-2000:]
     estimate = re.search(r"dry_run estimated_artifact_bytes:(\d+) \(fits", result.stdout)
     projected = re.search(r"dry_run step_ms:([\d.]+) tok/s:\d+ projected_steps:(\d+) in MAX_WALLCLOCK_SECONDS=300",
