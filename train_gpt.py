@@ -203,7 +203,7 @@ class Config:
     ttt_lora_lr: float = knob(2e-4, "LoRA TTT: Adam LR of the adapters")
     ttt_lora_chunk: int = knob(64, "LoRA TTT: a document's targets scored, then trained on, per step")
     ttt_phases: str = knob("", "LoRA TTT: document counts 'n1,n2' after which all weights train on the text so far")
-    mix_eta: float = knob(0.0, "n-gram mixer on the score: step of its weights per TTT_CHUNK targets; 0 = off")
+    mix_eta: float = knob(1.0, "n-gram mixer on the score: step of its weights per TTT_CHUNK targets; 0 = off")
     mix_buckets: int = knob(65_536, "n-gram mixer: trigram contexts hashed into this many rows of VOCAB_SIZE counts")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")

@@ -163,12 +163,13 @@ def test_mixer_knobs_and_evaluation_names():
     with pytest.raises(ConfigError, match="MIX_BUCKETS"):
         tiny_cfg(MIX_BUCKETS=0)
     with pytest.raises(ConfigError, match=r"^MIX_ETA=1: the n-gram mixer does not mix LoRA TTT; set TTT_ADAPTER=sgd"):
-        tiny_cfg(MIX_ETA=1, TTT_ADAPTER="lora")
+        tiny_cfg(TTT_ADAPTER="lora")  # the default MIX_ETA=1: LoRA asks for MIX_ETA=0
     tiny_cfg(MIX_ETA=0, TTT_ADAPTER="lora")  # LoRA without the mixer stays as it was
 
     def kinds(**env):
         return [(kind, adapter) for kind, _, _, adapter in evaluation_windows(tiny_cfg(**{"EVAL_STRIDE": 4, **env}))]
-    assert kinds(TTT_LR=0) == [("roundtrip", "none"), ("sliding", "none")]
+    assert kinds() == [("roundtrip", "none"), ("sliding", "none"), ("ttt_mix", "sgd")]  # the default: mixed TTT
+    assert kinds(TTT_LR=0, MIX_ETA=0) == [("roundtrip", "none"), ("sliding", "none")]
     assert kinds(TTT_LR=0, MIX_ETA=1) == [("roundtrip", "none"), ("sliding_mix", "none")]
     assert kinds(TTT_LR=0.1, MIX_ETA=1) == [("roundtrip", "none"), ("sliding", "none"), ("ttt_mix", "sgd")]
     assert kinds(TTT_LR=0.1, MIX_ETA=1, EVAL_STRIDE=0) == [("roundtrip", "none"), ("ttt_mix", "sgd")]
