@@ -291,16 +291,11 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
     local_seqs, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
     require(not rem, f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
                      f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
-    micro_steps = auto_micro_steps(local_seqs, cfg.micro_batch_tokens // cfg.train_seq_len)
+    # the fewest micro-steps that split the rank's sequences evenly into micro-batches of at most MICRO_BATCH_TOKENS
+    most = max(1, cfg.micro_batch_tokens // cfg.train_seq_len)  # (fewer, larger ones run faster while memory lasts)
+    micro_steps = next(n for n in range(1, local_seqs + 1) if local_seqs % n == 0 and local_seqs // n <= most)
     return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
                                micro_batch_seqs=local_seqs // micro_steps, **depth)
-
-
-def auto_micro_steps(local_seqs: int, max_micro_seqs: int) -> int:
-    """The fewest micro-steps that split `local_seqs` evenly into micro-batches of at most
-    `max_micro_seqs` sequences (fewer, larger micro-batches run faster while memory lasts)."""
-    return next(steps for steps in range(1, local_seqs + 1)
-                if local_seqs % steps == 0 and local_seqs // steps <= max(1, max_micro_seqs))
 
 
 def require(ok: bool, message: str) -> None:
@@ -604,8 +599,6 @@ BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge
 
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
-    if not path.is_file():
-        raise DataError(f"{path}: shard not found")
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
     if header.size != HEADER_INTS:
@@ -712,17 +705,10 @@ def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([map_shard(p) for p in find_shards(cfg.data_path, "val")])
-    check_val_length(cfg, len(tokens))
     if tokens.max() >= cfg.vocab_size:
         raise DataError(f"DATA_PATH={cfg.data_path}: validation token id {int(tokens.max())} >= VOCAB_SIZE="
                         f"{cfg.vocab_size}; the shards were built with another tokenizer")
     return torch.from_numpy(tokens.astype(np.int32))
-
-
-def check_val_length(cfg: Config, total: int) -> None:
-    if total - 1 < (window := max(cfg.train_seq_len, cfg.eval_seq_len)):
-        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
-                        f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
 
 
 def load_tokenizer(cfg: Config):
@@ -1302,9 +1288,6 @@ class ExportRecipe:
     zstd_level: int
     streams: int = EXPORT_STREAMS  # independently compressed pieces of the payload, one thread each
 
-    def group(self, name: str) -> QuantGroup:
-        return getattr(self, weight_group(name))
-
     def with_sigmas(self, sigmas: dict[str, float]) -> "ExportRecipe":
         return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), clip_sigmas=k)
                                             for g, k in sigmas.items()})
@@ -1430,7 +1413,7 @@ def quantize_state(state: dict[str, torch.Tensor], recipe: ExportRecipe,
     one column loop per shape, on the weights' device; every other tensor is kept whole."""
     hessians, stacks, stored = hessians or {}, {}, {}
     for name in quantized_names(state):
-        group = recipe.group(name)
+        group = getattr(recipe, weight_group(name))
         stacks.setdefault((state[name].shape, group, group.gptq and hessian_key(name) in hessians), []).append(name)
     for (_, group, use_gptq), names in stacks.items():
         w = torch.stack([state[n].detach().float() for n in names])
@@ -1695,12 +1678,6 @@ def pack_code(source: bytes) -> str:
     return PACKED_HEADER + PACKED_TEMPLATE.format(payload=payload)
 
 
-def packed_code_bytes() -> int:
-    """Bytes of the running file as pack_code would ship it (its own size when it is packed already)."""
-    source = code_file().read_bytes()
-    return len(source) if source.startswith(PACKED_HEADER.encode()) else len(pack_code(source).encode())
-
-
 def environment_report(device: torch.device) -> str:
     lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
              f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}"]
@@ -1733,8 +1710,6 @@ class WeightAverages:
 
     @torch.no_grad()
     def update(self, step: int, t: float, full_depth: bool) -> None:
-        if self.cfg.ema_horizon == 0 and self.cfg.swa_start == 0:
-            return
         params = [p.detach().float() for p in self.model.parameters()]
         if full_depth and self.cfg.ema_horizon > 0:
             if self.ema is None:
@@ -1990,11 +1965,6 @@ def on_stop_signal(number: int, frame) -> None:
         raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left")
 
 
-def parameter_checksum(model: GPT) -> float:
-    return float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
-                     for p in model.parameters()))
-
-
 # ----------------------------------------------------------------------------------------------
 # main(): the run as a table of contents
 # ----------------------------------------------------------------------------------------------
@@ -2018,7 +1988,9 @@ def check_inputs(cfg: Config) -> None:
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
-    check_val_length(cfg, total)
+    if total - 1 < (window := max(cfg.train_seq_len, cfg.eval_seq_len)):
+        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
+                        f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
     summary = Path(cfg.data_path) / "summary.json"  # data/build_shards.py writes it; downloaded folders have none
     built_with = json.loads(summary.read_text())["tokenizer"] if summary.is_file() else {}
     require(built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]), f"TOKENIZER_PATH="
@@ -2164,7 +2136,9 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
     bits_per_param = 8 * model_bytes / sum(p.numel() for p in base.parameters())
     rt.log(f"Serialized model {label}: {model_bytes} bytes ({bits_per_param:.2f} bits per parameter)")
     rt.log(f"Code size: {code_bytes} bytes")
-    rt.log(f"code_bytes_packed:{packed_code_bytes()} (this source as a self-extracting xz+base85 file)")
+    source = code_file().read_bytes()  # as pack_code would ship it: its own size when it is packed already
+    packed = len(source) if source.startswith(PACKED_HEADER.encode()) else len(pack_code(source).encode())
+    rt.log(f"code_bytes_packed:{packed} (this source as a self-extracting xz+base85 file)")
     total = model_bytes + code_bytes
     rt.log(f"Total submission size {label}: {total} bytes")
     if total > ARTIFACT_LIMIT_BYTES:
@@ -2224,7 +2198,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
-    checksum = parameter_checksum(base)
+    checksum = float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
+                         for p in base.parameters()))
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
            f"full_depth_from_step:{state.full_depth_from}")
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
@@ -2384,7 +2359,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
 
-def main(phase: Callable[[Config, Runtime], None] | None = None) -> int:
+def main(phase: Callable[[Config, Runtime, Path | None], None] | None = None) -> int:
     env = dict(os.environ)
     try:
         cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
@@ -2398,12 +2373,10 @@ def main(phase: Callable[[Config, Runtime], None] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_stop_signal)
     try:
-        if phase is not None:  # a tool's in place of the run, after its checks (scripts/dry_run.py): no folder, no log
-            phase(cfg, rt)
-            return 0
-        out = open_run_folder(cfg, rt, out)
-        log_header(cfg, rt)
-        (eval_only if cfg.eval_only else run)(cfg, rt, out)
+        if phase is None:  # a run; a tool's phase in its place (scripts/dry_run.py) has no folder and no log file
+            out = open_run_folder(cfg, rt, out)
+            log_header(cfg, rt)
+        (phase or (eval_only if cfg.eval_only else run))(cfg, rt, out)
         if rt.distributed:  # no rank tears the group down while another still uses it
             dist.barrier()
     except UserError as exc:

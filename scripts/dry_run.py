@@ -36,7 +36,8 @@ def estimated_artifact_bytes(cfg: tg.Config, base: tg.GPT) -> int:
     return Path(tg.__file__).stat().st_size + len(tg.pack_artifact(tg.quantize_state(state, recipe), recipe))
 
 
-def dry_run(cfg: tg.Config, rt: tg.Runtime) -> None:
+def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None) -> None:
+    """In place of train_gpt's run, after its checks; `out`, the run's folder, is neither made nor written."""
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     base, model = tg.build_model(cfg, rt)
     estimate = estimated_artifact_bytes(cfg, base)
