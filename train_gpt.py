@@ -141,12 +141,10 @@ class Config:
     # batch and schedule
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(786_432, "tokens per optimizer step, all ranks together")
-    grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = the fewest with <= MICRO_BATCH_TOKENS per GPU")
-    micro_batch_tokens: int = knob(131_072, "largest micro-batch per GPU in tokens when GRAD_ACCUM_STEPS=0")
+    micro_batch_tokens: int = knob(131_072, "most tokens per GPU in a micro-batch; a step runs the fewest micro-steps")
     iterations: int = knob(20_000, "maximum optimizer steps")
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds; 0 = no cap")
     warmup_steps: int = knob(20, "compile/priming steps whose updates are thrown away (not an LR warmup)")
-    warmdown_iters: int = knob(0, "upstream: LR decays linearly over the last N steps; 0 = use WARMDOWN_FRAC")
     warmdown_frac: float = knob(0.85, "LR decays linearly to 0 over this last fraction of the run")
     min_lr: float = knob(0.1, "floor of the LR multiplier during the warmdown")
     val_loss_every: int = knob(1000, "validate every N steps (0 = only at the end)")
@@ -163,7 +161,6 @@ class Config:
     muon_ns: str = knob("polar", "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
                                    "iteration; closer to orthogonal in the same steps)", ("quintic", "polar"))
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at the start of its warmup")
-    muon_momentum_warmup_steps: int = knob(0, "upstream: momentum warmup steps; 0 = use MUON_MOMENTUM_WARMUP_FRAC")
     muon_momentum_warmup_frac: float = knob(0.33, "momentum warmup as a fraction of the run")
     muon_weight_decay: float = knob(0.095, "decoupled weight decay of Muon matrices (times LR)")
     muon_row_normalize: bool = knob(True, "scale each row of Muon's Nesterov update to unit norm before Newton-Schulz")
@@ -200,16 +197,16 @@ class Config:
     ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
     ttt_epochs: int = knob(3, "TTT: SGD steps on each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT: SGD momentum")
-    ttt_cosine: bool = knob(True, "TTT: the LR decays from TTT_LR to 0 over the chunks (half a cosine)")
     ttt_grad_clip: float = knob(1.0, "TTT: clip the gradient norm of each step; 0 = off")
     ttt_adapter: str = knob("sgd", "TTT trains all weights (sgd) or per-document adapters (lora)", ("sgd", "lora"))
     ttt_lora_rank: int = knob(64, "LoRA TTT: adapter rank (every block's linear maps and the head)")
     ttt_lora_lr: float = knob(2e-4, "LoRA TTT: Adam LR of the adapters")
     ttt_lora_chunk: int = knob(64, "LoRA TTT: a document's targets scored, then trained on, per step")
     ttt_phases: str = knob("", "LoRA TTT: document counts 'n1,n2' after which all weights train on the text so far")
+    mix_eta: float = knob(1.0, "n-gram mixer on the score: step of its weights per TTT_CHUNK targets; 0 = off")
+    mix_buckets: int = knob(65_536, "n-gram mixer: trigram contexts hashed into this many rows of VOCAB_SIZE counts")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
-    dry_run: bool = knob(False, "print the plan, size, artifact and step-time estimates, then exit without training")
     # derived once by build_config (not environment variables)
     world_size: int = derived()
     micro_steps: int = derived()
@@ -236,6 +233,11 @@ ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", 
 # The 2026-04-09 record's names of two knobs, accepted so that its commands run unchanged.
 ENV_ALIASES = {"GPTQ_CALIBRATION_BATCHES": "GPTQ_BATCHES", "GPTQ_RESERVE_SECONDS": "EXPORT_RESERVE_SECONDS"}
 
+# Knobs taken out, refused by name rather than ignored: a run that ignored DRY_RUN=1 would train for real.
+ENV_REMOVED = {"DRY_RUN": "run scripts/dry_run.py", "GRAD_ACCUM_STEPS": "MICRO_BATCH_TOKENS sets the micro-steps",
+               "WARMDOWN_ITERS": "use WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_STEPS": "use MUON_MOMENTUM_WARMUP_FRAC",
+               "TTT_COSINE": "TTT's LR always falls as half a cosine"}
+
 
 def edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -249,6 +251,7 @@ def edit_distance(a: str, b: str) -> int:
 def check_typos(env: Mapping[str, str]) -> None:
     knobs = env_knobs()
     for name in sorted(env):
+        require(name not in ENV_REMOVED, f"{name}: no longer a knob; {ENV_REMOVED.get(name)}")
         if name in knobs or name in ENV_ALLOWLIST or name.startswith(ENV_ALLOWED_PREFIXES):
             continue
         for knob_name in knobs:
@@ -285,23 +288,14 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
     cfg = Config(**{field.name: parse_value(name, env[name], field.type, field.metadata["choices"])
                     for name, field in env_knobs().items() if name in env})
     depth = validate(cfg)
-    local_tokens, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
+    local_seqs, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
     require(not rem, f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
                      f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
-    micro_steps = cfg.grad_accum_steps or auto_micro_steps(local_tokens, cfg.micro_batch_tokens // cfg.train_seq_len)
-    per_micro = world_size * micro_steps * cfg.train_seq_len
-    require(cfg.train_batch_tokens % per_micro == 0, f"GRAD_ACCUM_STEPS={cfg.grad_accum_steps}: TRAIN_BATCH_TOKENS="
-            f"{cfg.train_batch_tokens} must be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = "
-            f"{world_size} x {micro_steps} x {cfg.train_seq_len}")
+    # the fewest micro-steps that split the rank's sequences evenly into micro-batches of at most MICRO_BATCH_TOKENS
+    most = max(1, cfg.micro_batch_tokens // cfg.train_seq_len)  # (fewer, larger ones run faster while memory lasts)
+    micro_steps = next(n for n in range(1, local_seqs + 1) if local_seqs % n == 0 and local_seqs // n <= most)
     return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
-                               micro_batch_seqs=cfg.train_batch_tokens // per_micro, **depth)
-
-
-def auto_micro_steps(local_seqs: int, max_micro_seqs: int) -> int:
-    """The fewest micro-steps that split `local_seqs` evenly into micro-batches of at most
-    `max_micro_seqs` sequences (fewer, larger micro-batches run faster while memory lasts)."""
-    return next(steps for steps in range(1, local_seqs + 1)
-                if local_seqs % steps == 0 and local_seqs // steps <= max(1, max_micro_seqs))
+                               micro_batch_seqs=local_seqs // micro_steps, **depth)
 
 
 def require(ok: bool, message: str) -> None:
@@ -312,16 +306,15 @@ def require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> dict:
     """Check relations between knobs; return the derived depth fields (R, U, core end, phases)."""
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size",
-                 "micro_batch_tokens", "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base",
-                 "target_bytes", "gate_window", "ttt_lora_rank", "ttt_lora_chunk"):
+                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size", "micro_batch_tokens",
+                 "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window",
+                 "ttt_lora_rank", "ttt_lora_chunk", "mix_buckets", "adam_eps"):
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
-    for name in ("num_unique_layers", "iterations", "warmup_steps", "warmdown_iters", "val_loss_every",
-                 "grad_accum_steps", "eval_repeats", "muon_momentum_warmup_steps", "matrix_clip_sigmas",
-                 "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len", "eval_stride",
-                 "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
-                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "adam_eps", "ttt_lr", "embed_wd",
-                 "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every"):
+    for name in ("num_unique_layers", "iterations", "warmup_steps", "val_loss_every", "eval_repeats",
+                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len",
+                 "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
+                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd",
+                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
@@ -331,7 +324,6 @@ def validate(cfg: Config) -> dict:
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
-    require(cfg.adam_eps > 0, f"ADAM_EPS={cfg.adam_eps}: must be > 0")
     require(0 <= cfg.seed < 2**32, f"SEED={cfg.seed}: must be in 0..{2**32 - 1}")
     require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
             f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
@@ -367,6 +359,8 @@ def validate(cfg: Config) -> dict:
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
+    require(not cfg.mix_eta or cfg.ttt_adapter != "lora",
+            f"MIX_ETA={cfg.mix_eta:g}: the n-gram mixer does not mix LoRA TTT; set TTT_ADAPTER=sgd or MIX_ETA=0")
     return dict(repeats=repeats, unique_blocks=unique, core_last=loop_end, depth_phases=tuple(phases),
                 ttt_phase_docs=tuple(ttt_phases))
 
@@ -450,8 +444,7 @@ def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_la
 
 
 def unet_pairs(depth: int) -> list[tuple[int, int]]:
-    """(encoder layer, decoder layer) skip pairs: the first depth//2 layers store their output,
-    the following ones add it back in reverse order."""
+    """(encoder, decoder) layer pairs: the first depth//2 layers store their output, the next add it back in reverse."""
     half = depth // 2
     return [(half - 1 - i, half + i) for i in range(half)]
 
@@ -469,7 +462,7 @@ def max_depth(cfg: Config) -> int:
 # Schedules: pure functions of the run fraction t in [0, 1]
 #
 # t = elapsed / MAX_WALLCLOCK_SECONDS with a cap, else step / ITERATIONS: one set of defaults fits 5 minutes on one
-# GPU and 4 hours on eight. Upstream step-count knobs (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS) count steps.
+# GPU and 4 hours on eight (upstream's step counts, WARMDOWN_ITERS and MUON_MOMENTUM_WARMUP_STEPS, are not knobs).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -484,22 +477,14 @@ def run_fraction(cfg: Config, step: int, elapsed_s: float) -> float:
     return min(1.0, max(by_time, by_step))
 
 
-def lr_multiplier(cfg: Config, step: int, t: float, step_ms: float) -> float:
+def lr_multiplier(cfg: Config, t: float) -> float:
     """1 until the warmdown, then linear to 0 (or MIN_LR) at the end of the run (the cap or ITERATIONS)."""
-    if cfg.warmdown_iters and cfg.max_wallclock_seconds > 0 and step_ms > 0:  # upstream: N steps' worth of time
-        ramp = (1 - t) * training_seconds(cfg) * 1000 / (cfg.warmdown_iters * step_ms)
-    elif cfg.warmdown_iters:
-        ramp = (cfg.iterations - step) / cfg.warmdown_iters
-    else:
-        ramp = (1 - t) / cfg.warmdown_frac if cfg.warmdown_frac else 1.0
+    ramp = (1 - t) / cfg.warmdown_frac if cfg.warmdown_frac else 1.0
     return min(1.0, max(cfg.min_lr, ramp))
 
 
-def muon_momentum(cfg: Config, step: int, t: float) -> float:
-    if cfg.muon_momentum_warmup_steps:
-        ramp = step / cfg.muon_momentum_warmup_steps
-    else:
-        ramp = t / cfg.muon_momentum_warmup_frac if cfg.muon_momentum_warmup_frac > 0 else 1.0
+def muon_momentum(cfg: Config, t: float) -> float:
+    ramp = t / cfg.muon_momentum_warmup_frac if cfg.muon_momentum_warmup_frac > 0 else 1.0
     return cfg.muon_momentum_warmup_start + min(1.0, ramp) * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
 
 
@@ -614,8 +599,6 @@ BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge
 
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
-    if not path.is_file():
-        raise DataError(f"{path}: shard not found")
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
     if header.size != HEADER_INTS:
@@ -722,17 +705,10 @@ def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([map_shard(p) for p in find_shards(cfg.data_path, "val")])
-    check_val_length(cfg, len(tokens))
     if tokens.max() >= cfg.vocab_size:
         raise DataError(f"DATA_PATH={cfg.data_path}: validation token id {int(tokens.max())} >= VOCAB_SIZE="
                         f"{cfg.vocab_size}; the shards were built with another tokenizer")
     return torch.from_numpy(tokens.astype(np.int32))
-
-
-def check_val_length(cfg: Config, total: int) -> None:
-    if total - 1 < (window := max(cfg.train_seq_len, cfg.eval_seq_len)):
-        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
-                        f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
 
 
 def load_tokenizer(cfg: Config):
@@ -947,8 +923,7 @@ class GPT(nn.Module):
         return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate[slot].to(x.dtype)))
 
     def logits(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
-        """Evaluation's path: the compiled blocks when there are any (at the frontier shape a sliding
-        evaluation is minutes of forwards; score_windows keeps one batch shape, so one compile)."""
+        """Evaluation runs compiled blocks if any (minutes of forwards): score_windows keeps one shape, one compile."""
         h = self.hidden(input_ids, plan, eager, lora)
         return softcap_logits(h, self.head_weight(), self.cfg.logit_softcap, lora)
 
@@ -993,13 +968,9 @@ def byte_tables(sp, vocab_size: int) -> ByteTables:
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
         boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("▁"):
-            space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        piece = sp.id_to_piece(i)  # a byte-fallback piece is <0xNN>, no "▁"
+        space[i] = piece.startswith("▁")
+        base[i] = 1 if sp.is_byte(i) else len(piece.removeprefix("▁").encode("utf-8"))
     return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
@@ -1025,10 +996,60 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
+class NgramMixer:
+    """Online mixture p = sum_k w_k p_k of the network and unigram, bigram and trigram experts counted from scored
+    targets only, each order Witten-Bell-interpolated with the one below (uniform below the unigram): p(y|h) = (c(h,y) +
+    t(h) p_lower(y)) / (c(h) + t(h)), t(h) the distinct tokens seen after h, so every token has mass. The trigram's
+    context (never the target: a row sums to its context's count) is hashed into MIX_BUCKETS rows. Per chunk the weights
+    take an exponentiated-gradient step on the mixture's log loss (Kivinen, Warmuth), w_k ~ w_k exp(MIX_ETA
+    mean(p_k(y)/p(y))): it tracks the best mixture; Hedge on each expert's own loss would pick the network alone."""
+
+    def __init__(self, cfg: Config, device):
+        self.vocab, self.eta, self.buckets = cfg.vocab_size, cfg.mix_eta, cfg.mix_buckets
+        self.width = self.vocab + 2  # per order, flat, a row per context: each next token y's count, then c(h), t(h)
+        self.tables = [torch.zeros(rows * self.width, dtype=torch.int32, device=device)
+                       for rows in (1, self.vocab, self.buckets)]
+        self.log_w = torch.tensor([0.91, 0.03, 0.03, 0.03], dtype=torch.float64, device=device).log()
+        self.grad = torch.zeros(5, dtype=torch.float64, device=device)  # sums of p_k(y) / p(y), then the count
+
+    def contexts(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        """Each order's context row for targets `pos` (target i predicts tokens[i + 1]): tokens <= i only."""
+        prev, prev2 = tokens[pos].long(), tokens[(pos - 1).clamp(min=0)].long()
+        return [torch.zeros_like(prev), prev, (prev2 * 2_654_435_761 + prev) % self.buckets]
+
+    def mix(self, tokens: torch.Tensor, pos: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
+        """The mixture's nll (float64) of targets `pos` given the network's; adds them to the chunk's gradient."""
+        y, experts = tokens[pos + 1].long(), [(-nll.double()).exp()]
+        lower = torch.full_like(experts[0], 1 / self.vocab)
+        for table, row in zip(self.tables, self.contexts(tokens, pos)):  # unigram, bigram, trigram
+            c, n, t = (table[row * self.width + col].double() for col in (y, self.vocab, self.vocab + 1))
+            lower = torch.where(n > 0, (c + t * lower) / (n + t), lower)
+            experts.append(lower)
+        probs = torch.stack(experts, 1)
+        mixed = probs @ self.log_w.softmax(0)
+        self.grad += torch.cat([(probs / mixed[:, None]).sum(0), mixed.new_tensor([len(mixed)])])
+        return -mixed.log()
+
+    def update(self, tokens: torch.Tensor, a: int, b: int, world_size: int) -> None:
+        """After the chunk of targets [a, b) is scored: a step from its gradient summed over ranks, then every rank
+        counts its targets itself. So at a chunk's start every rank holds the counts of all targets before it."""
+        if world_size > 1:
+            dist.all_reduce(self.grad)
+        self.log_w += self.eta * self.grad[:-1] / self.grad[-1]
+        self.grad.zero_()
+        pos = torch.arange(a, b, device=tokens.device)
+        y = tokens[pos + 1].long()
+        for table, row in zip(self.tables, self.contexts(tokens, pos)):
+            seen = torch.unique(row * self.width + y)  # each (context, next token) once
+            new_types = seen[table[seen] == 0] // self.width * self.width + self.vocab + 1
+            for keys in (row * self.width + y, row * self.width + self.vocab, new_types):  # c(h,y), c(h), t(h)
+                table.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+
+
 @torch.no_grad()
-def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
-                  starts: torch.Tensor, score_from: torch.Tensor, window: int, batch: int,
-                  tables: ByteTables, nll_out: torch.Tensor | None = None) -> torch.Tensor:
+def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, starts: torch.Tensor,
+                  score_from: torch.Tensor, window: int, batch: int, tables: ByteTables,
+                  nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> torch.Tensor:
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
     target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A last, partial batch is padded with
     copies of its last window that score nothing, so compiled blocks see one batch shape."""
@@ -1039,44 +1060,53 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
         pad = batch - len(first) if len(starts) > batch else 0
         first = torch.cat([first, first[-1:].expand(pad)])
         score = torch.cat([score, score.new_full((pad,), window)])
-        score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out)
+        score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out,
+                    mixer)
     return sums
 
 
-def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out) -> tuple:
-    """Adds targets lo[b] <= j < hi[b] of the windows tokens[first[b]:][:window] (past the split's end: its last
-    token, seen by no scored target) to `sums`; returns the losses [B, window] (with any gradients) and their mask."""
+def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out,
+                mixer: NgramMixer | None = None) -> tuple:
+    """Adds targets lo[b] <= j < hi[b] of the windows tokens[first[b]:][:window] (past the split's end: its last token,
+    seen by no scored target) to `sums`, mixed by any `mixer`; returns the network's losses [B, window] (with any
+    gradients) and their mask."""
     offsets = torch.arange(window + 1, device=tokens.device)
     seq = tokens[(first[:, None] + offsets).clamp(max=len(tokens) - 1)].long()
     x, y = seq[:, :-1], seq[:, 1:]
     nll = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     mask = (offsets[None, :-1] >= lo[:, None]) & (offsets[None, :-1] < hi[:, None])
-    sums[0] += nll.detach().double()[mask].sum()
+    pos, scored = (first[:, None] + offsets[:-1])[mask], nll.detach()[mask]
+    if mixer is not None:
+        scored = mixer.mix(tokens, pos, scored)
+    sums[0] += scored.double().sum()
     sums[1] += mask.sum()
     sums[2] += token_bytes(tables, x, y)[mask].sum()
     if nll_out is not None:
-        nll_out[(first[:, None] + offsets[:-1])[mask]] = nll.detach()[mask].to(nll_out.dtype)
+        nll_out[pos] = scored.to(nll_out.dtype)
     return nll, mask
 
 
 def evaluation_windows(cfg: Config) -> list[tuple[str, int, int, str]]:
     """The final evaluations as (kind, window, stride, adapter): the round trip over non-overlapping TRAIN_SEQ_LEN
     windows, then the sliding window unless it would repeat the round trip, then score-first TTT when TTT_LR > 0
-    (the score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows."""
+    (the score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows; MIX_ETA mixes the last."""
     kinds = [("roundtrip", cfg.train_seq_len, cfg.train_seq_len, "none")]
     window = cfg.eval_seq_len or cfg.train_seq_len
     if cfg.eval_stride and not (cfg.eval_stride >= window and window == cfg.train_seq_len):
         kinds.append(("sliding", window, min(cfg.eval_stride, window), "none"))
     if cfg.ttt_lr:
         kinds.append(("ttt" if cfg.ttt_adapter == "sgd" else "ttt_lora", *kinds[-1][1:3], cfg.ttt_adapter))
+    if cfg.mix_eta:
+        kinds[-1] = (kinds[-1][0] + "_mix", *kinds[-1][1:])
     return kinds
 
 
 def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
              tables: ByteTables, autocast, window: int, stride: int, adapter: str = "none",
-             nll_out: torch.Tensor | None = None) -> tuple[float, float]:
+             nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) of the split, windows of `window` moved by `stride`, with legal score-first TTT of `adapter`
-    (none; sgd: TTT_CHUNK targets at a time scored, then trained on; lora: score_documents); weights restored after."""
+    (none; sgd: TTT_CHUNK targets at a time scored, then trained on; lora: score_documents); weights restored after.
+    A `mixer` (adapter none or sgd) is chunked alike and counts each chunk's targets once they are scored."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if adapter != "none" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
@@ -1094,18 +1124,20 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     else:
         starts, score_from = plan_windows(len(tokens) - 1, window, stride)
         first = starts + score_from  # first scored target of each window, rising
-        chunk_of = first // cfg.ttt_chunk if adapter == "sgd" else torch.zeros_like(first)
+        chunk_of = first // cfg.ttt_chunk if adapter == "sgd" or mixer else torch.zeros_like(first)
         batch = max(1, cfg.val_batch_size // (world_size * window))
         sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
         chunks = torch.unique_consecutive(chunk_of).tolist()
         for i, c in enumerate(chunks):
             idx = (chunk_of == c).nonzero().flatten()
             mine = idx[slice(*shard_range(len(idx), rank, world_size))]
-            sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out)
-            if adapter == "sgd" and c != chunks[-1]:  # train on the targets [a, b) this chunk just scored
-                a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window
-                if cfg.ttt_cosine:
-                    optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
+            sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out,
+                                  mixer)
+            a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window  # the targets this chunk just scored
+            if mixer is not None:
+                mixer.update(tokens, a, b, world_size)
+            if adapter == "sgd" and c != chunks[-1]:  # train on them, the LR falling from TTT_LR as half a cosine
+                optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
                 ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
     if saved:  # TTT's updates are undone
         model.load_state_dict(saved)
@@ -1256,9 +1288,6 @@ class ExportRecipe:
     zstd_level: int
     streams: int = EXPORT_STREAMS  # independently compressed pieces of the payload, one thread each
 
-    def group(self, name: str) -> QuantGroup:
-        return getattr(self, weight_group(name))
-
     def with_sigmas(self, sigmas: dict[str, float]) -> "ExportRecipe":
         return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), clip_sigmas=k)
                                             for g, k in sigmas.items()})
@@ -1384,7 +1413,7 @@ def quantize_state(state: dict[str, torch.Tensor], recipe: ExportRecipe,
     one column loop per shape, on the weights' device; every other tensor is kept whole."""
     hessians, stacks, stored = hessians or {}, {}, {}
     for name in quantized_names(state):
-        group = recipe.group(name)
+        group = getattr(recipe, weight_group(name))
         stacks.setdefault((state[name].shape, group, group.gptq and hessian_key(name) in hessians), []).append(name)
     for (_, group, use_gptq), names in stacks.items():
         w = torch.stack([state[n].detach().float() for n in names])
@@ -1595,13 +1624,8 @@ class Runtime:
     device: torch.device
     log_path: Path | None = None
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    def __post_init__(self):
+        self.main, self.distributed = self.rank == 0, self.world_size > 1
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -1654,12 +1678,6 @@ def pack_code(source: bytes) -> str:
     return PACKED_HEADER + PACKED_TEMPLATE.format(payload=payload)
 
 
-def packed_code_bytes() -> int:
-    """Bytes of the running file as pack_code would ship it (its own size when it is packed already)."""
-    source = code_file().read_bytes()
-    return len(source) if source.startswith(PACKED_HEADER.encode()) else len(pack_code(source).encode())
-
-
 def environment_report(device: torch.device) -> str:
     lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
              f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}"]
@@ -1692,8 +1710,6 @@ class WeightAverages:
 
     @torch.no_grad()
     def update(self, step: int, t: float, full_depth: bool) -> None:
-        if self.cfg.ema_horizon == 0 and self.cfg.swa_start == 0:
-            return
         params = [p.detach().float() for p in self.model.parameters()]
         if full_depth and self.cfg.ema_horizon > 0:
             if self.ema is None:
@@ -1769,13 +1785,13 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
     return total / cfg.micro_steps
 
 
-def set_schedules(cfg: Config, optimizers, state: TrainState, t: float) -> None:
-    mult = lr_multiplier(cfg, state.step, t, state.elapsed_ms / max(state.step, 1))
+def set_schedules(cfg: Config, optimizers, t: float) -> None:
+    mult = lr_multiplier(cfg, t)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(cfg, state.step, t)
+                group["momentum"] = muon_momentum(cfg, t)
 
 
 def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
@@ -1908,7 +1924,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
         choose_depth(cfg, rt, state, t)
-        set_schedules(cfg, optimizers, state, t)
+        set_schedules(cfg, optimizers, t)
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
         rt.synchronize()
@@ -1949,11 +1965,6 @@ def on_stop_signal(number: int, frame) -> None:
         raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left")
 
 
-def parameter_checksum(model: GPT) -> float:
-    return float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
-                     for p in model.parameters()))
-
-
 # ----------------------------------------------------------------------------------------------
 # main(): the run as a table of contents
 # ----------------------------------------------------------------------------------------------
@@ -1977,7 +1988,9 @@ def check_inputs(cfg: Config) -> None:
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
-    check_val_length(cfg, total)
+    if total - 1 < (window := max(cfg.train_seq_len, cfg.eval_seq_len)):
+        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
+                        f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
     summary = Path(cfg.data_path) / "summary.json"  # data/build_shards.py writes it; downloaded folders have none
     built_with = json.loads(summary.read_text())["tokenizer"] if summary.is_file() else {}
     require(built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]), f"TOKENIZER_PATH="
@@ -2123,7 +2136,9 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
     bits_per_param = 8 * model_bytes / sum(p.numel() for p in base.parameters())
     rt.log(f"Serialized model {label}: {model_bytes} bytes ({bits_per_param:.2f} bits per parameter)")
     rt.log(f"Code size: {code_bytes} bytes")
-    rt.log(f"code_bytes_packed:{packed_code_bytes()} (this source as a self-extracting xz+base85 file)")
+    source = code_file().read_bytes()  # as pack_code would ship it: its own size when it is packed already
+    packed = len(source) if source.startswith(PACKED_HEADER.encode()) else len(pack_code(source).encode())
+    rt.log(f"code_bytes_packed:{packed} (this source as a self-extracting xz+base85 file)")
     total = model_bytes + code_bytes
     rt.log(f"Total submission size {label}: {total} bytes")
     if total > ARTIFACT_LIMIT_BYTES:
@@ -2139,12 +2154,15 @@ def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str
     for kind, window, stride, adapter in evaluation_windows(cfg):
         rt.synchronize()
         start = time.perf_counter()
-        val_loss, val_bpb = evaluate_with(window, stride, adapter)
+        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
+        val_loss, val_bpb = evaluate_with(window, stride, adapter, mixer=mixer)
         rt.synchronize()
         ms = 1000 * (time.perf_counter() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
         rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
         rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        if mixer is not None:
+            rt.log(f"{name}_weights network,unigram,bigram,trigram:{mixer.log_w.softmax(0).tolist()}")
         results.append((name, val_loss, val_bpb, ms))
     return results
 
@@ -2153,38 +2171,10 @@ def compile_report() -> str:
     """Dynamo's counters: graph breaks (fullgraph=True turns any into an error) and graphs built."""
     from torch._dynamo.utils import counters
 
-    stats = dict(counters["stats"])
     return (f"compile_stats graph_breaks:{sum(counters['graph_break'].values())} "
-            f"unique_graphs:{stats.get('unique_graphs', 0)} recompiles:{sum(counters['recompiles'].values())} "
+            f"unique_graphs:{counters['stats']['unique_graphs']} recompiles:{sum(counters['recompiles'].values())} "
             f"fx_cache_hits:{counters['inductor'].get('fxgraph_cache_hit', 0)} "
             f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}")
-
-
-def dry_run(cfg: Config, rt: Runtime) -> None:
-    """Everything a run would decide up front, and a few timed steps, without training."""
-    base, model = build_model(cfg, rt)
-    # The artifact of Gaussian weights of the model's shapes by this run's recipe, without GPTQ (std-based steps make
-    # it independent of the weights' scale; heavier-tailed trained rows pack smaller), plus the code.
-    state = {k: torch.randn(v.shape) if v.is_floating_point() else v.cpu() for k, v in base.state_dict().items()}
-    recipe = export_recipe(cfg)
-    estimate = code_file().stat().st_size + len(pack_artifact(quantize_state(state, recipe), recipe))
-    verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
-    rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
-    optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    loader = make_train_loader(cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device)
-    plan, times = plan_for(cfg, cfg.repeats), []
-    for i in range(4):  # the first step compiles; the next three are timed
-        rt.synchronize()
-        start = time.perf_counter()
-        train_step(model, loader, rt, cfg, plan, optimizers)
-        rt.synchronize()
-        times.append(time.perf_counter() - start)
-        rt.log(f"dry_run step:{i + 1} time:{1000 * times[-1]:.1f}ms" + (" (compile)" if i == 0 else ""))
-    step_ms = 1000 * rt.agree_max(sorted(times[1:])[1])
-    projected = (f"projected_steps:{int(training_seconds(cfg) * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
-                 f"{cfg.max_wallclock_seconds:g}" if cfg.max_wallclock_seconds > 0 else
-                 f"projected_time:{cfg.iterations * step_ms / 1000:.0f}s for ITERATIONS={cfg.iterations}")
-    rt.log(f"dry_run step_ms:{step_ms:.1f} tok/s:{cfg.train_batch_tokens / (step_ms / 1000):.0f} {projected}")
 
 
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
@@ -2208,7 +2198,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
-    checksum = parameter_checksum(base)
+    checksum = float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
+                         for p in base.parameters()))
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
            f"full_depth_from_step:{state.full_depth_from}")
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
@@ -2245,11 +2236,16 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
     for kind, window, stride, adapter in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
+        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
         for _ in range(2):  # the second forward is timed
             rt.synchronize()
             start = time.perf_counter()
             with rt.autocast():
                 base.logits(x, plan, eager=adapter == "lora")  # as evaluate runs it
+            if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
+                pos = torch.arange(x.numel() - 1, device=rt.device)
+                mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
+                mixer.update(x.flatten(), 0, len(pos), 1)
             rt.synchronize()
         if adapter == "lora":  # forward tokens of the documents' chunk steps, then of the global phases
             steps = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk)
@@ -2363,7 +2359,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 
 
-def main() -> int:
+def main(phase: Callable[[Config, Runtime, Path | None], None] | None = None) -> int:
     env = dict(os.environ)
     try:
         cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
@@ -2377,13 +2373,10 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_stop_signal)
     try:
-        if cfg.dry_run:
-            rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-            dry_run(cfg, rt)
-            return 0
-        out = open_run_folder(cfg, rt, out)
-        log_header(cfg, rt)
-        (eval_only if cfg.eval_only else run)(cfg, rt, out)
+        if phase is None:  # a run; a tool's phase in its place (scripts/dry_run.py) has no folder and no log file
+            out = open_run_folder(cfg, rt, out)
+            log_header(cfg, rt)
+        (phase or (eval_only if cfg.eval_only else run))(cfg, rt, out)
         if rt.distributed:  # no rank tears the group down while another still uses it
             dist.barrier()
     except UserError as exc:

@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     MAX_WALLCLOCK_SECONDS="${BENCH_SECONDS:-300}" $vars \
     timeout "${RUN_TIMEOUT:-0}" torchrun --standalone --nproc_per_node=1 train_gpt.py > "$logs/$name.txt" 2>&1 \
     || echo "$name FAILED (see $logs/$name.txt)"
-  grep -E "^(model_params|warmup_time|stopping_early|peak memory|compile_stats|phase|progressive_depth|Total submission|final_[a-z0-9]+_[a-z]+_[a-z]+ )" \
+  grep -E "^(model_params|warmup_time|stopping_early|peak memory|compile_stats|phase|progressive_depth|Total submission|final_[a-z0-9]+_[a-z]+_[a-z]+(_lora)?(_mix)? )" \
     "$logs/$name.txt" || tail -n 5 "$logs/$name.txt"
 done
 python3 scripts/runs_table.py runs/*/

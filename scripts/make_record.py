@@ -140,6 +140,10 @@ def evaluation_description(cfg: dict) -> str:
     if cfg.get("ttt_lr"):
         text += (f", then score-first TTT (SGD lr {cfg['ttt_lr']:g}, {cfg.get('ttt_epochs')} epoch(s) on each "
                  f"chunk of {cfg.get('ttt_chunk')} targets after scoring it; the last chunk is never trained on)")
+    if cfg.get("mix_eta"):
+        text += (f"; the score mixes the network with unigram, bigram and hashed-trigram experts counted from "
+                 f"already-scored targets only, its weights stepped (MIX_ETA {cfg['mix_eta']:g}) once per chunk of "
+                 f"{cfg.get('ttt_chunk')} targets after scoring it")
     return text
 
 
@@ -218,6 +222,7 @@ def readme(sub: dict, runs: list[RunLog], cmd: str, stats_lines: list[str] | Non
     c, seeds = sub["compliance"], ", ".join(str(s) for s in sub["seeds"])
     std = f" ± {sub['val_bpb_std']:.5f}" if sub["val_bpb_std"] is not None else ""
     score_kind = runs[0].summary["score_line"].split(" ")[0]
+    mixed = score_kind.endswith("_mix")  # the n-gram mixer's score (MIX_ETA)
     parts = [
         f"# {sub['name']}\n", f"{sub['blurb']}\n",
         f"**val_bpb {sub['val_bpb']:.5f}{std}** (mean ± sample standard deviation over {len(runs)} seeds: {seeds}); "
@@ -238,8 +243,11 @@ def readme(sub: dict, runs: list[RunLog], cmd: str, stats_lines: list[str] | Non
         f"- Training: at most {c['max_train_time_s']:.1f} s; evaluation (all final evaluations): at most "
         f"{c['max_eval_time_s']:.1f} s; artifact: at most {c['max_bytes_total']:,} bytes "
         f"(limit {LIMIT_BYTES:,}).",
-        "- Causal: each token's probability depends only on the tokens before it (causal attention).",
-        "- Normalized: a softmax over the whole vocabulary at every position.",
+        "- Causal: each token's probability depends only on the tokens before it (causal attention"
+        + ("; the n-gram experts count only targets already scored)." if mixed else ")."),
+        "- Normalized: a softmax over the whole vocabulary at every position"
+        + (", mixed with n-gram distributions that give every token mass (mixture weights sum to 1)." if mixed
+           else "."),
         f"- Evaluation: {c['evaluation']}.",
         "- Score before update and single pass: every validation token is scored exactly once, and no score "
         "comes from weights that were trained on its token.",

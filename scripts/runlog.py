@@ -85,8 +85,10 @@ class RunLog:
         return sum(e.get("eval_time_ms", 0) for e in (self.summary or {}).get("evals", {}).values())
 
     def evals_by_kind(self) -> dict[str, dict]:
-        """{'roundtrip': {...}, 'sliding': {...}, 'ttt': {...}}: final_<export>_<kind> by its kind."""
-        return {name.rsplit("_", 1)[-1]: e for name, e in (self.summary or {}).get("evals", {}).items()}
+        """{'roundtrip': {...}, 'sliding': {...}, 'ttt_mix': {...}}: final_<label>_<codec>_<kind> by its kind (the
+        export's name is two words: mixedgptq_brotli); TRAIN_ONLY's pre_export as it is."""
+        return {name.split("_", 3)[-1] if name.startswith("final_") else name: e
+                for name, e in (self.summary or {}).get("evals", {}).items()}
 
     def settings(self) -> dict:
         """The configuration less what may differ between seeds of one setting."""

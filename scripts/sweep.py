@@ -524,11 +524,10 @@ def schedule(log: RunLog) -> tuple[list[int], list[float], list[int]]:
     steps = log.steps or cfg.iterations
     points = [(0, 0.0)] + [(step, ms) for step, _, ms in log.train]
     elapsed_ms = np.interp(range(steps + 1), [p[0] for p in points], [p[1] for p in points])
-    step_ms = log.step_avg_ms or 0.0
     lr, passes = [], []
     for step in range(steps + 1):
         t = tg.run_fraction(cfg, step, elapsed_ms[step] / 1000)
-        lr.append(tg.lr_multiplier(cfg, step, t, step_ms))
+        lr.append(tg.lr_multiplier(cfg, t))
         passes.append(tg.depth_phase(cfg, t))
     return list(range(steps + 1)), lr, passes
 

@@ -87,8 +87,10 @@ def tiny_env(data: Path, **overrides) -> dict[str, str]:
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
                TRAIN_BATCH_TOKENS="2048", ITERATIONS="30", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1",
                VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="5", VAL_BATCH_SIZE="16384", EVAL_STRIDE="16",
-               # the plain export (int8, last weights, no TTT); test_end_to_end runs the default one too
-               QUANT_BITS_ATTN="8", QUANT_BITS_MLP="8", GPTQ="0", EMA_HORIZON="0", EXPORT_WEIGHTS="last", TTT_LR="0")
+               # the plain export and evaluation (int8, last weights, no TTT, no mixer); test_end_to_end runs the
+               # default ones too
+               QUANT_BITS_ATTN="8", QUANT_BITS_MLP="8", GPTQ="0", EMA_HORIZON="0", EXPORT_WEIGHTS="last", TTT_LR="0",
+               MIX_ETA="0")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 

@@ -12,7 +12,7 @@ from conftest import PLAIN_SHAPE, ROOT, run_script, tiny_env
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from env_table import render_default  # noqa: E402
-from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, Config, ConfigError, build_config, env_knobs
+from train_gpt import ENV_ALLOWLIST, ENV_ALLOWED_PREFIXES, ENV_REMOVED, Config, ConfigError, build_config, env_knobs
 
 
 def test_defaults_are_the_frontier_record_stack():
@@ -32,8 +32,7 @@ def test_defaults_are_the_frontier_record_stack():
     # the 2026-04-27 record's additions that measured better on the golf bench (docs/ablations.md)
     assert (cfg.muon_ns, cfg.smear_gate, cfg.min_lr, cfg.beta2, cfg.doc_mask) == ("polar", True, 0.1, 0.99, False)
     assert cfg.muon_row_normalize and cfg.ema_horizon == 0.063  # 0.9965 per step at the record's ~4,550 steps
-    assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_cosine, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, True, 1.0,
-                                                                                             32_768)
+    assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, 1.0, 32_768)
     assert "8192" in cfg.data_path and "8192" in cfg.tokenizer_path
     assert (cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed, cfg.gptq) == (6, 6, 8, True)
     assert (cfg.matrix_clip_sigmas, cfg.mlp_clip_sigmas, cfg.embed_clip_sigmas) == (12.85, 0.0, 20.0)
@@ -41,7 +40,7 @@ def test_defaults_are_the_frontier_record_stack():
                                                                                                16_000_000)
     assert cfg.micro_steps == 6 and cfg.micro_batch_seqs == 64  # 384 sequences of 2048 on one GPU
     assert build_config({}, world_size=8).micro_steps == 1
-    assert build_config({"GRAD_ACCUM_STEPS": "8"}).micro_batch_seqs == 48
+    assert build_config({"MICRO_BATCH_TOKENS": str(48 * 2048)}).micro_steps == 8
     assert build_config({"TRAIN_BATCH_TOKENS": str(3 * 2048 * 40)}, world_size=1).micro_steps == 2
 
 
@@ -58,7 +57,6 @@ def test_values_are_parsed_strictly():
     ({"MODEL_DIM": "500"}, "NUM_HEADS"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
-    ({"GRAD_ACCUM_STEPS": "5"}, "GRAD_ACCUM_STEPS"),
     ({"NUM_UNIQUE_LAYERS": "4"}, "NUM_LAYERS"),
     ({"LOOP_START": "20"}, "LOOP_START"),
     ({"LOOP_END": "20"}, "LOOP_END"),
@@ -109,6 +107,17 @@ def test_the_record_s_gptq_names_are_aliases_and_may_not_double_a_knob():
         build_config({"GPTQ_CALIBRATION_BATCHES": "32", "GPTQ_BATCHES": "8"})
     with pytest.raises(ConfigError, match="GPTQ_BATCHES='x'"):
         build_config({"GPTQ_CALIBRATION_BATCHES": "x"})
+
+
+def test_removed_knobs_are_refused_by_name_not_ignored(tmp_path, tiny_data):
+    """An ignored DRY_RUN=1 would start a real run: each removed knob stops it in one line that names it."""
+    assert not set(ENV_REMOVED) & set(env_knobs())
+    for name in ENV_REMOVED:
+        with pytest.raises(ConfigError, match=f"^{name}: no longer a knob; "):
+            build_config({name: "1"})
+    result = run_script(tiny_env(tiny_data, DRY_RUN=1), tmp_path, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "DRY_RUN: no longer a knob; run scripts/dry_run.py" in result.stderr and not (tmp_path / "runs").exists()
 
 
 def test_typo_error_names_the_knob():

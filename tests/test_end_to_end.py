@@ -22,7 +22,7 @@ def stored_matrices(artifact) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def single_run(tiny_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("single")
-    result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd)
+    result = run_script(tiny_env(tiny_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -69,7 +69,7 @@ def test_final_lines_have_the_documented_format(single_run):
 def test_existing_run_folder_is_refused(single_run, tiny_data):
     cwd, _ = single_run
     before = (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes()
-    result = run_script(tiny_env(tiny_data, RUN_ID="single", GRAD_ACCUM_STEPS=8), cwd, timeout=60)
+    result = run_script(tiny_env(tiny_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd, timeout=60)
     assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
     assert (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes() == before
 
@@ -78,7 +78,7 @@ def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_pat
     """Same global batch: 2 ranks x 4 micro-steps see the same sequences as 1 rank x 8, so the
     runs agree up to float reduction order."""
     _, single = single_run
-    result = run_script(tiny_env(tiny_data, RUN_ID="ddp", GRAD_ACCUM_STEPS=4), tmp_path, nproc=2, timeout=300)
+    result = run_script(tiny_env(tiny_data, RUN_ID="ddp", MICRO_BATCH_TOKENS=256), tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final_summary ") == 1  # rank 0 logs alone
     multi = final_summary(result.stdout)
@@ -90,8 +90,8 @@ def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_pat
 
 
 def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, DRY_RUN=1, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4,
-                                 NUM_UNIQUE_LAYERS=2), tmp_path, timeout=120)
+    result = run_script(tiny_env(tiny_data, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4, NUM_UNIQUE_LAYERS=2), tmp_path,
+                        timeout=120, script=ROOT / "scripts" / "dry_run.py")
     assert result.returncode == 0, result.stderr[-2000:]
     estimate = re.search(r"dry_run estimated_artifact_bytes:(\d+) \(fits", result.stdout)
     projected = re.search(r"dry_run step_ms:([\d.]+) tok/s:\d+ projected_steps:(\d+) in MAX_WALLCLOCK_SECONDS=300",
@@ -163,13 +163,14 @@ def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
 def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
     """The defaults' pipeline (tiny_env pins the plain one) on a model wide enough for its MLP
     matrices and tied embedding to be quantized: EMA weights, GPTQ with std clip (int6 MLP, int8
-    embedding from the final hidden states), brotli, then round trip, sliding and score-first TTT."""
+    embedding from the final hidden states), brotli, then round trip, sliding and score-first TTT with the n-gram
+    mixer (the score)."""
     from train_gpt import build_config
 
     d = build_config({})
     env = tiny_env(tiny_data, RUN_ID="defaults", QUANT_BITS_ATTN=d.quant_bits_attn, QUANT_BITS_MLP=d.quant_bits_mlp,
                    GPTQ=int(d.gptq), EMA_HORIZON=d.ema_horizon, EXPORT_WEIGHTS=d.export_weights, TTT_LR=d.ttt_lr,
-                   TTT_CHUNK=1024, MODEL_DIM=128, MLP_MULT=4.5, GPTQ_BATCHES=4, ITERATIONS=20)
+                   MIX_ETA=d.mix_eta, TTT_CHUNK=1024, MODEL_DIM=128, MLP_MULT=4.5, GPTQ_BATCHES=4, ITERATIONS=20)
     result = run_script(env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out, summary = result.stdout, final_summary(result.stdout)
@@ -177,13 +178,14 @@ def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
     assert re.search(r"^export_try:1 attn:int6/k12.85/gptq mlp:int6/k12.85/gptq embed:int8/k20/gptq "
                      r"codec:brotlix16 bytes:\d+ budget:\d+ fits ", out, re.M)
     assert re.search(r"^Serialized model mixedgptq\+brotli: \d+ bytes \([\d.]+ bits per parameter\)$", out, re.M)
-    assert list(summary["evals"]) == [f"final_mixedgptq_brotli_{k}" for k in ("roundtrip", "sliding", "ttt")]
-    assert summary["score_line"].startswith("final_mixedgptq_brotli_ttt ")
+    assert list(summary["evals"]) == [f"final_mixedgptq_brotli_{k}" for k in ("roundtrip", "sliding", "ttt_mix")]
+    assert summary["score_line"].startswith("final_mixedgptq_brotli_ttt_mix ")
+    assert re.search(r"^final_mixedgptq_brotli_ttt_mix_weights network,unigram,bigram,trigram:\[", out, re.M)
     artifact = tmp_path / "runs/defaults/final_model.mixedgptq_brotli.ptz"
     assert artifact.stat().st_size == summary["bytes_model"]
     assert stored_matrices(artifact) == dict(attn="8xfloat16", mlp="4xint6", embed="1xint8")
     sliding = summary["evals"]["final_mixedgptq_brotli_sliding"]["val_bpb"]
-    assert summary["val_bpb"] != sliding and abs(summary["val_bpb"] - sliding) < 0.1  # TTT moved the score a little
+    assert sliding - 0.5 < summary["val_bpb"] < sliding - 0.05  # a 20-step model: the n-gram experts help (~0.25)
     averaged = re.search(r"^averaged_weights val_loss:[\d.]+ val_bpb:([\d.]+) \(before export\)$", out, re.M)
     roundtrip = summary["evals"]["final_mixedgptq_brotli_roundtrip"]["val_bpb"]
     assert averaged and abs(roundtrip - float(averaged[1])) < 0.02  # what quantization cost
@@ -253,3 +255,24 @@ def test_eval_only_scores_an_artifact_with_phased_lora_ttt(single_run, tiny_data
         assert abs(sliding - final_summary(out)["val_bpb"]) < 1e-6  # as in its run (smaller batches)
         scores[phases] = float(exact[1])
     assert scores["5"] != scores[""]  # the phase's SGD steps on documents 0..4 changed the later documents' scores
+
+
+@pytest.mark.slow
+def test_mixer_on_an_artifact_names_its_line_and_scores_alike_on_two_ranks(single_run, tiny_data, tmp_path):
+    """EVAL_ONLY with MIX_ETA: the score is final_..._sliding_mix, its weights are logged, and two ranks (each
+    counting every chunk itself, gradients summed) score as one."""
+    cwd, out = single_run
+    artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
+    scores = {}
+    for nproc in (1, 2):
+        env = tiny_env(tiny_data, RUN_ID=f"mix{nproc}", EVAL_ONLY=artifact, MIX_ETA=1, MIX_BUCKETS=4096, TTT_CHUNK=2048)
+        result = run_script(env, tmp_path, nproc=nproc, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = final_summary(result.stdout)
+        assert list(summary["evals"]) == ["final_int8_brotli_roundtrip", "final_int8_brotli_sliding_mix"]
+        assert summary["score_line"].startswith("final_int8_brotli_sliding_mix ")
+        weights = r"^final_int8_brotli_sliding_mix_weights network,unigram,bigram,trigram:\["
+        assert re.search(weights, result.stdout, re.M)
+        scores[nproc] = summary["val_bpb"]
+    assert abs(scores[1] - final_summary(out)["val_bpb"]) > 1e-4  # the mixer changed the score
+    assert abs(scores[1] - scores[2]) < 1e-4, scores

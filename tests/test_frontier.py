@@ -144,9 +144,9 @@ def test_decoupled_weight_decay_per_group():
 
 def test_min_lr_floors_the_warmdown():
     cfg = cfg_of(WARMDOWN_FRAC=0.5, MIN_LR=0.1)
-    assert lr_multiplier(cfg, 0, 0.4, 1.0) == 1.0
-    assert lr_multiplier(cfg, 0, 0.75, 1.0) == pytest.approx(0.5)
-    assert lr_multiplier(cfg, 0, 0.99, 1.0) == pytest.approx(0.1)
+    assert lr_multiplier(cfg, 0.4) == 1.0
+    assert lr_multiplier(cfg, 0.75) == pytest.approx(0.5)
+    assert lr_multiplier(cfg, 0.99) == pytest.approx(0.1)
 
 
 def test_xsa_flag_zero_is_plain_attention():

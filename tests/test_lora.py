@@ -21,7 +21,7 @@ def setup(**env):
     torch.manual_seed(0)
     cfg = tiny_cfg(**{"NUM_LAYERS": 2, "TTT_LR": 0.05, "TTT_ADAPTER": "lora", "TTT_LORA_RANK": 4,
                       "TTT_LORA_LR": 0.05, "TTT_LORA_CHUNK": 8, "TTT_EPOCHS": 1, "TRAIN_SEQ_LEN": 16, "TTT_CHUNK": 64,
-                      "VAL_BATCH_SIZE": 3 * WINDOW, **env})
+                      "VAL_BATCH_SIZE": 3 * WINDOW, "MIX_ETA": 0, **env})  # LoRA is not mixed
     model = GPT(cfg)
     tokens = torch.randint(2, cfg.vocab_size, (240,), dtype=torch.int32)
     tokens[BOS_AT] = train_gpt.BOS_ID

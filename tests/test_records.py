@@ -20,10 +20,10 @@ from conftest import ROOT, run_script, tiny_env
 sys.path.insert(0, str(ROOT / "scripts"))
 import pack_record  # noqa: E402
 import welch  # noqa: E402
-from runlog import read_log  # noqa: E402
+from runlog import RunLog, read_log  # noqa: E402
 
 SEEDS = (1, 2, 3)
-FAST = dict(ITERATIONS=6, TRAIN_LOG_EVERY=2, EVAL_STRIDE=32)
+FAST = dict(ITERATIONS=6, TRAIN_LOG_EVERY=2, EVAL_STRIDE=32, MIX_ETA=1, MIX_BUCKETS=4096)  # the default mixed score
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,8 @@ def test_record_from_three_seeds(seed_runs, tmp_path):
         assert (out / f"seed{s}.txt").read_bytes() == (seed_runs / "runs" / f"seed{s}" / f"seed{s}.txt").read_bytes()
     readme = (out / "README.md").read_text()
     assert f"| 2 | {runs[1]['val_bpb']:.8f} |" in readme and "one-sided Welch t-test" in readme
+    assert "(`final_int8_brotli_sliding_mix`)" in readme and "the n-gram experts count only targets already" in readme
+    assert "hashed-trigram experts counted from already-scored targets only" in sub["compliance"]["evaluation"]
     command = re.search(r"```bash\n(.*?)\n```", readme, re.S)[1]
     assert command.startswith("SEED=1 ") and command.endswith("python3 train_gpt.py")
     assert "ITERATIONS=6" in command and "MODEL_DIM=64" in command and "RUN_ID" not in command
@@ -169,8 +171,18 @@ def test_runs_table_shows_eval_only_runs(seed_runs):
     assert set(rows) == {"seed1", "seed2", "seed3", "rescore", "packed"}
     rescore = read_log(seed_runs / "runs" / "rescore").summary
     assert rows["rescore"].startswith("| rescore | - | - | - |")  # no training: steps, ms/step, tok/s
-    assert f"| {rescore['evals']['final_int8_brotli_sliding']['val_bpb']:.4f} |" in rows["rescore"]
+    assert f"| {rescore['evals']['final_int8_brotli_sliding_mix']['val_bpb']:.4f} |" in rows["rescore"]
+    assert "| roundtrip bpb | sliding_mix bpb |" in result.stdout.splitlines()[0]  # each kind whole, mixed or not
     assert rescore["val_bpb"] == read_log(seed_runs / "runs" / "seed1").summary["val_bpb"]
+
+
+def test_evaluation_kinds_keep_their_suffixes():
+    """A column per kind: the mixed and LoRA lines are their own kinds, not 'mix' or 'lora' shared by two."""
+    names = ["final_mixedgptq_brotli_roundtrip", "final_mixedgptq_brotli_sliding", "final_mixedgptq_brotli_ttt_mix",
+             "final_int8_brotli_ttt_lora", "final_int6_lzma_sliding_mix", "pre_export"]
+    run = RunLog(Path("x.txt"), {}, {"evals": {name: {"val_bpb": i} for i, name in enumerate(names)}})
+    assert {k: e["val_bpb"] for k, e in run.evals_by_kind().items()} == dict(
+        roundtrip=0, sliding=1, ttt_mix=2, ttt_lora=3, sliding_mix=4, pre_export=5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
 
 def test_two_ranks_switch_depth_together_and_stay_identical(tiny_data, tmp_path):
     env = tiny_env(tiny_data, NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6, PROG_DEPTH="0.3:1,0.6:2,1.0:3",
-                   LOOP_EMBED=1, GRAD_ACCUM_STEPS=2)
+                   LOOP_EMBED=1, MICRO_BATCH_TOKENS=512)
     result = run_script(env, tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     switches = re.findall(r"^depth_switch step:(\d+) t:[\d.]+ passes:(\d)->(\d) ranks_agree:(\w+)$", result.stdout, re.M)

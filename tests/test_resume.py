@@ -23,9 +23,10 @@ from train_gpt import (GPT, ConfigError, Interrupted, Runtime, ShuffledLoader, T
                        load_checkpoint, save_checkpoint)
 
 # Everything a checkpoint must carry moves in these runs: the depth grows (1 core pass, then 2 from t = 0.2),
-# EMA and SWA run from then on, two micro-steps a step read the shuffled batches, validation every 20 steps.
+# EMA and SWA run from then on, micro-steps (4 a step on one rank, 2 on two) read the shuffled batches, validation
+# every 20 steps.
 RESUMABLE = dict(ITERATIONS=60, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=20, NUM_UNIQUE_LAYERS=1, PROG_DEPTH="0.2:1,1.0:2",
-                 EMA_HORIZON=0.2, SWA_START=0.2, SWA_EVERY=3, EXPORT_WEIGHTS="swa", GRAD_ACCUM_STEPS=2)
+                 EMA_HORIZON=0.2, SWA_START=0.2, SWA_EVERY=3, EXPORT_WEIGHTS="swa", MICRO_BATCH_TOKENS=512)
 
 
 def interrupt(env: dict, cwd, nproc: int, at_step: int) -> tuple[int, str]:

@@ -31,7 +31,7 @@ def scores(cfg, model, tokens, tables, ttt=True):
     return result, nll
 
 
-@pytest.mark.parametrize("env", [{}, {"TTT_COSINE": 1, "TTT_GRAD_CLIP": 0.5}])
+@pytest.mark.parametrize("env", [{}, {"TTT_GRAD_CLIP": 0.5}])
 def test_perturbing_a_token_changes_no_earlier_score(env):
     cfg, model, tokens, tables = setup(**env)
     _, base = scores(cfg, model, tokens, tables)
@@ -81,7 +81,7 @@ def test_one_chunk_is_plain_evaluation():
 
 
 def test_cosine_ttt_lr_falls_from_ttt_lr_to_zero_over_the_chunks(monkeypatch):
-    cfg, model, tokens, tables = setup(TTT_COSINE=1)
+    cfg, model, tokens, tables = setup()
     used = []
     monkeypatch.setattr(train_gpt, "ttt_step", lambda fn, params, opt, *a: used.append(opt.param_groups[0]["lr"]))
     scores(cfg, model, tokens, tables)

@@ -1,0 +1,31 @@
+"""scripts/dry_run.py: a run's checks and estimates outside the shipped file, with the shipped file's bytes counted."""
+from __future__ import annotations
+
+import sys
+
+from conftest import ROOT, run_script, tiny_env
+from test_model import tiny_cfg
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import dry_run  # noqa: E402
+import train_gpt  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "dry_run.py"
+
+
+def test_the_estimate_counts_train_gpt_s_bytes_not_the_dry_run_script_s(monkeypatch):
+    cfg = tiny_cfg()
+    monkeypatch.setattr(train_gpt, "pack_artifact", lambda stored, recipe: b"\0" * 7)
+    estimate = dry_run.estimated_artifact_bytes(cfg, train_gpt.GPT(cfg))
+    assert estimate == (ROOT / "train_gpt.py").stat().st_size + 7 != SCRIPT.stat().st_size + 7
+
+
+def test_bad_input_exits_2_in_one_line_naming_it_before_any_work(tmp_path, tiny_data):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "taken.txt").write_text("a run's log")
+    for env, culprit in ((dict(RUN_ID="taken"), "RUN_ID: output folder runs/taken already exists"),
+                         (dict(NUM_HEADS=3), "NUM_HEADS"), (dict(DATA_PATH=tmp_path / "none"), "none")):
+        result = run_script(tiny_env(tiny_data, **env), tmp_path, timeout=60, script=SCRIPT)
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert result.stderr.startswith("error: ") and culprit in result.stderr and "dry_run" not in result.stdout
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["taken"]  # nothing written
