@@ -2000,7 +2000,7 @@ def check_inputs(cfg: Config) -> None:
         require(manifest.is_file(), f"RESUME={cfg.resume}: no complete checkpoint there ({manifest} not found)")
         saved, ours = json.loads(manifest.read_text())["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
         free = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile", "attn_backend")
-        differ = [k.upper() for k, v in saved.items() if k not in free and ours.get(k) != v]
+        differ = [k.upper() for k, v in saved.items() if k not in free and ours.get(k, v) != v]
         require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
     for name, package in (("zstd", zstandard), ("brotli", brotli)):
         require(cfg.compressor != name or package is not None,

@@ -120,6 +120,14 @@ def test_resume_accepts_other_logging_and_checkpointing(tiny_data, tmp_path):
     check_inputs(build_config(tiny_env(tiny_data, RESUME=tmp_path, TRAIN_LOG_EVERY=7, CHECKPOINT_EVERY=60)))
 
 
+def test_resume_accepts_a_checkpoint_that_names_a_knob_taken_out_since(tiny_data, tmp_path):
+    cfg = build_config(tiny_env(tiny_data))
+    (tmp_path / "checkpoint").mkdir()  # written before WARMDOWN_ITERS left: its manifest still names it
+    manifest = dict(step=3, config={**dataclasses.asdict(cfg), "warmdown_iters": 0})
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text(json.dumps(manifest))
+    check_inputs(build_config(tiny_env(tiny_data, RESUME=tmp_path)))
+
+
 def tiny_training(tiny_data):
     cfg = build_config(tiny_env(tiny_data, EMA_HORIZON=0.2))
     model = GPT(cfg)
