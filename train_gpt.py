@@ -869,6 +869,9 @@ class GPT(nn.Module):
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.compiled_blocks = [torch.compile(b, dynamic=False, fullgraph=True) for b in self.blocks] if compile else []
+        # LoRA TTT's batches (and its phases' last steps) change shape: its own twins, whose shapes turn dynamic once
+        # seen to change (primed by check_eval_budget on synthetic tokens)
+        self.lora_blocks = [torch.compile(b, dynamic=None, fullgraph=True) for b in self.blocks] if compile else []
         self.block_mask = torch.compile(create_block_mask) if compile else create_block_mask  # compiled: no B*T*T mask
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
             else softcap_cross_entropy
@@ -887,9 +890,11 @@ class GPT(nn.Module):
             lam, w = self.smear[0], self.smear[1:]  # (the 2026-04-27 record's fix: no document sees the previous)
             gate = lam * torch.sigmoid(x[:, 1:, :len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
             x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
-        blocks = self.blocks if eager or not self.compiled_blocks else self.compiled_blocks
-        if self.cfg.doc_mask:  # a token sees earlier tokens of its document only. Compiled blocks: a flex_attention
-            # block mask (fused, skips whole blocks); eager ones: SDPA's boolean mask (flex has no CPU backward)
+        twins = self.compiled_blocks if lora is None else self.lora_blocks  # LoRA TTT's, its phases' (lora={})
+        blocks = self.blocks if eager or not twins else twins
+        if self.cfg.doc_mask and not lora:  # a token sees earlier tokens of its document only (a LoRA row is one
+            # document). Compiled blocks: a flex_attention block mask (fused, skips whole blocks); eager ones: SDPA's
+            # boolean mask (flex has no CPU backward)
             doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
             docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
                 self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
@@ -1110,12 +1115,7 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if adapter != "none" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
-
-    def logits_fn(x, lora=None):  # LoRA's batches shrink as their documents end: eager blocks, no recompiles
-        with autocast():
-            return model.logits(x, plan, eager=lora is not None, lora=lora)
-
-    was_training = model.training
+    logits_fn, was_training = partial(eval_logits, model, plan, autocast), model.training
     model.eval()
     tables = ByteTables(*(t.to(tokens.device) for t in tables))
     if adapter == "lora":
@@ -1146,6 +1146,11 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
         dist.all_reduce(sums)
     loss, count, nbytes = sums.tolist()
     return loss / count, loss / math.log(2) / nbytes
+
+
+def eval_logits(model: GPT, plan: Plan, autocast, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
+    with autocast():
+        return model.logits(x, plan, lora=lora)
 
 
 def document_bounds(tokens: torch.Tensor) -> list[tuple[int, int]]:
@@ -1184,13 +1189,16 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
     fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
     phases = [n for n in cfg.ttt_phase_docs if n < len(bounds)]
     for lo, hi in zip([0, *phases], [*phases, len(bounds)]):
+        model.requires_grad_(False)  # the chunk steps differentiate the adapters only
         for docs, lengths in lora_batches(bounds[lo:hi], cfg, window, rank, world_size):
             lora_batch(logits_fn, fresh, tokens, docs, lengths, cfg, tables, sums, nll_out)
+        model.requires_grad_(True)
         if hi < len(bounds):  # a global phase over documents [0, hi)
             optimizer.state.clear()  # fresh momentum per phase
             end = bounds[hi][0]
             for a in range(0, end - cfg.train_seq_len + 1, cfg.ttt_chunk):
-                ttt_step(logits_fn, params, optimizer, tokens, a, min(a + cfg.ttt_chunk, end), cfg, rank, world_size)
+                ttt_step(partial(logits_fn, lora={}), params, optimizer, tokens, a, min(a + cfg.ttt_chunk, end), cfg,
+                         rank, world_size)
     return sums
 
 
@@ -2237,27 +2245,33 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
         mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
-        for _ in range(2):  # the second forward is timed
-            rt.synchronize()
-            start = time.perf_counter()
+
+        def forward():
             with rt.autocast():
-                base.logits(x, plan, eager=adapter == "lora")  # as evaluate runs it
+                base.logits(x, plan)  # as evaluate runs it
             if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
                 pos = torch.arange(x.numel() - 1, device=rt.device)
                 mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
                 mixer.update(x.flatten(), 0, len(pos), 1)
-            rt.synchronize()
-        if adapter == "lora":  # forward tokens of the documents' chunk steps, then of the global phases
-            steps = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk)
-                        for docs, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size)
-                        for c, length in enumerate(lengths))
-            phases = sum(bounds[min(n, len(bounds) - 1)][0] for n in cfg.ttt_phase_docs)
-            work = 3 * steps + 3 * cfg.ttt_epochs * phases / rt.world_size
-        else:  # forward tokens of the windows (whole batches), then of sgd's training
+        per_token = [timed(rt, forward) for _ in range(2)][1] / (batch * window)  # the first compiles
+        # TTT's SGD steps (sgd: one per TTT_CHUNK but the last; LoRA's phases: one per TTT_CHUNK of their documents)
+        sgd_steps = math.ceil(bounds[-1][1] / cfg.ttt_chunk) - 1 if adapter == "sgd" else adapter == "lora" and \
+            sum(math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)
+        spans = (cfg.ttt_chunk,) * 2 if adapter == "sgd" else \
+            (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)  # phases: any size
+        lora = {} if adapter == "lora" else None
+        seconds = [ttt_step_seconds(base, plan, cfg, rt, s, lora) for s in spans][-1] * sgd_steps if sgd_steps else 0.0
+        if adapter == "lora":  # chunk steps: a fixed cost each plus one per row-token
+            shapes = ((2, window), (3, window // 2), (1, window), (1, window), (batch, window), (batch, window))
+            one, full = [lora_step_seconds(base, plan, cfg, rt, *shape) for shape in shapes][3::2]  # after compiles
+            per_row = (full - one) / max(1, batch - 1)
+            for docs, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size):
+                tokens = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk) for c, length in enumerate(lengths))
+                seconds += (one - per_row) * len(lengths) + per_row * tokens / window
+        else:  # forward tokens of the windows, whole batches
             windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)
-            work = math.ceil(windows / batch) * batch * window
-            work += 3 * cfg.ttt_epochs * bounds[-1][1] / rt.world_size if adapter == "sgd" else 0
-        estimate[kind] = rt.agree_max((time.perf_counter() - start) / (batch * window) * work)
+            seconds += per_token * math.ceil(windows / batch) * batch * window
+        estimate[kind] = rt.agree_max(seconds)
     total = sum(estimate.values())
     scaled = competition_seconds(total, bounds[-1][1], rt.world_size, rt.device.type)
     rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
@@ -2269,6 +2283,39 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
                 if ttt > max(total, scaled) / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
         raise Refused(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
                       f"{max(total, scaled):.0f} s{' at the competition scale' if scaled > total else ''}; {hint}")
+
+
+def timed(rt: Runtime, fn: Callable, *args) -> float:
+    """Seconds fn(*args) takes on this rank's device."""
+    rt.synchronize()
+    start = time.perf_counter()
+    fn(*args)
+    rt.synchronize()
+    return time.perf_counter() - start
+
+
+def lora_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
+    """Seconds a LoRA TTT chunk step (score, then an Adam step) takes with `rows` synthetic documents seeing `window`
+    tokens, run as evaluate runs it: the first calls compile its graphs (batch 1; others), never on validation text."""
+    tokens = torch.randint(2, cfg.vocab_size, (rows * 3 * window,), device=rt.device)
+    docs = [(i * 3 * window, (i + 1) * 3 * window - 1) for i in range(rows)]
+    tables = ByteTables(*(torch.zeros(cfg.vocab_size, dtype=t, device=rt.device) for t in (torch.int16, bool, bool)))
+    fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
+    base.requires_grad_(False)  # as score_documents runs it
+    seconds = timed(rt, lora_batch, partial(eval_logits, base, plan, rt.autocast), fresh, tokens, docs, [window] * 3,
+                    cfg, tables, sums, None)
+    base.requires_grad_(True)
+    return seconds / 3
+
+
+def ttt_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, span: int, lora: dict | None) -> float:
+    """Seconds of a TTT SGD step (ttt_step) on `span` synthetic tokens at LR 0 (the weights stay), as evaluate runs
+    it: the first call of a shape compiles its graph, never on validation text."""
+    tokens = torch.randint(2, cfg.vocab_size, (span + 1,), device=rt.device)
+    params = list(base.parameters())
+    return timed(rt, ttt_step, partial(eval_logits, base, plan, rt.autocast, lora=lora), params,
+                 torch.optim.SGD(params, lr=0.0, momentum=cfg.ttt_momentum), tokens, 0, span, cfg, rt.rank,
+                 rt.world_size)
 
 
 def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
@@ -2355,6 +2402,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     results = final_evaluations(cfg, rt, partial(evaluate, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats),
                                                  val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast))
+    rt.log(compile_report())  # the budget check's priming and the evaluations'
     return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
                        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
 

@@ -153,3 +153,56 @@ def test_only_rows_with_targets_left_are_computed_each_with_its_document_so_far(
 def test_competition_scaling_refuses_on_cuda_only():
     assert train_gpt.competition_seconds(10.0, 40_540_160 // 4, 2, "cuda") == pytest.approx(10.0)
     assert train_gpt.competition_seconds(10.0, 40_540_160, 8, "cpu") == 0.0
+
+
+def test_compiled_lora_twins_score_as_eager_and_the_budget_check_primes_every_shape():
+    """LoRA TTT runs its own compiled twins of the blocks, whose batch and window shapes turn dynamic: after
+    check_eval_budget's priming on synthetic tokens, the evaluation (rows 3, 2, 1 as documents end; windows of 8, 16
+    and 32 tokens; a phase's SGD steps of 2, 2 and 1 pieces) compiles nothing more, and scores as the eager blocks."""
+    from torch._dynamo.utils import counters
+
+    cfg, model, tokens, tables = setup(EVAL_SEQ_LEN=WINDOW, TTT_PHASES="3", TTT_CHUNK=32)
+    eager, eager_nll = scores(cfg, model, tokens, tables)
+    torch._dynamo.reset()
+    counters.clear()
+    torch._dynamo.config.cache_size_limit = 64  # as GPT(compile=True) sets it
+    # backend "eager": dynamo's graph capture, guards and dynamic shapes as on the GPU, without inductor's compile time
+    model.compiled_blocks = [torch.compile(b, backend="eager", fullgraph=True, dynamic=False) for b in model.blocks]
+    model.lora_blocks = [torch.compile(b, backend="eager", fullgraph=True, dynamic=None) for b in model.blocks]
+    train_gpt.check_eval_budget(model, cfg, train_gpt.Runtime(0, 1, 0, torch.device("cpu")),
+                                train_gpt.document_bounds(tokens))
+    primed = counters["stats"]["unique_graphs"]
+    assert primed >= 3  # the forward's, LoRA's for one row and for several
+    compiled, nll = scores(cfg, model, tokens, tables)
+    assert counters["stats"]["unique_graphs"] == primed
+    assert compiled == pytest.approx(eager, rel=1e-6) and torch.allclose(nll, eager_nll, atol=1e-5)
+
+
+def budget_lines(cfg, model, tokens) -> list[str]:
+    logged = []
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"))
+    rt.log = logged.append
+    train_gpt.check_eval_budget(model, cfg, rt, train_gpt.document_bounds(tokens))
+    return logged
+
+
+@pytest.mark.parametrize("adapter, phases", [("sgd", ""), ("lora", "3")])
+def test_the_budget_check_runs_ttt_steps_and_leaves_the_weights_as_they_were(adapter, phases):
+    """check_eval_budget runs TTT's SGD step (at LR 0) and LoRA's chunk steps on synthetic tokens (priming their
+    compiled graphs): afterwards every weight is bit-equal and trainable again."""
+    cfg, model, tokens, tables = setup(TTT_ADAPTER=adapter, TTT_PHASES=phases, TTT_CHUNK=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    budget_lines(cfg, model, tokens)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("adapter, phases, expected", [("sgd", "", "ttt:10.0s"), ("lora", "3", "ttt_lora:7.0s")])
+def test_the_budget_estimate_counts_the_steps_evaluate_takes(monkeypatch, adapter, phases, expected):
+    """Every timing 1 s: sgd = 7 SGD steps (239 targets in chunks of 32, the last untrained) + 3 batches of 6 windows;
+    lora = the phase's 3 SGD steps (90 targets before document 3) + 12 chunk steps (the 6 longest documents, the
+    longest 80 targets in chunks of 8: 10; then the last one, 15 targets: 2) at 1/3 s each."""
+    monkeypatch.setattr(train_gpt, "timed", lambda *args: 1.0)
+    cfg, model, tokens, tables = setup(TTT_ADAPTER=adapter, TTT_PHASES=phases, TTT_CHUNK=32)
+    estimate = next(line for line in budget_lines(cfg, model, tokens) if line.startswith("eval_budget_estimate"))
+    assert expected in estimate.split()
