@@ -1663,17 +1663,6 @@ def pack_code(source: bytes) -> str:
     return PACKED_HEADER + PACKED_TEMPLATE.format(payload=payload)
 
 
-def environment_report(device: torch.device) -> str:
-    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-             f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}"]
-    if device.type == "cuda":  # CUDA's version and the GPUs: log_header's next line
-        try:
-            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
-        except (OSError, subprocess.TimeoutExpired):
-            lines.append("nvidia-smi: unavailable")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 #
@@ -2041,9 +2030,15 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     source = code.read_bytes()
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(source.decode("utf-8"), console=False)
-    rt.log("=" * 100 + "\n" + environment_report(rt.device), console=False)
-    rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
+    rt.log("=" * 100 + f"\npython:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+           f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}", console=False)
     cuda = rt.device.type == "cuda"
+    if cuda:  # nvidia-smi: CUDA's version and the GPUs
+        try:
+            rt.log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
+        except (OSError, subprocess.TimeoutExpired):
+            rt.log("nvidia-smi: unavailable", console=False)
+    rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
     rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
            f"{attention_backend_name(cfg, rt.device.type)} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
