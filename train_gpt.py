@@ -400,11 +400,8 @@ def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -
 
 def parse_prog_depth(text: str) -> list[tuple[float, int]]:
     """'0.4:2,0.65:3,1.0:4' -> [(0.4, 2), (0.65, 3), (1.0, 4)]; fractions rising, ending at 1.0."""
-    phases = []
     try:
-        for item in text.split(","):
-            frac, passes = item.split(":")
-            phases.append((float(frac), int(passes)))
+        phases = [(float(frac), int(passes)) for frac, passes in (item.split(":") for item in text.split(","))]
     except ValueError:
         raise ConfigError(f"PROG_DEPTH={text!r}: expected 'f1:r1,f2:r2,...,1.0:R' (fraction:passes)") from None
     fracs = [f for f, _ in phases]
@@ -1616,11 +1613,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def log(self, message: str, console: bool = True) -> None:
-        if not self.main:
-            return
-        if console:
+        if self.main and console:
             print(message, flush=True)
-        if self.log_path is not None:
+        if self.main and self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(message + "\n")
 
@@ -1760,10 +1755,9 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
 
 
 def set_schedules(cfg: Config, optimizers, t: float) -> None:
-    mult = lr_multiplier(cfg, t)
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
+            group["lr"] = group["base_lr"] * lr_multiplier(cfg, t)
             if isinstance(opt, Muon):
                 group["momentum"] = muon_momentum(cfg, t)
 
