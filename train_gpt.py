@@ -2171,8 +2171,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
-    checksum = float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
-                         for p in base.parameters()))
+    checksum = sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item() for p in base.parameters())
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
            f"full_depth_from_step:{state.full_depth_from}")
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
