@@ -263,19 +263,15 @@ def check_typos(env: Mapping[str, str]) -> None:
 def parse_value(name: str, text: str, kind, choices: tuple):
     text = text.strip()
     allowed = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}.get(kind)
-    try:
+    with contextlib.suppress(ValueError):
         if kind == "bool" and text.lower() in ("0", "1", "true", "false"):
             return text.lower() in ("1", "true")
         if kind == "int":
             return int(text)
         if kind == "float" and math.isfinite(value := float(text)):
             return value
-    except ValueError:
-        pass
-    if allowed:
-        raise ConfigError(f"{name}={text!r}: expected {allowed}")
-    if choices and text not in choices:
-        raise ConfigError(f"{name}={text!r}: expected one of {', '.join(choices)}")
+    require(not allowed, f"{name}={text!r}: expected {allowed}")
+    require(not choices or text in choices, f"{name}={text!r}: expected one of {', '.join(choices)}")
     return text
 
 
@@ -298,9 +294,9 @@ def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
                                micro_batch_seqs=local_seqs // micro_steps, **depth)
 
 
-def require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise error(message)
 
 
 def validate(cfg: Config) -> dict:
@@ -328,11 +324,10 @@ def validate(cfg: Config) -> dict:
     require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
             f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
-    require((cfg.model_dim // cfg.num_heads) % 2 == 0,
-            f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
+    head_dim = cfg.model_dim // cfg.num_heads
+    require(head_dim % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
     require(cfg.num_heads % cfg.num_kv_heads == 0,
             f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
-    head_dim = cfg.model_dim // cfg.num_heads
     require(cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
             f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}")
     require(cfg.parallel_residual_start >= -1, f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start}: must be >= -1")
@@ -397,20 +392,16 @@ def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -
     """R such that NUM_LAYERS = (U - core) + R * core; ConfigError naming the values that work."""
     core = loop_end - loop_start + 1
     outside = unique - core
-    if num_layers <= outside or (num_layers - outside) % core:
-        options = ", ".join(str(outside + r * core) for r in range(1, 5))
-        raise ConfigError(f"NUM_LAYERS={num_layers}: with NUM_UNIQUE_LAYERS={unique} and core "
-                          f"{loop_start}..{loop_end} it must be {options}, ...")
+    options = ", ".join(str(outside + r * core) for r in range(1, 5))
+    require(num_layers > outside and (num_layers - outside) % core == 0, f"NUM_LAYERS={num_layers}: with "
+            f"NUM_UNIQUE_LAYERS={unique} and core {loop_start}..{loop_end} it must be {options}, ...")
     return (num_layers - outside) // core
 
 
 def parse_prog_depth(text: str) -> list[tuple[float, int]]:
     """'0.4:2,0.65:3,1.0:4' -> [(0.4, 2), (0.65, 3), (1.0, 4)]; fractions rising, ending at 1.0."""
-    phases = []
     try:
-        for item in text.split(","):
-            frac, passes = item.split(":")
-            phases.append((float(frac), int(passes)))
+        phases = [(float(frac), int(passes)) for frac, passes in (item.split(":") for item in text.split(","))]
     except ValueError:
         raise ConfigError(f"PROG_DEPTH={text!r}: expected 'f1:r1,f2:r2,...,1.0:R' (fraction:passes)") from None
     fracs = [f for f, _ in phases]
@@ -601,28 +592,23 @@ def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
-    if header.size != HEADER_INTS:
-        raise DataError(f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes)")
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}; "
-                        f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    require(header.size == HEADER_INTS, f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes)",
+            DataError)
+    require(header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION, f"{path}: not a token shard (magic {header[0]}, "
+            f"version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})", DataError)
     count = int(header[2])
-    if count == 0:
-        raise DataError(f"{path}: empty shard (0 tokens)")
+    require(count != 0, f"{path}: empty shard (0 tokens)", DataError)
     size = path.stat().st_size
-    if size != HEADER_INTS * 4 + 2 * count:
-        raise DataError(f"{path}: size {size} bytes does not match its header ({count} tokens -> "
-                        f"{HEADER_INTS * 4 + 2 * count} bytes); truncated or corrupt")
+    require(size == HEADER_INTS * 4 + 2 * count, f"{path}: size {size} bytes does not match its header ({count} "
+            f"tokens -> {HEADER_INTS * 4 + 2 * count} bytes); truncated or corrupt", DataError)
     return count
 
 
 def find_shards(data_path: str, split: str) -> list[Path]:
     folder = Path(data_path)
-    if not folder.is_dir():
-        raise DataError(f"DATA_PATH={data_path}: folder not found")
+    require(folder.is_dir(), f"DATA_PATH={data_path}: folder not found", DataError)
     shards = sorted(folder.glob(f"fineweb_{split}_*.bin"))
-    if not shards:
-        raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in it")
+    require(len(shards) > 0, f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in it", DataError)
     for shard in shards:
         read_shard_header(shard)
     return shards
@@ -705,24 +691,21 @@ def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([map_shard(p) for p in find_shards(cfg.data_path, "val")])
-    if tokens.max() >= cfg.vocab_size:
-        raise DataError(f"DATA_PATH={cfg.data_path}: validation token id {int(tokens.max())} >= VOCAB_SIZE="
-                        f"{cfg.vocab_size}; the shards were built with another tokenizer")
+    require((top := int(tokens.max())) < cfg.vocab_size, f"DATA_PATH={cfg.data_path}: validation token id {top} >= "
+            f"VOCAB_SIZE={cfg.vocab_size}; the shards were built with another tokenizer", DataError)
     return torch.from_numpy(tokens.astype(np.int32))
 
 
 def load_tokenizer(cfg: Config):
     import sentencepiece as spm
 
-    if not Path(cfg.tokenizer_path).is_file():
-        raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path}: file not found")
+    require(Path(cfg.tokenizer_path).is_file(), f"TOKENIZER_PATH={cfg.tokenizer_path}: file not found", DataError)
     try:
         sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
     except Exception as exc:
         raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path}: not a SentencePiece model ({exc})") from None
-    if sp.vocab_size() != cfg.vocab_size:
-        raise DataError(f"VOCAB_SIZE={cfg.vocab_size}: the tokenizer {cfg.tokenizer_path} has "
-                        f"{sp.vocab_size()} pieces")
+    require(sp.vocab_size() == cfg.vocab_size, f"VOCAB_SIZE={cfg.vocab_size}: the tokenizer {cfg.tokenizer_path} has "
+            f"{sp.vocab_size()} pieces", DataError)
     return sp
 
 
@@ -1546,9 +1529,8 @@ def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecip
         raise DataError(f"{source}: header or export recipe not readable by this script ({exc})") from None
     if hashlib.sha256(payload := blob[end:]).hexdigest() != header.get("sha256"):
         raise DataError(f"{source}: payload checksum mismatch (corrupt or truncated file)")
-    if {"brotli": brotli, "zstd": zstandard}.get(recipe.compressor, lzma) is None:
-        raise DataError(f"{source}: written with {recipe.compressor}, whose package is missing "
-                        "(pip install -r requirements.txt)")
+    require({"brotli": brotli, "zstd": zstandard}.get(recipe.compressor, lzma) is not None, f"{source}: written with "
+            f"{recipe.compressor}, whose package is missing (pip install -r requirements.txt)", DataError)
     ends = np.cumsum([0] + header["streams"]).tolist()
     raw = decompress([payload[a:b] for a, b in zip(ends, ends[1:])], recipe)
     ends = np.cumsum([0] + [count * np.dtype(dtype).itemsize for _, dtype, count in header["sections"]]).tolist()
@@ -1639,11 +1621,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def log(self, message: str, console: bool = True) -> None:
-        if not self.main:
-            return
-        if console:
+        if self.main and console:
             print(message, flush=True)
-        if self.log_path is not None:
+        if self.main and self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(message + "\n")
 
@@ -1684,17 +1664,6 @@ def pack_code(source: bytes) -> str:
     record may ship instead of the readable file (scripts/pack_record.py writes and checks it)."""
     payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
     return PACKED_HEADER + PACKED_TEMPLATE.format(payload=payload)
-
-
-def environment_report(device: torch.device) -> str:
-    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-             f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}"]
-    if device.type == "cuda":  # CUDA's version and the GPUs: log_header's next line
-        try:
-            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
-        except (OSError, subprocess.TimeoutExpired):
-            lines.append("nvidia-smi: unavailable")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1794,10 +1763,9 @@ def train_step(model, loader: ShuffledLoader, rt: Runtime, cfg: Config, plan: Pl
 
 
 def set_schedules(cfg: Config, optimizers, t: float) -> None:
-    mult = lr_multiplier(cfg, t)
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
+            group["lr"] = group["base_lr"] * lr_multiplier(cfg, t)
             if isinstance(opt, Muon):
                 group["momentum"] = muon_momentum(cfg, t)
 
@@ -2010,9 +1978,8 @@ def check_inputs(cfg: Config) -> None:
         free = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile", "attn_backend")
         differ = [k.upper() for k, v in saved.items() if k not in free and ours.get(k, v) != v]
         require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
-    for name, package in (("zstd", zstandard), ("brotli", brotli)):
-        require(cfg.compressor != name or package is not None,
-                f"COMPRESSOR={name}: its package is missing: pip install -r requirements.txt")
+    require({"brotli": brotli, "zstd": zstandard}.get(cfg.compressor, lzma) is not None,
+            f"COMPRESSOR={cfg.compressor}: its package is missing: pip install -r requirements.txt")
 
 
 def setup_runtime() -> Runtime:
@@ -2065,9 +2032,15 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     source = code.read_bytes()
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(source.decode("utf-8"), console=False)
-    rt.log("=" * 100 + "\n" + environment_report(rt.device), console=False)
-    rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
+    rt.log("=" * 100 + f"\npython:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+           f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}", console=False)
     cuda = rt.device.type == "cuda"
+    if cuda:  # nvidia-smi: CUDA's version and the GPUs
+        try:
+            rt.log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
+        except (OSError, subprocess.TimeoutExpired):
+            rt.log("nvidia-smi: unavailable", console=False)
+    rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
     rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
            f"{attention_backend_name(cfg, rt.device.type)} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
@@ -2206,8 +2179,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
-    checksum = float(sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item()
-                         for p in base.parameters()))
+    checksum = sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item() for p in base.parameters())
     rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
            f"full_depth_from_step:{state.full_depth_from}")
     peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
