@@ -2210,8 +2210,9 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
 
 @torch.no_grad()
 def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None:
-    """Time forwards of synthetic batches as evaluate runs them, scale to this rank's share of the work on `bounds`
-    (document_bounds; a training step is ~3 forwards), refuse final evaluations over EVAL_BUDGET_S, here or at scale."""
+    """Time forwards and TTT steps of synthetic batches as evaluate runs them (priming their compiled graphs), scale
+    to this rank's share of the work on `bounds` (document_bounds), refuse final evaluations over EVAL_BUDGET_S, here
+    or at scale."""
     estimate, plan = {}, plan_for(cfg, cfg.eval_repeats or cfg.repeats)
     for kind, window, stride, adapter in evaluation_windows(cfg):
         batch = max(1, cfg.val_batch_size // (rt.world_size * window))
@@ -2237,7 +2238,9 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
             shapes = ((2, window), (3, window // 2), (1, window), (1, window), (batch, window), (batch, window))
             one, full = [lora_step_seconds(base, plan, cfg, rt, *shape) for shape in shapes][3::2]  # after compiles
             per_row = (full - one) / max(1, batch - 1)
-            for docs, lengths in lora_batches(bounds, cfg, window, rt.rank, rt.world_size):
+            cuts = [0, *[n for n in cfg.ttt_phase_docs if n < len(bounds)], len(bounds)]  # as score_documents runs
+            for docs, lengths in (b for lo, hi in zip(cuts, cuts[1:]) for b in
+                                  lora_batches(bounds[lo:hi], cfg, window, rt.rank, rt.world_size)):
                 tokens = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk) for c, length in enumerate(lengths))
                 seconds += (one - per_row) * len(lengths) + per_row * tokens / window
         else:  # forward tokens of the windows, whole batches
@@ -2268,16 +2271,18 @@ def timed(rt: Runtime, fn: Callable, *args) -> float:
 
 def lora_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
     """Seconds a LoRA TTT chunk step (score, then an Adam step) takes with `rows` synthetic documents seeing `window`
-    tokens, run as evaluate runs it: the first calls compile its graphs (batch 1; others), never on validation text."""
-    tokens = torch.randint(2, cfg.vocab_size, (rows * 3 * window,), device=rt.device)
-    docs = [(i * 3 * window, (i + 1) * 3 * window - 1) for i in range(rows)]
+    tokens, run as evaluate runs it (9 steps, the last only scoring, less 1 step only scoring): the first calls
+    compile its graphs (batch 1; others), never on validation text."""
+    length = 10 * max(window, cfg.ttt_lora_chunk)
+    tokens = torch.randint(2, cfg.vocab_size, (rows * length,), device=rt.device)
+    docs = [(i * length, (i + 1) * length - 1) for i in range(rows)]
     tables = ByteTables(*(torch.zeros(cfg.vocab_size, dtype=t, device=rt.device) for t in (torch.int16, bool, bool)))
     fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
+    steps = partial(timed, rt, lora_batch, partial(eval_logits, base, plan, rt.autocast), fresh, tokens, docs)
     base.requires_grad_(False)  # as score_documents runs it
-    seconds = timed(rt, lora_batch, partial(eval_logits, base, plan, rt.autocast), fresh, tokens, docs, [window] * 3,
-                    cfg, tables, sums, None)
+    seconds = (steps([window] * 9, cfg, tables, sums, None) - steps([window], cfg, tables, sums, None)) / 8
     base.requires_grad_(True)
-    return seconds / 3
+    return seconds
 
 
 def ttt_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, span: int, lora: dict | None) -> float:

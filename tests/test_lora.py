@@ -197,12 +197,13 @@ def test_the_budget_check_runs_ttt_steps_and_leaves_the_weights_as_they_were(ada
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("adapter, phases, expected", [("sgd", "", "ttt:10.0s"), ("lora", "3", "ttt_lora:7.0s")])
+@pytest.mark.parametrize("adapter, phases, expected", [("sgd", "", "ttt:10.0s"), ("lora", "3", "ttt_lora:19.0s")])
 def test_the_budget_estimate_counts_the_steps_evaluate_takes(monkeypatch, adapter, phases, expected):
-    """Every timing 1 s: sgd = 7 SGD steps (239 targets in chunks of 32, the last untrained) + 3 batches of 6 windows;
-    lora = the phase's 3 SGD steps (90 targets before document 3) + 12 chunk steps (the 6 longest documents, the
-    longest 80 targets in chunks of 8: 10; then the last one, 15 targets: 2) at 1/3 s each."""
-    monkeypatch.setattr(train_gpt, "timed", lambda *args: 1.0)
+    """A LoRA chunk step timed at 1 s (lora_batch: 1 s a step), anything else 1 s: sgd = 7 SGD steps (239 targets in
+    chunks of 32, the last untrained) + 3 batches of 6 windows; lora = the phase's 3 SGD steps (90 targets before
+    document 3) + 16 chunk steps of 8 targets, documents 0-2 then 3-6 batched apart as the phase divides them (their
+    longest 45 and 80 targets: 6 + 10; one batch of all 7 would take 10)."""
+    monkeypatch.setattr(train_gpt, "timed", lambda rt, fn, *args: len(args[4]) if fn is train_gpt.lora_batch else 1.0)
     cfg, model, tokens, tables = setup(TTT_ADAPTER=adapter, TTT_PHASES=phases, TTT_CHUNK=32)
     estimate = next(line for line in budget_lines(cfg, model, tokens) if line.startswith("eval_budget_estimate"))
     assert expected in estimate.split()
