@@ -1039,13 +1039,13 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
                   score_from: torch.Tensor, window: int, batch: int, tables: ByteTables,
                   nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> torch.Tensor:
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
-    target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A last, partial batch is padded with
-    copies of its last window that score nothing, so compiled blocks see one batch shape."""
+    target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A partial batch is padded with copies of
+    its last window that score nothing, so compiled blocks see one batch shape, the one check_eval_budget primed."""
     device = tokens.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for lo in range(0, len(starts), batch):
         first, score = starts[lo:lo + batch].to(device), score_from[lo:lo + batch].to(device)
-        pad = batch - len(first) if len(starts) > batch else 0
+        pad = batch - len(first)
         first = torch.cat([first, first[-1:].expand(pad)])
         score = torch.cat([score, score.new_full((pad,), window)])
         score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out,
@@ -1108,7 +1108,7 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
         starts, score_from = plan_windows(len(tokens) - 1, window, stride)
         first = starts + score_from  # first scored target of each window, rising
         chunk_of = first // cfg.ttt_chunk if adapter == "sgd" or mixer else torch.zeros_like(first)
-        batch = max(1, cfg.val_batch_size // (world_size * window))
+        batch = max(1, min(cfg.val_batch_size // (world_size * window), math.ceil(len(starts) / world_size)))
         sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
         chunks = torch.unique_consecutive(chunk_of).tolist()
         for i, c in enumerate(chunks):
@@ -2215,7 +2215,9 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
     or at scale."""
     estimate, plan = {}, plan_for(cfg, cfg.eval_repeats or cfg.repeats)
     for kind, window, stride, adapter in evaluation_windows(cfg):
-        batch = max(1, cfg.val_batch_size // (rt.world_size * window))
+        windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)  # this rank's
+        rows = max(1, cfg.val_batch_size // (rt.world_size * window))
+        batch = rows if adapter == "lora" else min(rows, windows)  # as evaluate batches them: one shape
         x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
         mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
 
@@ -2244,7 +2246,6 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
                 tokens = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk) for c, length in enumerate(lengths))
                 seconds += (one - per_row) * len(lengths) + per_row * tokens / window
         else:  # forward tokens of the windows, whole batches
-            windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)
             seconds += per_token * math.ceil(windows / batch) * batch * window
         estimate[kind] = rt.agree_max(seconds)
     total = sum(estimate.values())

@@ -207,3 +207,18 @@ def test_the_budget_estimate_counts_the_steps_evaluate_takes(monkeypatch, adapte
     cfg, model, tokens, tables = setup(TTT_ADAPTER=adapter, TTT_PHASES=phases, TTT_CHUNK=32)
     estimate = next(line for line in budget_lines(cfg, model, tokens) if line.startswith("eval_budget_estimate"))
     assert expected in estimate.split()
+
+
+def test_every_evaluation_batch_has_a_shape_the_budget_check_primed():
+    """The round trip, sliding window and SGD TTT (its chunks of 4 windows, fewer than a batch of 6) pad every batch to
+    one shape, and TTT's steps keep theirs: the budget check ran each shape first, so none compiles on validation text."""
+    cfg, model, tokens, tables = setup(TTT_ADAPTER="sgd", TTT_CHUNK=32, EVAL_STRIDE=8)
+    shapes, logits = [], model.logits
+    model.logits = lambda x, *args, **kwargs: shapes.append(tuple(x.shape)) or logits(x, *args, **kwargs)
+    budget_lines(cfg, model, tokens)
+    primed = set(shapes)
+    shapes.clear()
+    for kind, window, stride, adapter in train_gpt.evaluation_windows(cfg):
+        evaluate(model, plan_for(cfg, cfg.repeats), tokens, cfg, 0, 1, tables, contextlib.nullcontext, window, stride,
+                 adapter)
+    assert set(shapes) == primed == {(6, 16), (2, 16)}  # 6 windows of 16 tokens; 2 sequences of 16 per TTT step
