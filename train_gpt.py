@@ -525,9 +525,21 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
+            params, momentum, updates = group["params"], group["momentum"], {}
             mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
-            updates = self._updates(mine, group)
+            if mine:  # this rank's matrices: Nesterov momentum, orthogonalized by shape
+                grads = [p.grad for p in mine]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_add(grads, bufs, alpha=momentum)
+                if group["row_normalize"]:  # MuonEq-R: each row of the update gets the same norm before orthogonalizing
+                    nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
+                for rows, cols in dict.fromkeys(p.shape for p in mine):  # one batched call per shape
+                    idx = [i for i, p in enumerate(mine) if p.shape == (rows, cols)]
+                    ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"],
+                                          method=group["method"]) * max(1.0, rows / cols) ** 0.5
+                    updates.update(zip((id(mine[i]) for i in idx), ortho.unbind(0)))
             if self.world_size > 1:
                 flat = torch.cat([updates[id(p)].flatten() if id(p) in updates
                                   else torch.zeros(p.numel(), device=p.device, dtype=torch.bfloat16) for p in params])
@@ -536,25 +548,6 @@ class Muon(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [updates[id(p)].to(p.dtype) for p in params], alpha=-group["lr"])
-
-    def _updates(self, params: list[torch.Tensor], group: dict) -> dict[int, torch.Tensor]:
-        """{id(p): p's orthogonalized update} for this rank's matrices."""
-        if not params:
-            return {}
-        grads = [p.grad for p in params]
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        torch._foreach_mul_(bufs, group["momentum"])
-        torch._foreach_add_(bufs, grads)
-        nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-        if group["row_normalize"]:  # MuonEq-R: every row of the update gets the same norm before orthogonalizing
-            nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
-        updates = {}
-        for rows, cols in dict.fromkeys(p.shape for p in params):  # one batched call per shape
-            idx = [i for i, p in enumerate(params) if p.shape == (rows, cols)]
-            ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"],
-                                  method=group["method"]) * max(1.0, rows / cols) ** 0.5
-            updates.update(zip((id(params[i]) for i in idx), ortho.unbind(0)))
-        return updates
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
