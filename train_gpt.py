@@ -1497,29 +1497,27 @@ def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict |
     return ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(header).to_bytes(4, "little") + header + payload
 
 
-def artifact_header(blob: bytes, source) -> tuple[dict, int]:
-    """The artifact's JSON header and where its payload starts; one DataError line naming `source`."""
+def artifact_header(blob: bytes, source) -> tuple[dict, ExportRecipe, int]:
+    """The artifact's JSON header, its recipe and where its payload starts; one DataError line naming `source`."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not an artifact of this script (no {ARTIFACT_MAGIC.decode()} magic)")
     if blob[4:5] != bytes([ARTIFACT_VERSION]):
         raise DataError(f"{source}: artifact format version {blob[4:5].hex()}; this script reads {ARTIFACT_VERSION}")
     end = 9 + int.from_bytes(blob[5:9], "little")
-    try:
-        return json.loads(zlib.decompress(blob[9:end])), end
-    except (ValueError, zlib.error) as exc:
-        raise DataError(f"{source}: header not readable by this script ({exc})") from None
-
-
-def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
-    """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
-    header, end = artifact_header(blob, source)
-    try:  # the inverse of dataclasses.asdict
+    try:  # the recipe: the inverse of dataclasses.asdict
+        header = json.loads(zlib.decompress(blob[9:end]))
         d = {k: v for k, v in header["recipe"].items() if k != "shuffle"}  # older artifacts name it: always True
         recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
         if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
             raise ValueError(f"unknown recipe {recipe.describe()}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, zlib.error) as exc:
         raise DataError(f"{source}: header or export recipe not readable by this script ({exc})") from None
+    return header, recipe, end
+
+
+def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
+    """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
+    header, recipe, end = artifact_header(blob, source)
     if hashlib.sha256(payload := blob[end:]).hexdigest() != header.get("sha256"):
         raise DataError(f"{source}: payload checksum mismatch (corrupt or truncated file)")
     require({"brotli": brotli, "zstd": zstandard}.get(recipe.compressor, lzma) is not None, f"{source}: written with "
