@@ -2094,15 +2094,12 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
         try:
             budget = cfg.target_bytes - code_bytes
             blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log, model_meta(cfg))
-            start = time.perf_counter()
-            write_whole(path, lambda p: p.write_bytes(blob))
-            rt.log(f"export_write {path.name} time:{time.perf_counter() - start:.1f}s")
+            seconds = timed(rt, write_whole, path, lambda p: p.write_bytes(blob))
+            rt.log(f"export_write {path.name} time:{seconds:.1f}s")
         except ArtifactTooLarge as exc:
             failure = str(exc)
-    if rt.agree_max(float(bool(failure))):
+    if rt.agree_max(float(bool(failure))):  # also the barrier: no rank goes on before rank 0 has written the file
         raise ArtifactTooLarge(failure or "rank 0 found no export under TARGET_BYTES")
-    if rt.distributed:
-        dist.barrier()
     model_bytes = path.stat().st_size
     label = artifact_name(cfg).replace("_", "+")
     bits_per_param = 8 * model_bytes / sum(p.numel() for p in base.parameters())
