@@ -1987,23 +1987,20 @@ def setup_runtime() -> Runtime:
 
 
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
-    if out is None:
-        box = [f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}" if rt.main else None]
-        if rt.distributed:  # rank 0's name
-            dist.broadcast_object_list(box, src=0)
-        out = Path("runs") / box[0]
-    claimed = [True]
+    claim = [out, False]  # rank 0's folder (a fresh name unless RUN_ID/OUT_DIR fixed it), whether it made the log file
     if rt.main:
+        out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}"
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
         try:  # created exclusively: of two runs started at once with one RUN_ID, the second stops here
             rt.log_path.open("a" if cfg.resume else "x").close()
         except FileExistsError:
-            claimed, rt.log_path = [False], None
+            rt.log_path = None
+        claim = [out, rt.log_path is not None]
     if rt.distributed:
-        dist.broadcast_object_list(claimed, src=0)
-    if not claimed[0]:
-        raise UserError(f"RUN_ID={cfg.run_id or out.name}: another run is already writing to {out}; choose another")
+        dist.broadcast_object_list(claim, src=0)
+    out, claimed = claim
+    require(claimed, f"RUN_ID={cfg.run_id or out.name}: another run is already writing to {out}; choose another")
     return out
 
 
