@@ -1672,8 +1672,7 @@ class WeightAverages:
 
     def __init__(self, cfg: Config, model: GPT):
         self.cfg, self.model = cfg, model
-        self.ema: list[torch.Tensor] | None = None
-        self.swa: list[torch.Tensor] | None = None
+        self.ema = self.swa = None  # lists of fp32 tensors once averaging starts
         self.swa_count, self.last_t = 0, 0.0
 
     @torch.no_grad()
@@ -1685,8 +1684,7 @@ class WeightAverages:
             else:
                 torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
         if full_depth and 0 < self.cfg.swa_start <= t and step % self.cfg.swa_every == 0:
-            if self.swa is None:
-                self.swa = [torch.zeros_like(p) for p in params]
+            self.swa = self.swa or [torch.zeros_like(p) for p in params]
             torch._foreach_add_(self.swa, params)
             self.swa_count += 1
         self.last_t = t
@@ -1718,8 +1716,7 @@ class WeightAverages:
         averaged = self.averaged(choice)
         if averaged is None:
             return "last" if choice == "last" else f"last (no {choice} average was taken: no full-depth steps in range)"
-        for p, a in zip(self.model.parameters(), averaged):
-            p.copy_(a.to(p.dtype))
+        torch._foreach_copy_(list(self.model.parameters()), averaged)
         return f"{choice} ({self.swa_count} snapshots)" if choice == "swa" else f"ema (horizon {self.cfg.ema_horizon})"
 
 
