@@ -609,8 +609,7 @@ def find_shards(data_path: str, split: str) -> list[Path]:
 
 def map_shard(path: Path) -> np.ndarray:
     """A shard's tokens, memory-mapped (pages are read when a window touches them; validation copies them whole)."""
-    count = read_shard_header(path)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(read_shard_header(path),))
 
 
 class ShuffledLoader:
@@ -636,8 +635,7 @@ class ShuffledLoader:
         return batch
 
     def prefetch(self) -> None:
-        if self._pending is None:
-            self._pending = self._load()
+        self._pending = self._pending or self._load()
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
@@ -942,9 +940,7 @@ class ByteTables(NamedTuple):
 
 
 def byte_tables(sp, vocab_size: int) -> ByteTables:
-    base = np.zeros(vocab_size, dtype=np.int16)
-    space = np.zeros(vocab_size, dtype=np.bool_)
-    boundary = np.ones(vocab_size, dtype=np.bool_)
+    base, space, boundary = np.zeros(vocab_size, np.int16), np.zeros(vocab_size, bool), np.ones(vocab_size, bool)
     for i in range(sp.vocab_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -1304,8 +1300,7 @@ def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
 def quantize_rows(w: torch.Tensor, bits: int = 8, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric rounding with the stored step, so dequantization reproduces what was
     rounded: |error| <= step / 2 wherever |w| <= qmax * step. Works on stacks [..., rows, cols]."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = row_scales(w, bits, clip_sigmas)
+    qmax, scale = 2 ** (bits - 1) - 1, row_scales(w, bits, clip_sigmas)
     return torch.round(w.float() / scale.float()[..., None]).clamp_(-qmax, qmax).to(torch.int8), scale
 
 
