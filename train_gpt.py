@@ -1753,7 +1753,7 @@ def set_schedules(cfg: Config, optimizers, t: float) -> None:
                 group["momentum"] = muon_momentum(cfg, t)
 
 
-def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
+def warmup(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
     """Run WARMUP_STEPS real steps cycling through every depth phase's plan (compiles and primes
     each, so a switch mid-run costs no compilation), then restore the initial state."""
     if cfg.warmup_steps == 0:
@@ -1761,7 +1761,6 @@ def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, 
     order = training_repeats(cfg)
     steps = max(cfg.warmup_steps, len(order))
     start = time.perf_counter()
-    base = model.module if rt.distributed else model
     saved_model = copy.deepcopy(base.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
@@ -1791,11 +1790,10 @@ def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float)
 def choose_depth(cfg: Config, rt: Runtime, state: TrainState, t: float) -> None:
     """Set the passes for the next step from the agreed run fraction; log a switch."""
     passes = depth_phase(cfg, t)
-    if passes != state.passes:
-        if state.passes:
-            agreed = rt.all_equal((state.step + 1, passes))
-            rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
-        state.passes = passes
+    if state.passes and passes != state.passes:
+        agreed = rt.all_equal((state.step + 1, passes))
+        rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
+    state.passes = passes
     if passes == cfg.repeats and state.full_depth_from is None:
         state.full_depth_from = state.step + 1
 
@@ -1861,9 +1859,8 @@ def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoade
     return state
 
 
-def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
+def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, loader: ShuffledLoader,
           validate, averages: WeightAverages, out: Path) -> TrainState:
-    loader = make_loader()
     parts = dict(model=base, averages=averages, **{f"optimizer{i}": o for i, o in enumerate(optimizers)})
     state = load_checkpoint(cfg, rt, parts, loader) if cfg.resume else TrainState()
     rt.synchronize()
@@ -2147,12 +2144,12 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     validate = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # during training: the round trip
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     check_free_space(rt, base, out)
-    warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
+    warmup_s = warmup(model, base, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
     averages = WeightAverages(cfg, base)
     TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
     try:
-        state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages, out)
+        state = train(model, base, cfg, rt, plans, optimizers, make_loader(), validate, averages, out)
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
