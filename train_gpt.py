@@ -2310,9 +2310,8 @@ def model_meta(cfg: Config) -> dict:
 def config_for_artifact(cfg: Config, meta: dict, source: str) -> Config:
     """This run's settings with the artifact's model settings; another tokenizer's artifact is refused."""
     ours = model_meta(cfg)["tokenizer_sha256"]
-    if meta.get("tokenizer_sha256", ours) != ours:
-        raise DataError(f"EVAL_ONLY={source}: written with another tokenizer than TOKENIZER_PATH={cfg.tokenizer_path} "
-                        f"(sha256 {meta['tokenizer_sha256'][:12]}...)")
+    require(meta.get("tokenizer_sha256", ours) == ours, f"EVAL_ONLY={source}: written with another tokenizer than "
+            f"TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {meta.get('tokenizer_sha256', '')[:12]}...)", DataError)
     settings = {**dataclasses.asdict(cfg), **meta.get("model", {})}
     env = {name: str(int(v)) if isinstance(v, bool) else str(v)
            for name, field in env_knobs().items() if (v := settings[field.name]) != ""}
@@ -2340,10 +2339,9 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     val_tokens = load_val_tokens(cfg).to(rt.device)
     base = build_model(cfg, rt)[0]  # compiled as in a training run: its evaluations take as long
     if source.suffix == ".pt":
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-        if checkpoint.get(cfg.export_weights) is None:
-            raise UserError(f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
-        load_weights(base, checkpoint[cfg.export_weights], cfg.eval_only)
+        weights = torch.load(source, map_location="cpu", weights_only=True).get(cfg.export_weights)
+        require(weights is not None, f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
+        load_weights(base, weights, cfg.eval_only)
         code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
     else:
         stored, recipe = unpack_artifact(blob, f"EVAL_ONLY={source}")
