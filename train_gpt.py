@@ -525,9 +525,21 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
+            params, momentum, updates = group["params"], group["momentum"], {}
             mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
-            updates = self._updates(mine, group)
+            if mine:  # this rank's matrices: Nesterov momentum, orthogonalized by shape
+                grads = [p.grad for p in mine]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_add(grads, bufs, alpha=momentum)
+                if group["row_normalize"]:  # MuonEq-R: each row of the update gets the same norm before orthogonalizing
+                    nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
+                for rows, cols in dict.fromkeys(p.shape for p in mine):  # one batched call per shape
+                    idx = [i for i, p in enumerate(mine) if p.shape == (rows, cols)]
+                    ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"],
+                                          method=group["method"]) * max(1.0, rows / cols) ** 0.5
+                    updates.update(zip((id(mine[i]) for i in idx), ortho.unbind(0)))
             if self.world_size > 1:
                 flat = torch.cat([updates[id(p)].flatten() if id(p) in updates
                                   else torch.zeros(p.numel(), device=p.device, dtype=torch.bfloat16) for p in params])
@@ -536,25 +548,6 @@ class Muon(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [updates[id(p)].to(p.dtype) for p in params], alpha=-group["lr"])
-
-    def _updates(self, params: list[torch.Tensor], group: dict) -> dict[int, torch.Tensor]:
-        """{id(p): p's orthogonalized update} for this rank's matrices."""
-        if not params:
-            return {}
-        grads = [p.grad for p in params]
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        torch._foreach_mul_(bufs, group["momentum"])
-        torch._foreach_add_(bufs, grads)
-        nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-        if group["row_normalize"]:  # MuonEq-R: every row of the update gets the same norm before orthogonalizing
-            nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
-        updates = {}
-        for rows, cols in dict.fromkeys(p.shape for p in params):  # one batched call per shape
-            idx = [i for i, p in enumerate(params) if p.shape == (rows, cols)]
-            ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"],
-                                  method=group["method"]) * max(1.0, rows / cols) ** 0.5
-            updates.update(zip((id(params[i]) for i in idx), ortho.unbind(0)))
-        return updates
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
@@ -616,8 +609,7 @@ def find_shards(data_path: str, split: str) -> list[Path]:
 
 def map_shard(path: Path) -> np.ndarray:
     """A shard's tokens, memory-mapped (pages are read when a window touches them; validation copies them whole)."""
-    count = read_shard_header(path)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(read_shard_header(path),))
 
 
 class ShuffledLoader:
@@ -643,8 +635,7 @@ class ShuffledLoader:
         return batch
 
     def prefetch(self) -> None:
-        if self._pending is None:
-            self._pending = self._load()
+        self._pending = self._pending or self._load()
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
@@ -949,9 +940,7 @@ class ByteTables(NamedTuple):
 
 
 def byte_tables(sp, vocab_size: int) -> ByteTables:
-    base = np.zeros(vocab_size, dtype=np.int16)
-    space = np.zeros(vocab_size, dtype=np.bool_)
-    boundary = np.ones(vocab_size, dtype=np.bool_)
+    base, space, boundary = np.zeros(vocab_size, np.int16), np.zeros(vocab_size, bool), np.ones(vocab_size, bool)
     for i in range(sp.vocab_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -1311,8 +1300,7 @@ def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
 def quantize_rows(w: torch.Tensor, bits: int = 8, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric rounding with the stored step, so dequantization reproduces what was
     rounded: |error| <= step / 2 wherever |w| <= qmax * step. Works on stacks [..., rows, cols]."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = row_scales(w, bits, clip_sigmas)
+    qmax, scale = 2 ** (bits - 1) - 1, row_scales(w, bits, clip_sigmas)
     return torch.round(w.float() / scale.float()[..., None]).clamp_(-qmax, qmax).to(torch.int8), scale
 
 
@@ -1504,29 +1492,27 @@ def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict |
     return ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(header).to_bytes(4, "little") + header + payload
 
 
-def artifact_header(blob: bytes, source) -> tuple[dict, int]:
-    """The artifact's JSON header and where its payload starts; one DataError line naming `source`."""
+def artifact_header(blob: bytes, source) -> tuple[dict, ExportRecipe, int]:
+    """The artifact's JSON header, its recipe and where its payload starts; one DataError line naming `source`."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not an artifact of this script (no {ARTIFACT_MAGIC.decode()} magic)")
     if blob[4:5] != bytes([ARTIFACT_VERSION]):
         raise DataError(f"{source}: artifact format version {blob[4:5].hex()}; this script reads {ARTIFACT_VERSION}")
     end = 9 + int.from_bytes(blob[5:9], "little")
-    try:
-        return json.loads(zlib.decompress(blob[9:end])), end
-    except (ValueError, zlib.error) as exc:
-        raise DataError(f"{source}: header not readable by this script ({exc})") from None
-
-
-def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
-    """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
-    header, end = artifact_header(blob, source)
-    try:  # the inverse of dataclasses.asdict
+    try:  # the recipe: the inverse of dataclasses.asdict
+        header = json.loads(zlib.decompress(blob[9:end]))
         d = {k: v for k, v in header["recipe"].items() if k != "shuffle"}  # older artifacts name it: always True
         recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
         if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
             raise ValueError(f"unknown recipe {recipe.describe()}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, zlib.error) as exc:
         raise DataError(f"{source}: header or export recipe not readable by this script ({exc})") from None
+    return header, recipe, end
+
+
+def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
+    """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
+    header, recipe, end = artifact_header(blob, source)
     if hashlib.sha256(payload := blob[end:]).hexdigest() != header.get("sha256"):
         raise DataError(f"{source}: payload checksum mismatch (corrupt or truncated file)")
     require({"brotli": brotli, "zstd": zstandard}.get(recipe.compressor, lzma) is not None, f"{source}: written with "
@@ -1681,8 +1667,7 @@ class WeightAverages:
 
     def __init__(self, cfg: Config, model: GPT):
         self.cfg, self.model = cfg, model
-        self.ema: list[torch.Tensor] | None = None
-        self.swa: list[torch.Tensor] | None = None
+        self.ema = self.swa = None  # lists of fp32 tensors once averaging starts
         self.swa_count, self.last_t = 0, 0.0
 
     @torch.no_grad()
@@ -1694,8 +1679,7 @@ class WeightAverages:
             else:
                 torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
         if full_depth and 0 < self.cfg.swa_start <= t and step % self.cfg.swa_every == 0:
-            if self.swa is None:
-                self.swa = [torch.zeros_like(p) for p in params]
+            self.swa = self.swa or [torch.zeros_like(p) for p in params]
             torch._foreach_add_(self.swa, params)
             self.swa_count += 1
         self.last_t = t
@@ -1727,8 +1711,7 @@ class WeightAverages:
         averaged = self.averaged(choice)
         if averaged is None:
             return "last" if choice == "last" else f"last (no {choice} average was taken: no full-depth steps in range)"
-        for p, a in zip(self.model.parameters(), averaged):
-            p.copy_(a.to(p.dtype))
+        torch._foreach_copy_(list(self.model.parameters()), averaged)
         return f"{choice} ({self.swa_count} snapshots)" if choice == "swa" else f"ema (horizon {self.cfg.ema_horizon})"
 
 
@@ -1770,7 +1753,7 @@ def set_schedules(cfg: Config, optimizers, t: float) -> None:
                 group["momentum"] = muon_momentum(cfg, t)
 
 
-def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
+def warmup(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader) -> float:
     """Run WARMUP_STEPS real steps cycling through every depth phase's plan (compiles and primes
     each, so a switch mid-run costs no compilation), then restore the initial state."""
     if cfg.warmup_steps == 0:
@@ -1778,7 +1761,6 @@ def warmup(model, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, 
     order = training_repeats(cfg)
     steps = max(cfg.warmup_steps, len(order))
     start = time.perf_counter()
-    base = model.module if rt.distributed else model
     saved_model = copy.deepcopy(base.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
@@ -1808,11 +1790,10 @@ def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float)
 def choose_depth(cfg: Config, rt: Runtime, state: TrainState, t: float) -> None:
     """Set the passes for the next step from the agreed run fraction; log a switch."""
     passes = depth_phase(cfg, t)
-    if passes != state.passes:
-        if state.passes:
-            agreed = rt.all_equal((state.step + 1, passes))
-            rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
-        state.passes = passes
+    if state.passes and passes != state.passes:
+        agreed = rt.all_equal((state.step + 1, passes))
+        rt.log(f"depth_switch step:{state.step + 1} t:{t:.3f} passes:{state.passes}->{passes} ranks_agree:{agreed}")
+    state.passes = passes
     if passes == cfg.repeats and state.full_depth_from is None:
         state.full_depth_from = state.step + 1
 
@@ -1878,9 +1859,8 @@ def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoade
     return state
 
 
-def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, make_loader,
+def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, loader: ShuffledLoader,
           validate, averages: WeightAverages, out: Path) -> TrainState:
-    loader = make_loader()
     parts = dict(model=base, averages=averages, **{f"optimizer{i}": o for i, o in enumerate(optimizers)})
     state = load_checkpoint(cfg, rt, parts, loader) if cfg.resume else TrainState()
     rt.synchronize()
@@ -1996,23 +1976,20 @@ def setup_runtime() -> Runtime:
 
 
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
-    if out is None:
-        box = [f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}" if rt.main else None]
-        if rt.distributed:  # rank 0's name
-            dist.broadcast_object_list(box, src=0)
-        out = Path("runs") / box[0]
-    claimed = [True]
+    claim = [out, False]  # rank 0's folder (a fresh name unless RUN_ID/OUT_DIR fixed it), whether it made the log file
     if rt.main:
+        out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}"
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
         try:  # created exclusively: of two runs started at once with one RUN_ID, the second stops here
             rt.log_path.open("a" if cfg.resume else "x").close()
         except FileExistsError:
-            claimed, rt.log_path = [False], None
+            rt.log_path = None
+        claim = [out, rt.log_path is not None]
     if rt.distributed:
-        dist.broadcast_object_list(claimed, src=0)
-    if not claimed[0]:
-        raise UserError(f"RUN_ID={cfg.run_id or out.name}: another run is already writing to {out}; choose another")
+        dist.broadcast_object_list(claim, src=0)
+    out, claimed = claim
+    require(claimed, f"RUN_ID={cfg.run_id or out.name}: another run is already writing to {out}; choose another")
     return out
 
 
@@ -2103,15 +2080,12 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
         try:
             budget = cfg.target_bytes - code_bytes
             blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log, model_meta(cfg))
-            start = time.perf_counter()
-            write_whole(path, lambda p: p.write_bytes(blob))
-            rt.log(f"export_write {path.name} time:{time.perf_counter() - start:.1f}s")
+            seconds = timed(rt, write_whole, path, lambda p: p.write_bytes(blob))
+            rt.log(f"export_write {path.name} time:{seconds:.1f}s")
         except ArtifactTooLarge as exc:
             failure = str(exc)
-    if rt.agree_max(float(bool(failure))):
+    if rt.agree_max(float(bool(failure))):  # also the barrier: no rank goes on before rank 0 has written the file
         raise ArtifactTooLarge(failure or "rank 0 found no export under TARGET_BYTES")
-    if rt.distributed:
-        dist.barrier()
     model_bytes = path.stat().st_size
     label = artifact_name(cfg).replace("_", "+")
     bits_per_param = 8 * model_bytes / sum(p.numel() for p in base.parameters())
@@ -2170,12 +2144,12 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     validate = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # during training: the round trip
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     check_free_space(rt, base, out)
-    warmup_s = warmup(model, cfg, rt, plans, optimizers, make_loader)
+    warmup_s = warmup(model, base, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
     averages = WeightAverages(cfg, base)
     TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
     try:
-        state = train(model, base, cfg, rt, plans, optimizers, make_loader, validate, averages, out)
+        state = train(model, base, cfg, rt, plans, optimizers, make_loader(), validate, averages, out)
     finally:
         TRAINING_LOOP[0] = False
     log_phase_times(rt, cfg, state)
@@ -2337,9 +2311,8 @@ def model_meta(cfg: Config) -> dict:
 def config_for_artifact(cfg: Config, meta: dict, source: str) -> Config:
     """This run's settings with the artifact's model settings; another tokenizer's artifact is refused."""
     ours = model_meta(cfg)["tokenizer_sha256"]
-    if meta.get("tokenizer_sha256", ours) != ours:
-        raise DataError(f"EVAL_ONLY={source}: written with another tokenizer than TOKENIZER_PATH={cfg.tokenizer_path} "
-                        f"(sha256 {meta['tokenizer_sha256'][:12]}...)")
+    require(meta.get("tokenizer_sha256", ours) == ours, f"EVAL_ONLY={source}: written with another tokenizer than "
+            f"TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {meta.get('tokenizer_sha256', '')[:12]}...)", DataError)
     settings = {**dataclasses.asdict(cfg), **meta.get("model", {})}
     env = {name: str(int(v)) if isinstance(v, bool) else str(v)
            for name, field in env_knobs().items() if (v := settings[field.name]) != ""}
@@ -2367,10 +2340,9 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     val_tokens = load_val_tokens(cfg).to(rt.device)
     base = build_model(cfg, rt)[0]  # compiled as in a training run: its evaluations take as long
     if source.suffix == ".pt":
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-        if checkpoint.get(cfg.export_weights) is None:
-            raise UserError(f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
-        load_weights(base, checkpoint[cfg.export_weights], cfg.eval_only)
+        weights = torch.load(source, map_location="cpu", weights_only=True).get(cfg.export_weights)
+        require(weights is not None, f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
+        load_weights(base, weights, cfg.eval_only)
         code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
     else:
         stored, recipe = unpack_artifact(blob, f"EVAL_ONLY={source}")
