@@ -810,8 +810,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """`compile` builds a compiled twin of every block and of the loss head (same parameters);
-    training steps run them, evaluation and calibration run the eager blocks (`eager=True`); `fa3`: FlashAttention 3."""
+    """`compile` builds compiled twins of every block and of the loss head (same parameters): training and evaluation
+    run them (LoRA TTT its own), calibration the eager blocks (`eager=True`); `fa3`: FlashAttention 3."""
 
     def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32, compile: bool = False, fa3=False):
         super().__init__()
@@ -1175,8 +1175,8 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
 
 
 def live_rows(docs: list, done: int) -> int:
-    """How many of `docs` (longest first) have targets past `done`, rounded up to a power of 2: few shapes, each one
-    planned once by the eager kernels (a new shape every step cost ~0.3 s a step on an H200)."""
+    """How many of `docs` (longest first) have targets past `done`, rounded up to a power of 2: few shapes (on the
+    eager blocks a new shape every step cost ~0.3 s a step on an H200; COMPILE=0 runs them)."""
     return min(len(docs), 1 << (sum(e - s > done for s, e in docs) - 1).bit_length())
 
 
