@@ -1131,14 +1131,18 @@ def document_bounds(tokens: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(tokens) - 1]))
 
 
-def lora_batches(bounds: list, cfg: Config, window: int, rank: int, world_size: int) -> list[tuple[list, list]]:
-    """This rank's documents in batches, longest first and dealt round the ranks, each with its chunk steps' windows."""
-    rows = max(1, cfg.val_batch_size // (world_size * window))
-    mine = sorted(bounds, key=lambda d: d[0] - d[1])[rank::world_size]  # similar lengths in a batch and work per rank
-    batches = [mine[i:i + rows] for i in range(0, len(mine), rows)]
-    steps = [range(math.ceil(max(e - s for s, e in docs) / cfg.ttt_lora_chunk)) for docs in batches]
-    return [(docs, [min(window, 1 << ((c + 1) * cfg.ttt_lora_chunk - 1).bit_length()) for c in chunks])
-            for docs, chunks in zip(batches, steps)]  # the document so far, rounded up to a power of 2: few shapes
+def lora_batches(bounds: list, cfg: Config, window: int, rank: int, world_size: int) -> list[tuple[int, list]]:
+    """Per part of the documents, cut at the TTT_PHASES counts: (its end, this rank's documents of it in batches,
+    longest first and dealt round the ranks, each with its chunk steps' windows)."""
+    rows, parts = max(1, cfg.val_batch_size // (world_size * window)), []
+    cuts = [0, *[n for n in cfg.ttt_phase_docs if n < len(bounds)], len(bounds)]
+    for lo, hi in zip(cuts, cuts[1:]):
+        mine = sorted(bounds[lo:hi], key=lambda d: d[0] - d[1])[rank::world_size]  # similar lengths, work per rank
+        batches = [mine[i:i + rows] for i in range(0, len(mine), rows)]
+        steps = [range(math.ceil(max(e - s for s, e in docs) / cfg.ttt_lora_chunk)) for docs in batches]
+        parts.append((hi, [(docs, [min(window, 1 << ((c + 1) * cfg.ttt_lora_chunk - 1).bit_length()) for c in chunks])
+                           for docs, chunks in zip(batches, steps)]))  # the document so far, rounded up to a power of 2
+    return parts
 
 
 def lora_adapter(model: GPT, rows: int, rank: int, device) -> dict:
@@ -1159,10 +1163,9 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
     all ranks scored documents < n, all weights take ttt_step (TTT_LR, no cosine) per TTT_CHUNK of their text."""
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
     fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
-    phases = [n for n in cfg.ttt_phase_docs if n < len(bounds)]
-    for lo, hi in zip([0, *phases], [*phases, len(bounds)]):
+    for hi, batches in lora_batches(bounds, cfg, window, rank, world_size):
         model.requires_grad_(False)  # the chunk steps differentiate the adapters only
-        for docs, lengths in lora_batches(bounds[lo:hi], cfg, window, rank, world_size):
+        for docs, lengths in batches:
             lora_batch(logits_fn, fresh, tokens, docs, lengths, cfg, tables, sums, nll_out)
         model.requires_grad_(True)
         if hi < len(bounds):  # a global phase over documents [0, hi)
@@ -2187,40 +2190,39 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
     """Time forwards and TTT steps of synthetic batches as evaluate runs them (priming their compiled graphs), scale
     to this rank's share of the work on `bounds` (document_bounds), refuse final evaluations over EVAL_BUDGET_S, here
     or at scale."""
-    estimate, plan = {}, plan_for(cfg, cfg.eval_repeats or cfg.repeats)
+    estimate, logits_fn = {}, partial(eval_logits, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats), rt.autocast)
     for kind, window, stride, adapter in evaluation_windows(cfg):
         windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)  # this rank's
         rows = max(1, cfg.val_batch_size // (rt.world_size * window))
         batch = rows if adapter == "lora" else min(rows, windows)  # as evaluate batches them: one shape
-        x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
-        mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
-
-        def forward():
-            with rt.autocast():
-                base.logits(x, plan)  # as evaluate runs it
-            if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
-                pos = torch.arange(x.numel() - 1, device=rt.device)
-                mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
-                mixer.update(x.flatten(), 0, len(pos), 1)
-        per_token = [timed(rt, forward) for _ in range(2)][1] / (batch * window)  # the first compiles
         # TTT's SGD steps (sgd: one per TTT_CHUNK but the last; LoRA's phases: one per TTT_CHUNK of their documents)
         sgd_steps = math.ceil(bounds[-1][1] / cfg.ttt_chunk) - 1 if adapter == "sgd" else adapter == "lora" and \
             sum(math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)
         spans = (cfg.ttt_chunk,) * 2 if adapter == "sgd" else \
             (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)  # phases: any size
         lora = {} if adapter == "lora" else None
-        seconds = [ttt_step_seconds(base, plan, cfg, rt, s, lora) for s in spans][-1] * sgd_steps if sgd_steps else 0.0
+        seconds = [ttt_step_seconds(base, partial(logits_fn, lora=lora), cfg, rt, s) for s in spans][-1] * sgd_steps \
+            if sgd_steps else 0.0
         if adapter == "lora":  # chunk steps: a fixed cost each plus one per row-token
+            # the first three compile (2 rows, then 3 at half the window: dynamic shapes; 1 row); 1 and all timed
             shapes = ((2, window), (3, window // 2), (1, window), (1, window), (batch, window), (batch, window))
-            one, full = [lora_step_seconds(base, plan, cfg, rt, *shape) for shape in shapes][3::2]  # after compiles
+            one, full = [lora_step_seconds(base, logits_fn, cfg, rt, *rows_window) for rows_window in shapes][3::2]
             per_row = (full - one) / max(1, batch - 1)
-            cuts = [0, *[n for n in cfg.ttt_phase_docs if n < len(bounds)], len(bounds)]  # as score_documents runs
-            for docs, lengths in (b for lo, hi in zip(cuts, cuts[1:]) for b in
-                                  lora_batches(bounds[lo:hi], cfg, window, rt.rank, rt.world_size)):
+            parts = lora_batches(bounds, cfg, window, rt.rank, rt.world_size)
+            for docs, lengths in (b for _, batches in parts for b in batches):
                 tokens = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk) for c, length in enumerate(lengths))
                 seconds += (one - per_row) * len(lengths) + per_row * tokens / window
-        else:  # forward tokens of the windows, whole batches
-            seconds += per_token * math.ceil(windows / batch) * batch * window
+        else:  # the windows' batches, each a forward as evaluate runs it (the first one compiles)
+            x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
+            mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
+
+            def forward():
+                logits_fn(x)
+                if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
+                    pos = torch.arange(x.numel() - 1, device=rt.device)
+                    mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
+                    mixer.update(x.flatten(), 0, len(pos), 1)
+            seconds += [timed(rt, forward) for _ in range(2)][1] * math.ceil(windows / batch)
         estimate[kind] = rt.agree_max(seconds)
     total = sum(estimate.values())
     scaled = competition_seconds(total, bounds[-1][1], rt.world_size, rt.device.type)
@@ -2244,7 +2246,7 @@ def timed(rt: Runtime, fn: Callable, *args) -> float:
     return time.perf_counter() - start
 
 
-def lora_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
+def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
     """Seconds a LoRA TTT chunk step (score, then an Adam step) takes with `rows` synthetic documents seeing `window`
     tokens, run as evaluate runs it (9 steps, the last only scoring, less 1 step only scoring): the first calls
     compile its graphs (batch 1; others), never on validation text."""
@@ -2253,21 +2255,20 @@ def lora_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, rows: int
     docs = [(i * length, (i + 1) * length - 1) for i in range(rows)]
     tables = ByteTables(*(torch.zeros(cfg.vocab_size, dtype=t, device=rt.device) for t in (torch.int16, bool, bool)))
     fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
-    steps = partial(timed, rt, lora_batch, partial(eval_logits, base, plan, rt.autocast), fresh, tokens, docs)
+    steps = partial(timed, rt, lora_batch, logits_fn, fresh, tokens, docs)
     base.requires_grad_(False)  # as score_documents runs it
     seconds = (steps([window] * 9, cfg, tables, sums, None) - steps([window], cfg, tables, sums, None)) / 8
     base.requires_grad_(True)
     return seconds
 
 
-def ttt_step_seconds(base: GPT, plan: Plan, cfg: Config, rt: Runtime, span: int, lora: dict | None) -> float:
+def ttt_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, span: int) -> float:
     """Seconds of a TTT SGD step (ttt_step) on `span` synthetic tokens at LR 0 (the weights stay), as evaluate runs
     it: the first call of a shape compiles its graph, never on validation text."""
     tokens = torch.randint(2, cfg.vocab_size, (span + 1,), device=rt.device)
     params = list(base.parameters())
-    return timed(rt, ttt_step, partial(eval_logits, base, plan, rt.autocast, lora=lora), params,
-                 torch.optim.SGD(params, lr=0.0, momentum=cfg.ttt_momentum), tokens, 0, span, cfg, rt.rank,
-                 rt.world_size)
+    return timed(rt, ttt_step, logits_fn, params, torch.optim.SGD(params, lr=0.0, momentum=cfg.ttt_momentum), tokens,
+                 0, span, cfg, rt.rank, rt.world_size)
 
 
 def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
