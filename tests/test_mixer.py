@@ -177,16 +177,17 @@ def test_mixer_knobs_and_evaluation_names():
 
 
 def test_the_eval_budget_estimate_times_the_mixer_in_every_batch_of_the_mixed_evaluation(capsys, monkeypatch):
-    """A mixer made slow by 50 ms a call: the sliding_mix estimate holds 50 ms for each of its batches."""
+    """A mixer made slow by 100 ms a call: the sliding_mix estimate holds 100 ms for each of its batches (long enough
+    that a loaded machine's unmixed forward stays under it)."""
     real = NgramMixer.mix
-    monkeypatch.setattr(NgramMixer, "mix", lambda *a: time.sleep(0.05) or real(*a))
+    monkeypatch.setattr(NgramMixer, "mix", lambda *a: time.sleep(0.1) or real(*a))
     cfg = tiny_cfg(MIX_ETA=1, EVAL_STRIDE=4, TTT_LR=0, MIX_BUCKETS=64, VAL_BATCH_SIZE=256)  # 16 windows a batch
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"))
     train_gpt.check_eval_budget(train_gpt.GPT(cfg), cfg, rt, [(0, 499)])
     line = re.search(r"^eval_budget_estimate roundtrip:([\d.]+)s sliding_mix:([\d.]+)s total:", capsys.readouterr().out,
                      re.M)
     batches = math.ceil(len(plan_windows(499, WINDOW, 4)[0]) / 16)
-    assert line and float(line[2]) >= 0.05 * batches > float(line[1]), (line and line[0], batches)
+    assert line and float(line[2]) >= 0.1 * batches > float(line[1]), (line and line[0], batches)
     tight = tiny_cfg(MIX_ETA=1, EVAL_STRIDE=4, TTT_LR=0, VAL_BATCH_SIZE=256, EVAL_BUDGET_S=1e-9)
     with pytest.raises(train_gpt.Refused, match="EVAL_BUDGET_S"):
         train_gpt.check_eval_budget(train_gpt.GPT(tight), tight, rt, [(0, 499)])
