@@ -1630,10 +1630,9 @@ class Runtime:
 
     def all_equal(self, obj) -> bool:
         """Whether every rank holds the same (picklable) value."""
-        if not self.distributed:
-            return True
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        gathered = [obj] * self.world_size
+        if self.distributed:
+            dist.all_gather_object(gathered, obj)
         return all(g == gathered[0] for g in gathered)
 
 
@@ -1676,11 +1675,9 @@ class WeightAverages:
     @torch.no_grad()
     def update(self, step: int, t: float, full_depth: bool) -> None:
         params = [p.detach().float() for p in self.model.parameters()]
-        if full_depth and self.cfg.ema_horizon > 0:
-            if self.ema is None:
-                self.ema = [p.clone() for p in params]
-            else:
-                torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
+        if full_depth and self.cfg.ema_horizon > 0:  # started at the weights (a lerp between equal ones is exact)
+            self.ema = self.ema or [p.clone() for p in params]
+            torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
         if full_depth and 0 < self.cfg.swa_start <= t and step % self.cfg.swa_every == 0:
             self.swa = self.swa or [torch.zeros_like(p) for p in params]
             torch._foreach_add_(self.swa, params)
