@@ -131,6 +131,7 @@ class Config:
     rope_dims: int = knob(16, "rotary dimensions per head (partial RoPE: the rest carry no position); 0 = all")
     ln_scale: bool = knob(True, "scale each block's normed inputs by 1/sqrt(physical block index + 1)")
     parallel_residual_start: int = knob(7, "from this physical block on, attention and MLP read one input; -1 = none")
+    parallel_lanes_start: int = knob(-1, "from this block on, attention reads residual lane 0, MLP lane 1; -1 = off")
     skip_gates_enabled: bool = knob(True, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)), not x + w*skip")
     layer_rows: str = knob("block", "scales and residual mix: a row per virtual layer or block", ("virtual", "block"))
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
@@ -351,6 +352,10 @@ def validate(cfg: Config) -> dict:
     phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
+    start, passes = cfg.parallel_lanes_start, max([r for _, r in phases] + [cfg.eval_repeats or repeats])
+    require(-1 <= start < unique, f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1} (NUM_UNIQUE_LAYERS)")
+    require(start <= cfg.loop_start or start > loop_end or passes == 1, f"PARALLEL_LANES_START={start}: inside the "
+            f"core, run {passes} times, lanes would merge back; start at or before LOOP_START, or after LOOP_END")
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
@@ -374,6 +379,7 @@ class Layer(NamedTuple):
     row: int  # row of the per-layer scales and residual mix (virtual position, or the block's index)
     xsa: bool  # exclusive self-attention
     parallel: bool  # attention and MLP read the same input (parallel residual)
+    lanes: bool  # two residual lanes: attention reads lane 0 (the stream U-Net skips store and add to), the MLP lane 1
     norm_scale: float  # multiplies the block's normed inputs (LN_SCALE)
     skip_from: int  # the virtual layer whose output is added before this one (U-Net); -1 = none
     skip_slot: int  # row of the skip weights and gates used by that skip
@@ -421,14 +427,14 @@ def training_repeats(cfg: Config) -> list[int]:
     return [passes for _, passes in cfg.depth_phases]
 
 
-def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0,
-               parallel_start: int = -1, ln_scale: bool = False, block_rows: bool = False) -> Plan:
+def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0, ln_scale: bool = False,
+               parallel_start: int = -1, block_rows: bool = False, lanes_start: int = -1) -> Plan:
     core = list(range(loop_start, loop_end + 1))
     blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
     skips = {dec: (enc, slot) for slot, (enc, dec) in enumerate(unet_pairs(len(blocks)))}
     stores = {enc for enc, _ in skips.values()}
     xsa_from = 0 if xsa_last_n == -1 else len(blocks) - xsa_last_n
-    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= xsa_from,
+    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= xsa_from, lanes=0 <= lanes_start <= b,
                             parallel=0 <= parallel_start <= b, norm_scale=1 / math.sqrt(b + 1) if ln_scale else 1.0,
                             skip_from=skips.get(v, (-1, -1))[0], skip_slot=skips.get(v, (-1, -1))[1], store=v in stores)
                       for v, b in enumerate(blocks)))
@@ -441,8 +447,8 @@ def unet_pairs(depth: int) -> list[tuple[int, int]]:
 
 
 def plan_for(cfg: Config, repeats: int) -> Plan:
-    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n,
-                      cfg.parallel_residual_start, cfg.ln_scale, cfg.layer_rows == "block")
+    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n, cfg.ln_scale,
+                      cfg.parallel_residual_start, cfg.layer_rows == "block", cfg.parallel_lanes_start)
 
 
 def max_depth(cfg: Config) -> int:
@@ -800,13 +806,17 @@ class Block(nn.Module):
                               flash_attn)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None, lora: dict = {}):
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts, docs=None, lora={}, lanes=None):
         """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
+        lane0, x = x, mix[0] * x + mix[1] * x0
         a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], docs, lora)
-        mlp_in = x + (1 - parallel) * a  # parallel residual: the MLP reads the block's input too
-        return x + a + mlp_scale * self.mlp(rms_norm(mlp_in) * scale, lora)
+        mlp_in = x + (1 - parallel) * a if lanes is None else lanes[0]  # parallel residual: the MLP reads x too
+        m = mlp_scale * self.mlp(rms_norm(mlp_in) * scale, lora)
+        if lanes is None:
+            return x + a + m
+        lane1, w = lanes  # a lane layer (x is lane 0): lane j = w[0, j] * lane j + w[1, j] * attention + w[2, j] * MLP
+        return w[0, 0] * lane0 + w[1, 0] * a + w[2, 0] * m, w[0, 1] * lane1 + w[1, 1] * a + w[2, 1] * m
 
 
 class GPT(nn.Module):
@@ -829,6 +839,8 @@ class GPT(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.skip_gate = nn.Parameter(torch.zeros(max(1, depth // 2), dim)) if cfg.skip_gates_enabled else None
+        lane_mix = torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]]).repeat(rows, 1, 1)  # the 2026-04-27 record's init
+        self.lane_mix = nn.Parameter(lane_mix) if cfg.parallel_lanes_start >= 0 else None  # Block.forward's w, per row
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
         self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
@@ -874,26 +886,29 @@ class GPT(nn.Module):
                 self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
                                 device=doc.device)
         x = rms_norm(x).to(dt)
-        x0, outputs = x, {}
+        x0, outputs, lane1 = x, {}, None
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
         consts = self.layer_consts(plan, x.device)
         adapters = lora["blocks"] if lora else [{}] * len(self.blocks)
         for v, layer in enumerate(plan.layers):
+            lane1 = x if layer.lanes and lane1 is None else lane1  # the split: x is lane 0 from here on
             if layer.skip_from >= 0:
                 x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
             r = layer.row
-            x = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
-                                    self.mlp_scale[r].to(dt), rope, consts[v], docs, adapters[layer.block])
+            lanes = (lane1, self.lane_mix[r].to(dt)) if layer.lanes else None
+            out = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
+                                      self.mlp_scale[r].to(dt), rope, consts[v], docs, adapters[layer.block], lanes)
+            x, lane1 = out if layer.lanes else (out, lane1)
             if layer.store:
                 outputs[v] = x
         # A plan too shallow to use a tensor still touches it (zero gradient), so DDP needs no
         # find_unused_parameters and every phase of a progressive run trains the same parameters.
         if len(plan.layers) < 2:
             x = x + 0 * self.skip_weight[0].to(dt) + (0 * self.skip_gate[0].to(dt) if self.skip_gate is not None else 0)
-        return rms_norm(x)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
 
     def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
         """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
@@ -2298,7 +2313,7 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
 MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "model_dim", "num_heads",
                "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings", "rope_base", "logit_softcap", "xsa_last_n",
                "rope_dims", "ln_scale", "parallel_residual_start", "skip_gates_enabled", "layer_rows", "loop_embed",
-               "smear_gate", "gate_window", "doc_mask")
+               "smear_gate", "gate_window", "doc_mask", "parallel_lanes_start")
 
 
 def model_meta(cfg: Config) -> dict:
