@@ -311,17 +311,16 @@ def validate(cfg: Config) -> dict:
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len",
                  "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
                  "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd",
-                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta"):
+                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta", "export_reserve_seconds"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
     require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
-    for name, lo, hi in (("zstd_level", 1, 22), *((f"quant_bits_{group}", 5, 8) for group in GROUPS)):
+    for name, lo, hi in (("zstd_level", 1, 22), ("seed", 0, 2**32 - 1), *((f"quant_bits_{g}", 5, 8) for g in GROUPS)):
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
-    require(0 <= cfg.seed < 2**32, f"SEED={cfg.seed}: must be in 0..{2**32 - 1}")
     require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
             f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
@@ -338,9 +337,8 @@ def validate(cfg: Config) -> dict:
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
     require(cfg.ttt_chunk >= cfg.train_seq_len,
             f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}")
-    require(cfg.export_reserve_seconds >= 0 and (cfg.max_wallclock_seconds == 0 or not cfg.gptq or
-                                                 cfg.export_reserve_seconds < cfg.max_wallclock_seconds),
-            f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
+    require(cfg.max_wallclock_seconds == 0 or not cfg.gptq or cfg.export_reserve_seconds < cfg.max_wallclock_seconds,
+            f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be below MAX_WALLCLOCK_SECONDS")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
     require(0 <= cfg.loop_start < unique,
@@ -353,9 +351,8 @@ def validate(cfg: Config) -> dict:
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
     start, passes = cfg.parallel_lanes_start, max([r for _, r in phases] + [cfg.eval_repeats or repeats])
-    require(-1 <= start < unique, f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1} (NUM_UNIQUE_LAYERS)")
-    require(start <= cfg.loop_start or start > loop_end or passes == 1, f"PARALLEL_LANES_START={start}: inside the "
-            f"core, run {passes} times, lanes would merge back; start at or before LOOP_START, or after LOOP_END")
+    require(start == -1 or 0 <= start < unique and (passes == 1 or not cfg.loop_start < start <= loop_end),
+            f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1}, not inside a core run {passes} times")
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
