@@ -1042,15 +1042,13 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
     target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A partial batch is padded with copies of
     its last window that score nothing, so compiled blocks see one batch shape, the one check_eval_budget primed."""
-    device = tokens.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for lo in range(0, len(starts), batch):
-        first, score = starts[lo:lo + batch].to(device), score_from[lo:lo + batch].to(device)
-        pad = batch - len(first)
-        first = torch.cat([first, first[-1:].expand(pad)])
-        score = torch.cat([score, score.new_full((pad,), window)])
-        score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out,
-                    mixer)
+    pad = -len(starts) % batch
+    first = torch.cat([starts, starts[-1:].expand(pad)]).to(tokens.device)
+    score = torch.cat([score_from, score_from.new_full((pad,), window)]).to(tokens.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    for lo in range(0, len(first), batch):
+        score_batch(logits_fn, tokens, first[lo:lo + batch], window, score[lo:lo + batch],
+                    score.new_full((batch,), window), tables, sums, nll_out, mixer)
     return sums
 
 
@@ -1067,9 +1065,7 @@ def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tab
     pos, scored = (first[:, None] + offsets[:-1])[mask], nll.detach()[mask]
     if mixer is not None:
         scored = mixer.mix(tokens, pos, scored)
-    sums[0] += scored.double().sum()
-    sums[1] += mask.sum()
-    sums[2] += token_bytes(tables, x, y)[mask].sum()
+    sums += torch.stack([scored.double().sum(), mask.sum(), token_bytes(tables, x, y)[mask].sum()])
     if nll_out is not None:
         nll_out[pos] = scored.to(nll_out.dtype)
     return nll, mask
