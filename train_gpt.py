@@ -22,7 +22,6 @@ import lzma
 import math
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -568,7 +567,6 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
                        cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize, cfg.muon_ns)]
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
-    assert len(matrices) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
     return optimizers
 
 
@@ -625,7 +623,7 @@ class ShuffledLoader:
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
                  seed: int, vocab_size: int = 65536):
         self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
-        self.vocab_size = vocab_size  # token ids at or above it are refused as batches are read
+        self.vocab_size = vocab_size  # token ids >= it are refused as batches are read, not minutes later in the model
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shards, self.seed = [map_shard(p) for p in paths], seed
         if all(len(t) < seq_len + 1 for t in self.shards):
@@ -645,9 +643,8 @@ class ShuffledLoader:
         shard = np.searchsorted(self.first, ids, side="right") - 1
         starts = self.phases[shard] + (ids - self.first[shard]) * self.seq_len
         rows = np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])  # [seqs, seq_len + 1]
-        if rows.max() >= self.vocab_size:  # here, not deep inside the model after minutes of training
-            raise DataError(f"train shards: token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size}; "
-                            "the shards were built with another tokenizer")
+        require(rows.max() < self.vocab_size, f"train shards: token id {int(rows.max())} >= VOCAB_SIZE="
+                f"{self.vocab_size}; the shards were built with another tokenizer", DataError)
         rows = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
@@ -1769,8 +1766,7 @@ def warmup(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], o
     order = training_repeats(cfg)
     steps = max(cfg.warmup_steps, len(order))
     start = time.perf_counter()
-    saved_model = copy.deepcopy(base.state_dict())
-    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    saved_model, saved_opts = copy.deepcopy((base.state_dict(), [opt.state_dict() for opt in optimizers]))
     loader = make_loader()
     for i in range(steps):
         train_step(model, loader, rt, cfg, plans[order[i % len(order)]], optimizers)
@@ -1986,7 +1982,7 @@ def setup_runtime() -> Runtime:
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     claim = [out, False]  # rank 0's folder (a fresh name unless RUN_ID/OUT_DIR fixed it), whether it made the log file
     if rt.main:
-        out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}"
+        out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{os.urandom(2).hex()}"
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
         try:  # created exclusively: of two runs started at once with one RUN_ID, the second stops here
@@ -2205,9 +2201,8 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
             sum(math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)
         spans = (cfg.ttt_chunk,) * 2 if adapter == "sgd" else \
             (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)  # phases: any size
-        lora = {} if adapter == "lora" else None
-        seconds = [ttt_step_seconds(base, partial(logits_fn, lora=lora), cfg, rt, s) for s in spans][-1] * sgd_steps \
-            if sgd_steps else 0.0
+        twin = partial(logits_fn, lora={} if adapter == "lora" else None)  # LoRA's phases step through its twins
+        seconds = [ttt_step_seconds(base, twin, cfg, rt, s) for s in spans][-1] * sgd_steps if sgd_steps else 0.0
         if adapter == "lora":  # chunk steps: a fixed cost each plus one per row-token
             # the first three compile (2 rows, then 3 at half the window: dynamic shapes; 1 row); 1 and all timed
             shapes = ((2, window), (3, window // 2), (1, window), (1, window), (batch, window), (batch, window))
