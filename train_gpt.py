@@ -30,7 +30,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
@@ -813,6 +813,13 @@ class Block(nn.Module):
         return w[0, 0] * lane0 + w[1, 0] * a + w[2, 0] * m, w[0, 1] * lane1 + w[1, 1] * a + w[2, 1] * m
 
 
+@cache
+def layer_consts(plan: Plan, device: torch.device) -> torch.Tensor:
+    """[depth, 3] (norm scale, parallel, xsa) of a plan, built once per plan and device."""
+    return torch.tensor([[layer.norm_scale, float(layer.parallel), float(layer.xsa)] for layer in plan.layers],
+                        device=device)
+
+
 class GPT(nn.Module):
     """`compile` builds compiled twins of every block and of the loss head (same parameters): training and evaluation
     run them (LoRA TTT its own), calibration the eager blocks (`eager=True`); `fa3`: FlashAttention 3."""
@@ -841,7 +848,6 @@ class GPT(nn.Module):
             for module in self.blocks.modules():
                 if isinstance(module, CastedLinear) and not module.zero_init:
                     nn.init.orthogonal_(module.weight)
-        self._consts: dict = {}
         # Each block and the loss head compiled, not the whole model: 9% faster steps on one H100 (the
         # whole graph fused all layers' residual-mix gradients into slow reductions) and 2-3x faster
         # compilation; one block graph serves every block and plan, as per-layer values are tensors
@@ -855,14 +861,6 @@ class GPT(nn.Module):
         self.block_mask = torch.compile(create_block_mask) if compile else create_block_mask  # compiled: no B*T*T mask
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
             else softcap_cross_entropy
-
-    def layer_consts(self, plan: Plan, device) -> torch.Tensor:
-        """[depth, 3] (norm scale, parallel, xsa) of a plan, built once per plan and device."""
-        key = (plan, str(device))
-        if key not in self._consts:
-            self._consts[key] = torch.tensor([[layer.norm_scale, float(layer.parallel), float(layer.xsa)]
-                                              for layer in plan.layers], device=device)
-        return self._consts[key]
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
         dt, x, docs = self.compute_dtype, self.tok_emb(input_ids), None
@@ -883,7 +881,7 @@ class GPT(nn.Module):
         x0, outputs, lane1 = x, {}, None
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
-        consts = self.layer_consts(plan, x.device)
+        consts = layer_consts(plan, x.device)
         adapters = lora["blocks"] if lora else [{}] * len(self.blocks)
         for v, layer in enumerate(plan.layers):
             lane1 = x if layer.lanes and lane1 is None else lane1  # the split: x is lane 0 from here on
