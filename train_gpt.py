@@ -22,7 +22,6 @@ import lzma
 import math
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -31,7 +30,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
@@ -131,6 +130,7 @@ class Config:
     rope_dims: int = knob(16, "rotary dimensions per head (partial RoPE: the rest carry no position); 0 = all")
     ln_scale: bool = knob(True, "scale each block's normed inputs by 1/sqrt(physical block index + 1)")
     parallel_residual_start: int = knob(7, "from this physical block on, attention and MLP read one input; -1 = none")
+    parallel_lanes_start: int = knob(-1, "from this block on, attention reads residual lane 0, MLP lane 1; -1 = off")
     skip_gates_enabled: bool = knob(True, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)), not x + w*skip")
     layer_rows: str = knob("block", "scales and residual mix: a row per virtual layer or block", ("virtual", "block"))
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
@@ -310,17 +310,16 @@ def validate(cfg: Config) -> dict:
                  "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len",
                  "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
                  "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd",
-                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta"):
+                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta", "export_reserve_seconds"):
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
     for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
                  "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
     require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
-    for name, lo, hi in (("zstd_level", 1, 22), *((f"quant_bits_{group}", 5, 8) for group in GROUPS)):
+    for name, lo, hi in (("zstd_level", 1, 22), ("seed", 0, 2**32 - 1), *((f"quant_bits_{g}", 5, 8) for g in GROUPS)):
         require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
-    require(0 <= cfg.seed < 2**32, f"SEED={cfg.seed}: must be in 0..{2**32 - 1}")
     require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
             f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
@@ -337,9 +336,8 @@ def validate(cfg: Config) -> dict:
     require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
     require(cfg.ttt_chunk >= cfg.train_seq_len,
             f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}")
-    require(cfg.export_reserve_seconds >= 0 and (cfg.max_wallclock_seconds == 0 or not cfg.gptq or
-                                                 cfg.export_reserve_seconds < cfg.max_wallclock_seconds),
-            f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be >= 0 and below MAX_WALLCLOCK_SECONDS")
+    require(cfg.max_wallclock_seconds == 0 or not cfg.gptq or cfg.export_reserve_seconds < cfg.max_wallclock_seconds,
+            f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be below MAX_WALLCLOCK_SECONDS")
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
     require(0 <= cfg.loop_start < unique,
@@ -351,6 +349,9 @@ def validate(cfg: Config) -> dict:
     phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
+    start, passes = cfg.parallel_lanes_start, max([r for _, r in phases] + [cfg.eval_repeats or repeats])
+    require(start == -1 or 0 <= start < unique and (passes == 1 or not cfg.loop_start < start <= loop_end),
+            f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1}, not inside a core run {passes} times")
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
@@ -374,6 +375,7 @@ class Layer(NamedTuple):
     row: int  # row of the per-layer scales and residual mix (virtual position, or the block's index)
     xsa: bool  # exclusive self-attention
     parallel: bool  # attention and MLP read the same input (parallel residual)
+    lanes: bool  # two residual lanes: attention reads lane 0 (the stream U-Net skips store and add to), the MLP lane 1
     norm_scale: float  # multiplies the block's normed inputs (LN_SCALE)
     skip_from: int  # the virtual layer whose output is added before this one (U-Net); -1 = none
     skip_slot: int  # row of the skip weights and gates used by that skip
@@ -421,14 +423,14 @@ def training_repeats(cfg: Config) -> list[int]:
     return [passes for _, passes in cfg.depth_phases]
 
 
-def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0,
-               parallel_start: int = -1, ln_scale: bool = False, block_rows: bool = False) -> Plan:
+def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0, ln_scale: bool = False,
+               parallel_start: int = -1, block_rows: bool = False, lanes_start: int = -1) -> Plan:
     core = list(range(loop_start, loop_end + 1))
     blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
     skips = {dec: (enc, slot) for slot, (enc, dec) in enumerate(unet_pairs(len(blocks)))}
     stores = {enc for enc, _ in skips.values()}
     xsa_from = 0 if xsa_last_n == -1 else len(blocks) - xsa_last_n
-    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= xsa_from,
+    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= xsa_from, lanes=0 <= lanes_start <= b,
                             parallel=0 <= parallel_start <= b, norm_scale=1 / math.sqrt(b + 1) if ln_scale else 1.0,
                             skip_from=skips.get(v, (-1, -1))[0], skip_slot=skips.get(v, (-1, -1))[1], store=v in stores)
                       for v, b in enumerate(blocks)))
@@ -441,8 +443,8 @@ def unet_pairs(depth: int) -> list[tuple[int, int]]:
 
 
 def plan_for(cfg: Config, repeats: int) -> Plan:
-    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n,
-                      cfg.parallel_residual_start, cfg.ln_scale, cfg.layer_rows == "block")
+    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n, cfg.ln_scale,
+                      cfg.parallel_residual_start, cfg.layer_rows == "block", cfg.parallel_lanes_start)
 
 
 def max_depth(cfg: Config) -> int:
@@ -565,7 +567,6 @@ def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fuse
                        cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize, cfg.muon_ns)]
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
-    assert len(matrices) + len(scalars) + len(embed) + len(head) == len(list(model.parameters()))
     return optimizers
 
 
@@ -622,7 +623,7 @@ class ShuffledLoader:
     def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
                  seed: int, vocab_size: int = 65536):
         self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
-        self.vocab_size = vocab_size  # token ids at or above it are refused as batches are read
+        self.vocab_size = vocab_size  # token ids >= it are refused as batches are read, not minutes later in the model
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shards, self.seed = [map_shard(p) for p in paths], seed
         if all(len(t) < seq_len + 1 for t in self.shards):
@@ -642,9 +643,8 @@ class ShuffledLoader:
         shard = np.searchsorted(self.first, ids, side="right") - 1
         starts = self.phases[shard] + (ids - self.first[shard]) * self.seq_len
         rows = np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])  # [seqs, seq_len + 1]
-        if rows.max() >= self.vocab_size:  # here, not deep inside the model after minutes of training
-            raise DataError(f"train shards: token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size}; "
-                            "the shards were built with another tokenizer")
+        require(rows.max() < self.vocab_size, f"train shards: token id {int(rows.max())} >= VOCAB_SIZE="
+                f"{self.vocab_size}; the shards were built with another tokenizer", DataError)
         rows = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
@@ -800,13 +800,24 @@ class Block(nn.Module):
                               flash_attn)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts: torch.Tensor, docs=None, lora: dict = {}):
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts, docs=None, lora={}, lanes=None):
         """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
+        lane0, x = x, mix[0] * x + mix[1] * x0
         a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], docs, lora)
-        mlp_in = x + (1 - parallel) * a  # parallel residual: the MLP reads the block's input too
-        return x + a + mlp_scale * self.mlp(rms_norm(mlp_in) * scale, lora)
+        mlp_in = x + (1 - parallel) * a if lanes is None else lanes[0]  # parallel residual: the MLP reads x too
+        m = mlp_scale * self.mlp(rms_norm(mlp_in) * scale, lora)
+        if lanes is None:
+            return x + a + m
+        lane1, w = lanes  # a lane layer (x is lane 0): lane j = w[0, j] * lane j + w[1, j] * attention + w[2, j] * MLP
+        return w[0, 0] * lane0 + w[1, 0] * a + w[2, 0] * m, w[0, 1] * lane1 + w[1, 1] * a + w[2, 1] * m
+
+
+@cache
+def layer_consts(plan: Plan, device: torch.device) -> torch.Tensor:
+    """[depth, 3] (norm scale, parallel, xsa) of a plan, built once per plan and device."""
+    return torch.tensor([[layer.norm_scale, float(layer.parallel), float(layer.xsa)] for layer in plan.layers],
+                        device=device)
 
 
 class GPT(nn.Module):
@@ -829,13 +840,14 @@ class GPT(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.skip_gate = nn.Parameter(torch.zeros(max(1, depth // 2), dim)) if cfg.skip_gates_enabled else None
+        lane_mix = torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]]).repeat(rows, 1, 1)  # the 2026-04-27 record's init
+        self.lane_mix = nn.Parameter(lane_mix) if cfg.parallel_lanes_start >= 0 else None  # Block.forward's w, per row
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
         self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
             for module in self.blocks.modules():
                 if isinstance(module, CastedLinear) and not module.zero_init:
                     nn.init.orthogonal_(module.weight)
-        self._consts: dict = {}
         # Each block and the loss head compiled, not the whole model: 9% faster steps on one H100 (the
         # whole graph fused all layers' residual-mix gradients into slow reductions) and 2-3x faster
         # compilation; one block graph serves every block and plan, as per-layer values are tensors
@@ -849,14 +861,6 @@ class GPT(nn.Module):
         self.block_mask = torch.compile(create_block_mask) if compile else create_block_mask  # compiled: no B*T*T mask
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
             else softcap_cross_entropy
-
-    def layer_consts(self, plan: Plan, device) -> torch.Tensor:
-        """[depth, 3] (norm scale, parallel, xsa) of a plan, built once per plan and device."""
-        key = (plan, str(device))
-        if key not in self._consts:
-            self._consts[key] = torch.tensor([[layer.norm_scale, float(layer.parallel), float(layer.xsa)]
-                                              for layer in plan.layers], device=device)
-        return self._consts[key]
 
     def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
         dt, x, docs = self.compute_dtype, self.tok_emb(input_ids), None
@@ -874,26 +878,29 @@ class GPT(nn.Module):
                 self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
                                 device=doc.device)
         x = rms_norm(x).to(dt)
-        x0, outputs = x, {}
+        x0, outputs, lane1 = x, {}, None
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
                              self.cfg.rope_base, x.device)
-        consts = self.layer_consts(plan, x.device)
+        consts = layer_consts(plan, x.device)
         adapters = lora["blocks"] if lora else [{}] * len(self.blocks)
         for v, layer in enumerate(plan.layers):
+            lane1 = x if layer.lanes and lane1 is None else lane1  # the split: x is lane 0 from here on
             if layer.skip_from >= 0:
                 x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
             r = layer.row
-            x = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
-                                    self.mlp_scale[r].to(dt), rope, consts[v], docs, adapters[layer.block])
+            lanes = (lane1, self.lane_mix[r].to(dt)) if layer.lanes else None
+            out = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
+                                      self.mlp_scale[r].to(dt), rope, consts[v], docs, adapters[layer.block], lanes)
+            x, lane1 = out if layer.lanes else (out, lane1)
             if layer.store:
                 outputs[v] = x
         # A plan too shallow to use a tensor still touches it (zero gradient), so DDP needs no
         # find_unused_parameters and every phase of a progressive run trains the same parameters.
         if len(plan.layers) < 2:
             x = x + 0 * self.skip_weight[0].to(dt) + (0 * self.skip_gate[0].to(dt) if self.skip_gate is not None else 0)
-        return rms_norm(x)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
 
     def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
         """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
@@ -1030,15 +1037,13 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
     target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A partial batch is padded with copies of
     its last window that score nothing, so compiled blocks see one batch shape, the one check_eval_budget primed."""
-    device = tokens.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for lo in range(0, len(starts), batch):
-        first, score = starts[lo:lo + batch].to(device), score_from[lo:lo + batch].to(device)
-        pad = batch - len(first)
-        first = torch.cat([first, first[-1:].expand(pad)])
-        score = torch.cat([score, score.new_full((pad,), window)])
-        score_batch(logits_fn, tokens, first, window, score, torch.full_like(score, window), tables, sums, nll_out,
-                    mixer)
+    pad = -len(starts) % batch
+    first = torch.cat([starts, starts[-1:].expand(pad)]).to(tokens.device)
+    score = torch.cat([score_from, score_from.new_full((pad,), window)]).to(tokens.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    for lo in range(0, len(first), batch):
+        score_batch(logits_fn, tokens, first[lo:lo + batch], window, score[lo:lo + batch],
+                    score.new_full((batch,), window), tables, sums, nll_out, mixer)
     return sums
 
 
@@ -1055,9 +1060,7 @@ def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tab
     pos, scored = (first[:, None] + offsets[:-1])[mask], nll.detach()[mask]
     if mixer is not None:
         scored = mixer.mix(tokens, pos, scored)
-    sums[0] += scored.double().sum()
-    sums[1] += mask.sum()
-    sums[2] += token_bytes(tables, x, y)[mask].sum()
+    sums += torch.stack([scored.double().sum(), mask.sum(), token_bytes(tables, x, y)[mask].sum()])
     if nll_out is not None:
         nll_out[pos] = scored.to(nll_out.dtype)
     return nll, mask
@@ -1630,10 +1633,9 @@ class Runtime:
 
     def all_equal(self, obj) -> bool:
         """Whether every rank holds the same (picklable) value."""
-        if not self.distributed:
-            return True
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        gathered = [obj] * self.world_size
+        if self.distributed:
+            dist.all_gather_object(gathered, obj)
         return all(g == gathered[0] for g in gathered)
 
 
@@ -1676,11 +1678,9 @@ class WeightAverages:
     @torch.no_grad()
     def update(self, step: int, t: float, full_depth: bool) -> None:
         params = [p.detach().float() for p in self.model.parameters()]
-        if full_depth and self.cfg.ema_horizon > 0:
-            if self.ema is None:
-                self.ema = [p.clone() for p in params]
-            else:
-                torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
+        if full_depth and self.cfg.ema_horizon > 0:  # started at the weights (a lerp between equal ones is exact)
+            self.ema = self.ema or [p.clone() for p in params]
+            torch._foreach_lerp_(self.ema, params, 1 - math.exp(-(t - self.last_t) / self.cfg.ema_horizon))
         if full_depth and 0 < self.cfg.swa_start <= t and step % self.cfg.swa_every == 0:
             self.swa = self.swa or [torch.zeros_like(p) for p in params]
             torch._foreach_add_(self.swa, params)
@@ -1764,8 +1764,7 @@ def warmup(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], o
     order = training_repeats(cfg)
     steps = max(cfg.warmup_steps, len(order))
     start = time.perf_counter()
-    saved_model = copy.deepcopy(base.state_dict())
-    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    saved_model, saved_opts = copy.deepcopy((base.state_dict(), [opt.state_dict() for opt in optimizers]))
     loader = make_loader()
     for i in range(steps):
         train_step(model, loader, rt, cfg, plans[order[i % len(order)]], optimizers)
@@ -1981,7 +1980,7 @@ def setup_runtime() -> Runtime:
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
     claim = [out, False]  # rank 0's folder (a fresh name unless RUN_ID/OUT_DIR fixed it), whether it made the log file
     if rt.main:
-        out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{random.SystemRandom().randrange(16**4):04x}"
+        out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{os.urandom(2).hex()}"
         out.mkdir(parents=True, exist_ok=True)
         rt.log_path = out / f"{cfg.run_id or out.name}.txt"
         try:  # created exclusively: of two runs started at once with one RUN_ID, the second stops here
@@ -2200,9 +2199,8 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
             sum(math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)
         spans = (cfg.ttt_chunk,) * 2 if adapter == "sgd" else \
             (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)  # phases: any size
-        lora = {} if adapter == "lora" else None
-        seconds = [ttt_step_seconds(base, partial(logits_fn, lora=lora), cfg, rt, s) for s in spans][-1] * sgd_steps \
-            if sgd_steps else 0.0
+        twin = partial(logits_fn, lora={} if adapter == "lora" else None)  # LoRA's phases step through its twins
+        seconds = [ttt_step_seconds(base, twin, cfg, rt, s) for s in spans][-1] * sgd_steps if sgd_steps else 0.0
         if adapter == "lora":  # chunk steps: a fixed cost each plus one per row-token
             # the first three compile (2 rows, then 3 at half the window: dynamic shapes; 1 row); 1 and all timed
             shapes = ((2, window), (3, window // 2), (1, window), (1, window), (batch, window), (batch, window))
@@ -2301,7 +2299,7 @@ def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifac
 MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "model_dim", "num_heads",
                "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings", "rope_base", "logit_softcap", "xsa_last_n",
                "rope_dims", "ln_scale", "parallel_residual_start", "skip_gates_enabled", "layer_rows", "loop_embed",
-               "smear_gate", "gate_window", "doc_mask")
+               "smear_gate", "gate_window", "doc_mask", "parallel_lanes_start")
 
 
 def model_meta(cfg: Config) -> dict:

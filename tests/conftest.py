@@ -82,6 +82,18 @@ PLAIN_SHAPE = {"NUM_UNIQUE_LAYERS": "0", "LOOP_START": "0", "LOOP_END": "-1", "P
                "SMEAR_GATE": "0"}
 
 
+def trained_like(cfg, seed: int = 0):
+    """A GPT with random weights everywhere: zero-init projections, gates and lambdas would hide what a test looks
+    for (mixing across positions or lanes, learned shares)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(cfg)
+    for p in model.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def tiny_env(data: Path, **overrides) -> dict[str, str]:
     env = dict(PLAIN_SHAPE, DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer_path(1024)), VOCAB_SIZE="1024",
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PLAIN_SHAPE, tokenizer_path
+from conftest import PLAIN_SHAPE, tokenizer_path, trained_like
 
 import train_gpt
 from train_gpt import (BOS_ID, GPT, attention_backend_name, build_config, build_optimizers, config_for_artifact,
@@ -22,15 +22,6 @@ def cfg_of(**env):
     base = dict(PLAIN_SHAPE, VOCAB_SIZE=VOCAB, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=48,
                 TRAIN_BATCH_TOKENS=96, NUM_LAYERS=3, XSA_LAST_N=1, ROPE_DIMS=4, GATE_WINDOW=6)
     return build_config({k: str(v) for k, v in {**base, **env}.items()})
-
-
-def trained_like(cfg, seed: int = 0) -> GPT:
-    """Random weights everywhere: zero-init projections and gates would hide any mixing across positions."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    for p in model.parameters():
-        p.data.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def document(length: int, seed: int) -> list[int]:
