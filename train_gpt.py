@@ -350,8 +350,9 @@ def validate(cfg: Config) -> dict:
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
     start, passes = cfg.parallel_lanes_start, max([r for _, r in phases] + [cfg.eval_repeats or repeats])
-    require(start == -1 or 0 <= start < unique and (passes == 1 or not cfg.loop_start < start <= loop_end),
-            f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1}, not inside a core run {passes} times")
+    require(start == -1 or (0 <= start < unique and (passes == 1 or not cfg.loop_start < start <= loop_end)),
+            f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1}, not inside a core run {passes} times "
+            "(lanes never merge back): at most LOOP_START or above LOOP_END")
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
             f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
