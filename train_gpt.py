@@ -1214,9 +1214,8 @@ def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int,
              world_size: int) -> None:
     """TTT_EPOCHS SGD steps on targets [a, b): the whole TRAIN_SEQ_LEN pieces from a (inputs
     tokens[s:s+L], labels one later), shared out over ranks; the loss is the mean over all of them."""
-    pieces = list(range(a, b - cfg.train_seq_len + 1, cfg.train_seq_len))
-    lo, hi = shard_range(len(pieces), rank, world_size)
-    mine = torch.tensor(pieces[lo:hi], device=tokens.device, dtype=torch.long)
+    pieces = torch.arange(a, max(a, b - cfg.train_seq_len + 1), cfg.train_seq_len, device=tokens.device)
+    mine = pieces[slice(*shard_range(len(pieces), rank, world_size))]
     seq = tokens[mine[:, None] + torch.arange(cfg.train_seq_len + 1, device=tokens.device)].long()
     for _ in range(cfg.ttt_epochs):
         for p in params:
