@@ -1248,7 +1248,7 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 SCALE_RANGE = (2.0**-24, 65504.0)  # float16's smallest and largest: no step is zero or infinite
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQZ", 1
 EXPORT_STREAMS = 16  # 36M codes in 16 brotli streams: ~200 bytes more than one stream, compressed in parallel
-LZMA_RAW = dict(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]  # raw: no container per stream
 FIT_STEP, FIT_MAX_COARSENING, FIT_MAX_TRIES, FIT_MARGIN = 1.01, 4.0, 8, 2e-4
 GROUPS = ("attn", "mlp", "embed")
 
@@ -1462,7 +1462,8 @@ def codec(recipe: ExportRecipe) -> tuple[Callable[[bytes], bytes], Callable[[byt
     if recipe.compressor == "brotli":
         return partial(brotli.compress, quality=11), brotli.decompress
     if recipe.compressor == "lzma":
-        return partial(lzma.compress, **LZMA_RAW), partial(lzma.decompress, **LZMA_RAW)  # raw: no container per stream
+        return (partial(lzma.compress, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
+                partial(lzma.decompress, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
     return (lambda b: zstandard.ZstdCompressor(level=recipe.zstd_level).compress(b),
             lambda b: zstandard.ZstdDecompressor().decompress(b))
 
@@ -2081,7 +2082,7 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
         try:
             budget = cfg.target_bytes - code_bytes
             blob, _ = fit_artifact(base.state_dict(), hessians, export_recipe(cfg), budget, rt.log, model_meta(cfg))
-            seconds = timed(rt, write_whole, path, lambda p: p.write_bytes(blob))[0]
+            seconds = timed(rt, write_whole, path, lambda p: p.write_bytes(blob))
             rt.log(f"export_write {path.name} time:{seconds:.1f}s")
         except ArtifactTooLarge as exc:
             failure = str(exc)
@@ -2108,14 +2109,18 @@ def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str
     """The reloaded artifact's evaluations in evaluation_windows' order: (line name, loss, bpb, ms); the last scores."""
     results = []
     for kind, window, stride, adapter in evaluation_windows(cfg):
+        rt.synchronize()
+        start = time.perf_counter()
         mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
-        seconds, (val_loss, val_bpb) = timed(rt, partial(evaluate_with, window, stride, adapter, mixer=mixer))
+        val_loss, val_bpb = evaluate_with(window, stride, adapter, mixer=mixer)
+        rt.synchronize()
+        ms = 1000 * (time.perf_counter() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
-        rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{1000 * seconds:.0f}ms")
+        rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
         rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         if mixer is not None:
             rt.log(f"{name}_weights network,unigram,bigram,trigram:{mixer.log_w.softmax(0).tolist()}")
-        results.append((name, val_loss, val_bpb, 1000 * seconds))
+        results.append((name, val_loss, val_bpb, ms))
     return results
 
 
@@ -2163,9 +2168,10 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     rt.log(f"export_weights:{exported}")
     results = []
     if not exported.startswith("last") or cfg.train_only:
-        seconds, (val_loss, val_bpb) = timed(rt, validate)
+        start = time.perf_counter()
+        val_loss, val_bpb = validate()
         rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
-        results.append(("pre_export", val_loss, val_bpb, 1000 * seconds))
+        results.append(("pre_export", val_loss, val_bpb, 1000 * (time.perf_counter() - start)))
     if cfg.train_only:  # TRAIN_ONLY: the score is the pre-export one; the float checkpoint is written
         code_bytes, model_bytes, artifact = code_file().stat().st_size, 0, None
     else:
@@ -2214,7 +2220,7 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
                     pos = torch.arange(x.numel() - 1, device=rt.device)
                     mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
                     mixer.update(x.flatten(), 0, len(pos), 1)
-            seconds += [timed(rt, forward)[0] for _ in range(2)][1] * math.ceil(windows / batch)
+            seconds += [timed(rt, forward) for _ in range(2)][1] * math.ceil(windows / batch)
         estimate[kind] = rt.agree_max(seconds)
     total = sum(estimate.values())
     scaled = competition_seconds(total, bounds[-1][1], rt.world_size, rt.device.type)
@@ -2229,13 +2235,13 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
                       f"{max(total, scaled):.0f} s{' at the competition scale' if scaled > total else ''}; {hint}")
 
 
-def timed(rt: Runtime, fn: Callable, *args) -> tuple[float, object]:
-    """(seconds fn(*args) takes on this rank's device, what it returns)."""
+def timed(rt: Runtime, fn: Callable, *args) -> float:
+    """Seconds fn(*args) takes on this rank's device."""
     rt.synchronize()
     start = time.perf_counter()
-    result = fn(*args)
+    fn(*args)
     rt.synchronize()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start
 
 
 def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
@@ -2249,7 +2255,7 @@ def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int,
     fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
     steps = partial(timed, rt, lora_batch, logits_fn, fresh, tokens, docs)
     base.requires_grad_(False)  # as score_documents runs it
-    seconds = (steps([window] * 9, cfg, tables, sums, None)[0] - steps([window], cfg, tables, sums, None)[0]) / 8
+    seconds = (steps([window] * 9, cfg, tables, sums, None) - steps([window], cfg, tables, sums, None)) / 8
     base.requires_grad_(True)
     return seconds
 
@@ -2260,7 +2266,7 @@ def ttt_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, span: int) 
     tokens = torch.randint(2, cfg.vocab_size, (span + 1,), device=rt.device)
     params = list(base.parameters())
     return timed(rt, ttt_step, logits_fn, params, torch.optim.SGD(params, lr=0.0, momentum=cfg.ttt_momentum), tokens,
-                 0, span, cfg, rt.rank, rt.world_size)[0]
+                 0, span, cfg, rt.rank, rt.world_size)
 
 
 def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
