@@ -585,8 +585,7 @@ BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge
 
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     require(header.size == HEADER_INTS, f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes)",
             DataError)
     require(header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION, f"{path}: not a token shard (magic {header[0]}, "
@@ -653,17 +652,15 @@ class ShuffledLoader:
 
     def _start_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
-        L = self.seq_len
-        self.phases = np.array([rng.integers(0, max(1, min(L, len(t) - L))) for t in self.shards])
-        counts = [max(0, (len(t) - 1 - p) // L) for t, p in zip(self.shards, self.phases)]
+        self.phases = np.array([rng.integers(0, max(1, min(self.seq_len, len(t) - self.seq_len))) for t in self.shards])
+        counts = [max(0, (len(t) - 1 - p) // self.seq_len) for t, p in zip(self.shards, self.phases)]
         self.first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first window
         self.order = rng.permutation(int(self.first[-1]))
         self.epoch, self.position = epoch, 0
 
     def skip(self, batches: int) -> None:
         """RESUME: pass over the batches the run has trained on (the position follows from the step count)."""
-        for _ in range(batches):
-            self._windows(self.world_size * self.seqs)
+        self._windows(batches * self.world_size * self.seqs)
 
     def _windows(self, n: int) -> np.ndarray:
         parts = []
@@ -1248,7 +1245,7 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 SCALE_RANGE = (2.0**-24, 65504.0)  # float16's smallest and largest: no step is zero or infinite
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQZ", 1
 EXPORT_STREAMS = 16  # 36M codes in 16 brotli streams: ~200 bytes more than one stream, compressed in parallel
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]  # raw: no container per stream
+LZMA_RAW = dict(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
 FIT_STEP, FIT_MAX_COARSENING, FIT_MAX_TRIES, FIT_MARGIN = 1.01, 4.0, 8, 2e-4
 GROUPS = ("attn", "mlp", "embed")
 
@@ -1462,8 +1459,7 @@ def codec(recipe: ExportRecipe) -> tuple[Callable[[bytes], bytes], Callable[[byt
     if recipe.compressor == "brotli":
         return partial(brotli.compress, quality=11), brotli.decompress
     if recipe.compressor == "lzma":
-        return (partial(lzma.compress, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
-                partial(lzma.decompress, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+        return partial(lzma.compress, **LZMA_RAW), partial(lzma.decompress, **LZMA_RAW)  # raw: no container per stream
     return (lambda b: zstandard.ZstdCompressor(level=recipe.zstd_level).compress(b),
             lambda b: zstandard.ZstdDecompressor().decompress(b))
 
@@ -1623,6 +1619,11 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def clock(self) -> float:
+        """time.perf_counter() once this rank's device has finished the work queued so far."""
+        self.synchronize()
+        return time.perf_counter()
+
     def agree_max(self, *values: float):
         """The maximum of each value over ranks, in one all-reduce: every rank acts on the same numbers."""
         if self.distributed:
@@ -1775,8 +1776,7 @@ def warmup(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], o
     base.load_state_dict(saved_model)
     for opt, saved in zip(optimizers, saved_opts):
         opt.load_state_dict(saved)
-    rt.synchronize()
-    return time.perf_counter() - start
+    return rt.clock() - start
 
 
 def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float) -> None:
@@ -1865,19 +1865,16 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
           validate, averages: WeightAverages, out: Path) -> TrainState:
     parts = dict(model=base, averages=averages, **{f"optimizer{i}": o for i, o in enumerate(optimizers)})
     state = load_checkpoint(cfg, rt, parts, loader) if cfg.resume else TrainState()
-    rt.synchronize()
-    clock, checkpoint_ms = time.perf_counter(), state.elapsed_ms
+    clock, checkpoint_ms = rt.clock(), state.elapsed_ms
     stop = cfg.max_wallclock_seconds > 0 and state.elapsed_ms >= 1000 * training_seconds(cfg)  # resumed at the end
     while True:
         last = stop or (cfg.iterations and state.step >= cfg.iterations)
         if last or (cfg.val_loss_every and state.step and state.step % cfg.val_loss_every == 0):
-            rt.synchronize()
-            state.elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (time.perf_counter() - clock))
+            state.elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (rt.clock() - clock))
             val_loss, val_bpb = validate()
             rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                    f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms")
-            rt.synchronize()
-            clock = time.perf_counter()
+            clock = rt.clock()
         if last:
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
@@ -1885,8 +1882,7 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         set_schedules(cfg, optimizers, t)
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
-        rt.synchronize()
-        now = time.perf_counter()
+        now = rt.clock()
         elapsed_ms, diverged, stop_asked = rt.agree_max(state.elapsed_ms + 1000 * (now - clock),
                                                         float(not torch.isfinite(loss)), float(bool(STOP_SIGNALS)))
         if diverged:  # agreed across ranks: every rank stops here, and nothing is exported
@@ -2109,12 +2105,10 @@ def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str
     """The reloaded artifact's evaluations in evaluation_windows' order: (line name, loss, bpb, ms); the last scores."""
     results = []
     for kind, window, stride, adapter in evaluation_windows(cfg):
-        rt.synchronize()
-        start = time.perf_counter()
+        start = rt.clock()
         mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
         val_loss, val_bpb = evaluate_with(window, stride, adapter, mixer=mixer)
-        rt.synchronize()
-        ms = 1000 * (time.perf_counter() - start)
+        ms = 1000 * (rt.clock() - start)
         name = f"final_{artifact_name(cfg)}_{kind}"
         rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{ms:.0f}ms")
         rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
@@ -2177,18 +2171,16 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     else:
         code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
         results = final_evaluations(cfg, rt, evaluate_with)
-    return log_summary(rt, results, code_bytes, model_bytes, artifact, steps=state.step,
-                       train_tokens=state.step * cfg.train_batch_tokens, train_time_ms=round(state.elapsed_ms),
-                       warmup_time_s=round(warmup_s, 2), first_train_loss=state.first_loss,
-                       last_train_loss=state.last_loss, peak_memory_mib=round(peak_mib), world_size=rt.world_size,
-                       seed=cfg.seed, export_weights=exported)
+    return log_summary(rt, results, code_bytes, model_bytes, artifact, train_tokens=state.step * cfg.train_batch_tokens,
+                       steps=state.step, train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2),
+                       first_train_loss=state.first_loss, last_train_loss=state.last_loss, world_size=rt.world_size,
+                       peak_memory_mib=round(peak_mib), seed=cfg.seed, export_weights=exported)
 
 
 @torch.no_grad()
 def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None:
     """Time forwards and TTT steps of synthetic batches as evaluate runs them (priming their compiled graphs), scale
-    to this rank's share of the work on `bounds` (document_bounds), refuse final evaluations over EVAL_BUDGET_S, here
-    or at scale."""
+    to this rank's work on `bounds` (document_bounds); refuse final evaluations over EVAL_BUDGET_S here or at scale."""
     estimate, logits_fn = {}, partial(eval_logits, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats), rt.autocast)
     for kind, window, stride, adapter in evaluation_windows(cfg):
         windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)  # this rank's
@@ -2237,11 +2229,9 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
 
 def timed(rt: Runtime, fn: Callable, *args) -> float:
     """Seconds fn(*args) takes on this rank's device."""
-    rt.synchronize()
-    start = time.perf_counter()
+    start = rt.clock()
     fn(*args)
-    rt.synchronize()
-    return time.perf_counter() - start
+    return rt.clock() - start
 
 
 def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
@@ -2286,11 +2276,10 @@ def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:
     """The final_summary line: the score is the last evaluation; bytes are the files on disk."""
     name, val_loss, val_bpb, eval_ms = results[-1]
-    summary = dict(val_bpb=val_bpb, val_loss=val_loss,
+    summary = dict(val_bpb=val_bpb, val_loss=val_loss, artifact=str(artifact) if artifact else None,
                    score_line=f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms",
                    evals={n: dict(val_loss=l, val_bpb=b, eval_time_ms=round(ms)) for n, l, b, ms in results},
-                   bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=code_bytes + model_bytes,
-                   artifact=str(artifact) if artifact else None, **extra)
+                   bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=code_bytes + model_bytes, **extra)
     rt.log("final_summary " + json.dumps(summary, sort_keys=True))
     return summary
 
