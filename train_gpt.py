@@ -660,7 +660,8 @@ class ShuffledLoader:
 
     def skip(self, batches: int) -> None:
         """RESUME: pass over the batches the run has trained on (the position follows from the step count)."""
-        self._windows(batches * self.world_size * self.seqs)
+        for _ in range(batches):
+            self._windows(self.world_size * self.seqs)
 
     def _windows(self, n: int) -> np.ndarray:
         parts = []
@@ -1770,9 +1771,7 @@ def warmup(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], o
     for i in range(steps):
         train_step(model, loader, rt, cfg, plans[order[i % len(order)]], optimizers)
         if i < len(order) or i == steps - 1:
-            rt.synchronize()
-            rt.log(f"warmup_step:{i + 1}/{steps} passes:{order[i % len(order)]} "
-                   f"elapsed:{time.perf_counter() - start:.1f}s")
+            rt.log(f"warmup_step:{i + 1}/{steps} passes:{order[i % len(order)]} elapsed:{rt.clock() - start:.1f}s")
     base.load_state_dict(saved_model)
     for opt, saved in zip(optimizers, saved_opts):
         opt.load_state_dict(saved)
@@ -2060,11 +2059,10 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor
     for key in sorted(hessians) if rt.distributed else ():
         dist.all_reduce(hessians[key])
         hessians[key] /= rt.world_size
-    rt.synchronize()
-    total = per_rank * rt.world_size
+    seconds, total = rt.clock() - start, per_rank * rt.world_size
     rt.log(f"gptq_calibration hessians:{len(hessians)} batches:{total} "
            f"tokens:{total * cfg.micro_batch_seqs * cfg.train_seq_len} "
-           f"time:{time.perf_counter() - start:.1f}s reserve:{cfg.export_reserve_seconds:g}s")
+           f"time:{seconds:.1f}s reserve:{cfg.export_reserve_seconds:g}s")
     return hessians
 
 
