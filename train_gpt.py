@@ -137,7 +137,7 @@ class Config:
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
     smear_gate: bool = knob(True, "add the previous token's embedding through a learned gate (zero-init); not at BOS")
     gate_window: int = knob(12, "channels of the embedding read by SMEAR_GATE")
-    doc_mask: bool = knob(False, "attention stays inside documents (each starts with a BOS), via flex_attention")
+    doc_mask: bool = knob(False, "attention stays inside documents (each starts with a BOS): FA3 varlen or flex")
     # batch and schedule
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
     train_batch_tokens: int = knob(786_432, "tokens per optimizer step, all ranks together")
@@ -747,10 +747,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool, flash_attn=None):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool, fa3=None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
-        self.flash_attn = flash_attn  # FlashAttention 3's flash_attn_func, or None: SDPA
+        self.fa3 = fa3  # FlashAttention 3's (flash_attn_func, flash_attn_varlen_func), or None: SDPA
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
@@ -765,9 +765,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         gqa = self.heads != self.kv_heads
-        if self.flash_attn is not None and docs is None:  # FA3 as in the records: (B, T, H, D) bf16, native GQA
-            y = self.flash_attn(*(t.transpose(1, 2).bfloat16() for t in (q, k, v)), causal=True)
-            y = (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some FA3 versions return (out, lse)
+        if self.fa3 is not None and (docs is None or docs.dtype == torch.int32):  # FA3 as in the records: bf16,
+            qkv, (dense, varlen) = [t.transpose(1, 2).bfloat16() for t in (q, k, v)], self.fa3  # (B, T, H, D), GQA
+            y = dense(*qkv, causal=True) if docs is None else varlen(  # documents: GPT.hidden's segment starts
+                *(t.flatten(0, 1) for t in qkv), cu_seqlens_q=docs, cu_seqlens_k=docs, max_seqlen_q=T, max_seqlen_k=T,
+                causal=True)  # on the batch flattened to (B*T, H, D)
+            y = (y[0] if isinstance(y, tuple) else y).reshape(B, T, -1, self.head_dim).transpose(1, 2)  # (out, lse) too
         else:
             y = flex_attention(q, k, v, block_mask=docs, enable_gqa=gqa) if isinstance(docs, BlockMask) \
                 else F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=docs is None, enable_gqa=gqa)
@@ -793,10 +796,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One physical block; the per-layer rows and constants it uses are passed in by the model."""
 
-    def __init__(self, cfg: Config, flash_attn=None):
+    def __init__(self, cfg: Config, fa3=None):
         super().__init__()
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0,
-                              flash_attn)
+                              fa3)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts, docs=None, lora={}, lanes=None):
@@ -825,13 +828,14 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32, compile: bool = False, fa3=False):
         super().__init__()
-        self.cfg, self.compute_dtype = cfg, compute_dtype
+        self.cfg, self.compute_dtype, self.fa3 = cfg, compute_dtype, fa3
         unique, depth, dim = cfg.unique_blocks, max_depth(cfg), cfg.model_dim
         rows = unique if cfg.layer_rows == "block" else depth
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        flash_attn = importlib.import_module("flash_attn_interface").flash_attn_func if fa3 else None
-        self.blocks = nn.ModuleList(Block(cfg, flash_attn) for _ in range(unique))
+        fa3 = importlib.import_module("flash_attn_interface") if fa3 else None
+        fa3 = (fa3.flash_attn_func, fa3.flash_attn_varlen_func) if fa3 else None
+        self.blocks = nn.ModuleList(Block(cfg, fa3) for _ in range(unique))
         # Rows indexed by virtual position (or by block with LAYER_ROWS=block), sized for the deepest plan.
         self.loop_emb = nn.Parameter(torch.zeros(depth, dim)) if cfg.loop_embed else None  # zero-init
         self.attn_scale = nn.Parameter(torch.ones(rows, dim))
@@ -870,12 +874,19 @@ class GPT(nn.Module):
         twins = self.compiled_blocks if lora is None else self.lora_blocks  # LoRA TTT's, its phases' (lora={})
         blocks = self.blocks if eager or not twins else twins
         if self.cfg.doc_mask and not lora:  # a token sees earlier tokens of its document only (a LoRA row is one
-            # document). Compiled blocks: a flex_attention block mask (fused, skips whole blocks); eager ones: SDPA's
-            # boolean mask (flex has no CPU backward)
+            # document). Compiled blocks: FA3's varlen kernel when installed, else a flex_attention block mask (fused,
+            # skips whole blocks); eager ones: SDPA's boolean mask (flex has no CPU backward)
             doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
-            docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
-                self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
-                                device=doc.device)
+            if blocks is self.blocks:
+                docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril()
+            elif self.fa3:  # cu: every segment's start in the flattened batch (each row's, each BOS), then B*T, padded
+                # with B*T (empty segments) to a multiple of 64 as the 2026-04-27 record: a new count is a new shape
+                # for the compiled blocks (dynamic=False; compile_stats' recompiles). nonzero syncs: its size is data
+                cu = F.pad(input_ids[:, 1:] == BOS_ID, (1, 0), value=True).flatten().nonzero()[:, 0].int()
+                docs = F.pad(cu, (0, -(-(len(cu) + 1) // 64) * 64 - len(cu)), value=input_ids.numel())
+            else:
+                docs = self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
+                                       device=doc.device)
         x = rms_norm(x).to(dt)
         x0, outputs, lane1 = x, {}, None
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
@@ -1991,11 +2002,11 @@ def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
 
 
 def attention_backend_name(cfg: Config, device_type: str) -> str:
-    """The compiled blocks' attention kernel, as the log header names it; build_model gives GPT FA3 when it says fa3."""
-    if cfg.compile and device_type == "cuda" and cfg.attn_backend == "auto" and not cfg.doc_mask:
+    """The compiled blocks' attention kernel, as the log header names it; build_model gives GPT FA3 for fa3*."""
+    if cfg.compile and device_type == "cuda" and cfg.attn_backend == "auto":
         with contextlib.suppress(ImportError):  # FlashAttention 3, installed on the records' H100s
             importlib.import_module("flash_attn_interface")
-            return "fa3"
+            return "fa3_varlen" if cfg.doc_mask else "fa3"
     return "flex_attention" if cfg.doc_mask and cfg.compile and device_type == "cuda" else "sdpa"
 
 
@@ -2024,7 +2035,7 @@ def log_header(cfg: Config, rt: Runtime) -> None:
 
 def build_model(cfg: Config, rt: Runtime):
     torch.manual_seed(cfg.seed)
-    cuda, fa3 = rt.device.type == "cuda", attention_backend_name(cfg, rt.device.type) == "fa3"
+    cuda, fa3 = rt.device.type == "cuda", attention_backend_name(cfg, rt.device.type).startswith("fa3")
     with rt.device:  # initialized where it runs: CPU QR for the orthogonal init took minutes with 4 runs on one host
         base = GPT(cfg, torch.bfloat16 if cuda else torch.float32, cfg.compile and cuda, fa3)
     model = nn.parallel.DistributedDataParallel(base, device_ids=[rt.local_rank] if cuda else None,

@@ -153,9 +153,20 @@ def test_config_validates_the_new_knobs():
         cfg_of(MUON_NS="cubic")
 
 
-def flash_attn_stand_in(monkeypatch, returns_lse: bool = False) -> list:
+def varlen_reference(q, k, v, cu: list, causal: bool) -> torch.Tensor:
+    """FA3's varlen kernel by its definition, on packed (N, H, D) tensors: segment i is rows cu[i]..cu[i+1] (empty
+    ones allowed), attended to alone, causal SDPA, k and v's heads repeated for GQA; the segments must tile all N."""
+    assert cu[0] == 0 and cu[-1] == len(q) and cu == sorted(cu)
+    k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal)
+                      .transpose(0, 1) for a, b in zip(cu, cu[1:])])
+
+
+def flash_attn_stand_in(monkeypatch, returns_lse: bool = False, rows_only: bool = False) -> list:
     """A module flash_attn_interface whose flash_attn_func is SDPA on FA3's (B, T, H, D) layout (as the GPU-less
-    shim of shared/bench); it records each call's shapes, dtype and causal flag, in the list returned."""
+    shim of shared/bench) and flash_attn_varlen_func the reference above; it records each call's shapes, dtype and
+    causal flag (and the varlen's cu and max_seqlen), in the list returned. rows_only: a varlen kernel that drops
+    every segment start but the rows' (as if cu had no BOS), to show the tests below would catch it."""
     calls = []
 
     def flash_attn_func(q, k, v, causal=False):
@@ -164,7 +175,16 @@ def flash_attn_stand_in(monkeypatch, returns_lse: bool = False) -> list:
                                            enable_gqa=k.size(2) != q.size(2)).transpose(1, 2).contiguous()
         return (y, torch.zeros(q.shape[:3])) if returns_lse else y
 
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+        assert cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        calls.append((tuple(q.shape), tuple(k.shape), q.dtype, causal, cu_seqlens_q, max_seqlen_q))
+        cu = [c for c in cu_seqlens_q.tolist() if c % max_seqlen_q == 0 or not rows_only]
+        assert max(b - a for a, b in zip(cu, cu[1:])) <= max_seqlen_q
+        y = varlen_reference(q, k, v, cu, causal)
+        return (y, torch.zeros(q.shape[:2])) if returns_lse else y
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(
+        flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func))
     return calls
 
 
@@ -189,10 +209,10 @@ def test_flash_attention_gives_the_sdpa_output_with_kv_heads_as_they_are(monkeyp
 
 
 @pytest.mark.parametrize("env, device, name", [(dict(ATTN_BACKEND="sdpa"), "cuda", "sdpa"), ({}, "cpu", "sdpa"),
-                                               (dict(COMPILE=0), "cuda", "sdpa"),
-                                               (dict(DOC_MASK=1), "cuda", "flex_attention")])
+                                               (dict(COMPILE=0), "cuda", "sdpa"), (dict(DOC_MASK=1), "cpu", "sdpa"),
+                                               (dict(DOC_MASK=1, ATTN_BACKEND="sdpa"), "cuda", "flex_attention")])
 def test_flash_attention_is_not_called_when_ruled_out(monkeypatch, env, device, name):
-    """ATTN_BACKEND=sdpa, the CPU, eager runs and DOC_MASK=1 (flex_attention) keep their kernels: nothing calls FA3."""
+    """ATTN_BACKEND=sdpa (DOC_MASK=1: flex_attention), the CPU and eager runs keep their kernels: nothing calls FA3."""
     calls = flash_attn_stand_in(monkeypatch)
     cfg = cfg_of(**env)
     assert attention_backend_name(cfg, device) == name
@@ -207,3 +227,61 @@ def test_without_flash_attention_installed_nothing_changes(monkeypatch):
     assert attention_backend_name(cfg_of(), "cuda") == "sdpa" and attention_backend_name(cfg_of(), "cpu") == "sdpa"
     assert attention_backend_name(cfg_of(DOC_MASK=1), "cuda") == "flex_attention"
     assert attention_backend_name(cfg_of(DOC_MASK=1, COMPILE=0), "cuda") == "sdpa"
+
+
+def varlen_model(cfg, monkeypatch, dtype=torch.bfloat16, **stand_in) -> tuple[GPT, list]:
+    """A GPT given FA3 (the stand-in), with the trained_like weights; its blocks stand for the compiled twins
+    (GPT.hidden tells twins from the eager blocks by identity), which on CUDA call the varlen kernel."""
+    calls = flash_attn_stand_in(monkeypatch, **stand_in)
+    model = GPT(cfg, dtype, fa3=True)
+    model.load_state_dict(trained_like(cfg).state_dict())
+    model.compiled_blocks = list(model.blocks)
+    return model, calls
+
+
+@pytest.mark.parametrize("returns_lse", [False, True])
+@pytest.mark.parametrize("extras", [{}, dict(SMEAR_GATE=1, NUM_KV_HEADS=4, XSA_LAST_N=0)])
+def test_doc_mask_through_fa3_varlen_equals_the_boolean_mask(monkeypatch, extras, returns_lse):
+    """DOC_MASK=1 with FA3 importable: a compiled CUDA run says fa3_varlen and its blocks call flash_attn_varlen_func
+    on the flattened batch (bf16, k/v with NUM_KV_HEADS heads) with cu = every row start and every BOS, then B*T,
+    padded with B*T to a multiple of 64 (int32); logits and gradients are the eager blocks' boolean mask's: exactly
+    in float32, to bf16's rounding in bf16 (the two kernels round differently, unlike the dense test's one)."""
+    cfg = cfg_of(DOC_MASK=1, **extras)
+    model, calls = varlen_model(cfg, monkeypatch, returns_lse=returns_lse)
+    assert attention_backend_name(cfg, "cuda") == "fa3_varlen"
+    plan = plan_for(cfg, cfg.repeats)
+    x = torch.tensor([ROW, ROW[::-1], document(20, 5) + document(28, 6)])  # the last row starts with a BOS
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x, plan), model.logits(x, plan, eager=True), atol=5e-2)
+    (B, T), H, kv = x.shape, cfg.num_heads, cfg.num_kv_heads
+    starts = sorted({r * T for r in range(B)} | {i for i, t in enumerate(x.flatten().tolist()) if t == BOS_ID})
+    assert len(starts) == 3 + 4 + 4 + 1  # rows, ROW's BOS, ROW[::-1]'s, the last row's second
+    assert len(calls) == cfg.num_layers
+    for q_shape, k_shape, dtype, causal, cu, max_seqlen in calls:
+        assert (q_shape, k_shape, dtype, causal, max_seqlen) == ((B * T, H, 8), (B * T, kv, 8), torch.bfloat16, True, T)
+        assert cu.dtype == torch.int32 and cu.tolist() == starts + [B * T] * (64 - len(starts))
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda t: t)  # FA3's cast a no-op: float32 throughout
+    model, _ = varlen_model(cfg, monkeypatch, torch.float32, returns_lse=returns_lse)
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x, plan), model.logits(x, plan, eager=True), atol=1e-5)
+    eager = GPT(cfg)  # the same weights, no compiled twins: the boolean mask
+    eager.load_state_dict(model.state_dict())
+    model(x, x, plan).backward(), eager(x, x, plan).backward()  # training's path: the same gradients
+    assert torch.allclose(model.blocks[0].attn.c_q.weight.grad, eager.blocks[0].attn.c_q.weight.grad, atol=1e-5)
+
+
+def test_fa3_varlen_lets_nothing_cross_a_bos_and_a_cu_without_the_bos_would(monkeypatch):
+    """Through the varlen path, changing the previous document leaves the next one's logits unchanged; a kernel
+    given only the row starts (the stand-in's rows_only) lets the next document see the previous one."""
+    cfg = cfg_of(DOC_MASK=1, SMEAR_GATE=1, TIE_EMBEDDINGS=0)
+    plan, prev, nxt = plan_for(cfg, cfg.repeats), torch.arange(100, 112), torch.tensor(document(20, 3)).clamp(max=99)
+    x = torch.stack([torch.cat([prev, nxt]), torch.cat([nxt, prev])])
+    changed = x.clone()
+    changed[0, :12] = torch.arange(112, 124)
+    for rows_only in (False, True):
+        model, calls = varlen_model(cfg, monkeypatch, rows_only=rows_only)
+        with torch.no_grad():
+            a, b = model.logits(x, plan), model.logits(changed, plan)
+        assert len(calls) == 2 * cfg.num_layers and not torch.allclose(a[0, :12], b[0, :12])
+        assert torch.equal(a[1], b[1])  # the other row
+        assert torch.equal(a[0, 12:], b[0, 12:]) != rows_only
