@@ -833,9 +833,9 @@ class GPT(nn.Module):
         rows = unique if cfg.layer_rows == "block" else depth
         self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        fa3 = importlib.import_module("flash_attn_interface") if fa3 else None
-        fa3 = (fa3.flash_attn_func, fa3.flash_attn_varlen_func) if fa3 else None
-        self.blocks = nn.ModuleList(Block(cfg, fa3) for _ in range(unique))
+        module = importlib.import_module("flash_attn_interface") if fa3 else None
+        kernels = (module.flash_attn_func, module.flash_attn_varlen_func) if fa3 else None
+        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(unique))
         # Rows indexed by virtual position (or by block with LAYER_ROWS=block), sized for the deepest plan.
         self.loop_emb = nn.Parameter(torch.zeros(depth, dim)) if cfg.loop_embed else None  # zero-init
         self.attn_scale = nn.Parameter(torch.ones(rows, dim))
@@ -1177,10 +1177,8 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
     fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
     for hi, batches in lora_batches(bounds, cfg, window, rank, world_size):
-        model.requires_grad_(False)  # the chunk steps differentiate the adapters only
         for docs, lengths in batches:
-            lora_batch(logits_fn, fresh, tokens, docs, lengths, cfg, tables, sums, nll_out)
-        model.requires_grad_(True)
+            lora_batch(model, logits_fn, fresh, tokens, docs, lengths, cfg, tables, sums, nll_out)
         if hi < len(bounds):  # a global phase over documents [0, hi)
             optimizer.state.clear()  # fresh momentum per phase
             end = bounds[hi][0]
@@ -1196,9 +1194,11 @@ def live_rows(docs: list, done: int) -> int:
     return min(len(docs), 1 << (sum(e - s > done for s, e in docs) - 1).bit_length())
 
 
-def lora_batch(logits_fn, fresh: dict, tokens, docs: list, lengths: list, cfg: Config, tables, sums, nll_out) -> None:
+def lora_batch(model: GPT, logits_fn, fresh: dict, tokens, docs: list, lengths: list, cfg: Config, tables, sums,
+               nll_out) -> None:
     """Row b scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its document at most, then its
     own adapter takes an Adam step on that chunk's mean loss (independent rows, longest first: only live ones run)."""
+    model.requires_grad_(False)  # the chunk steps differentiate the adapters only (the phases train the weights)
     adapter = torch.utils._pytree.tree_map(lambda t: t[:len(docs)].clone().requires_grad_(), fresh)  # reset
     params = torch.utils._pytree.tree_leaves(adapter)
     optimizer = torch.optim.Adam(params, lr=cfg.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10)  # the records' beta1 = 0
@@ -1217,6 +1217,7 @@ def lora_batch(logits_fn, fresh: dict, tokens, docs: list, lengths: list, cfg: C
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
                 optimizer.step()
+    model.requires_grad_(True)
 
 
 def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int, cfg: Config, rank: int,
@@ -2252,11 +2253,8 @@ def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int,
     docs = [(i * length, (i + 1) * length - 1) for i in range(rows)]
     tables = ByteTables(*(torch.zeros(cfg.vocab_size, dtype=t, device=rt.device) for t in (torch.int16, bool, bool)))
     fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
-    steps = partial(timed, rt, lora_batch, logits_fn, fresh, tokens, docs)
-    base.requires_grad_(False)  # as score_documents runs it
-    seconds = (steps([window] * 9, cfg, tables, sums, None) - steps([window], cfg, tables, sums, None)) / 8
-    base.requires_grad_(True)
-    return seconds
+    steps = partial(timed, rt, lora_batch, base, logits_fn, fresh, tokens, docs)
+    return (steps([window] * 9, cfg, tables, sums, None) - steps([window], cfg, tables, sums, None)) / 8
 
 
 def ttt_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, span: int) -> float:

@@ -203,7 +203,7 @@ def test_the_budget_estimate_counts_the_steps_evaluate_takes(monkeypatch, adapte
     chunks of 32, the last untrained) + 3 batches of 6 windows; lora = the phase's 3 SGD steps (90 targets before
     document 3) + 16 chunk steps of 8 targets, documents 0-2 then 3-6 batched apart as the phase divides them (their
     longest 45 and 80 targets: 6 + 10; one batch of all 7 would take 10)."""
-    monkeypatch.setattr(train_gpt, "timed", lambda rt, fn, *args: len(args[4]) if fn is train_gpt.lora_batch else 1.0)
+    monkeypatch.setattr(train_gpt, "timed", lambda rt, fn, *args: len(args[5]) if fn is train_gpt.lora_batch else 1.0)
     cfg, model, tokens, tables = setup(TTT_ADAPTER=adapter, TTT_PHASES=phases, TTT_CHUNK=32)
     estimate = next(line for line in budget_lines(cfg, model, tokens) if line.startswith("eval_budget_estimate"))
     assert expected in estimate.split()
