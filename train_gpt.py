@@ -130,7 +130,7 @@ class Config:
     rope_dims: int = knob(16, "rotary dimensions per head (partial RoPE: the rest carry no position); 0 = all")
     ln_scale: bool = knob(True, "scale each block's normed inputs by 1/sqrt(physical block index + 1)")
     parallel_residual_start: int = knob(7, "from this physical block on, attention and MLP read one input; -1 = none")
-    parallel_lanes_start: int = knob(-1, "from this block on, attention reads residual lane 0, MLP lane 1; -1 = off")
+    parallel_lanes_start: int = knob(8, "from this block on, attention reads residual lane 0, MLP lane 1; -1 = off")
     skip_gates_enabled: bool = knob(True, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(g)), not x + w*skip")
     layer_rows: str = knob("block", "scales and residual mix: a row per virtual layer or block", ("virtual", "block"))
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
@@ -350,8 +350,8 @@ def validate(cfg: Config) -> dict:
     require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
                                       f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
     start, passes = cfg.parallel_lanes_start, max([r for _, r in phases] + [cfg.eval_repeats or repeats])
-    require(start == -1 or (0 <= start < unique and (passes == 1 or not cfg.loop_start < start <= loop_end)),
-            f"PARALLEL_LANES_START={start}: must be -1 or in 0..{unique - 1}, not inside a core run {passes} times "
+    require(start >= -1 and (passes == 1 or not cfg.loop_start < start <= loop_end),  # -1 or past the blocks: off
+            f"PARALLEL_LANES_START={start}: must be -1 or >= 0, not inside a core run {passes} times "
             "(lanes never merge back): at most LOOP_START or above LOOP_END")
     ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
     require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
@@ -844,7 +844,7 @@ class GPT(nn.Module):
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.skip_gate = nn.Parameter(torch.zeros(max(1, depth // 2), dim)) if cfg.skip_gates_enabled else None
         lane_mix = torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]]).repeat(rows, 1, 1)  # the 2026-04-27 record's init
-        self.lane_mix = nn.Parameter(lane_mix) if cfg.parallel_lanes_start >= 0 else None  # Block.forward's w, per row
+        self.lane_mix = nn.Parameter(lane_mix) if 0 <= cfg.parallel_lanes_start < unique else None  # Block's w, per row
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
         self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
@@ -2197,8 +2197,8 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
         rows = max(1, cfg.val_batch_size // (rt.world_size * window))
         batch = rows if adapter == "lora" else min(rows, windows)  # as evaluate batches them: one shape
         # TTT's SGD steps (sgd: one per TTT_CHUNK but the last; LoRA's phases: one per TTT_CHUNK of their documents)
-        sgd_steps = math.ceil(bounds[-1][1] / cfg.ttt_chunk) - 1 if adapter == "sgd" else adapter == "lora" and \
-            sum(math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)
+        sgd_steps = {"sgd": math.ceil(bounds[-1][1] / cfg.ttt_chunk) - 1, "lora": sum(
+            math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)}.get(adapter, 0)
         spans = (cfg.ttt_chunk,) * 2 if adapter == "sgd" else \
             (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)  # phases: any size
         twin = partial(logits_fn, lora={} if adapter == "lora" else None)  # LoRA's phases step through its twins

@@ -17,7 +17,7 @@ TINY = dict(PLAIN_SHAPE, VOCAB_SIZE="1024", MODEL_DIM="64", NUM_HEADS="2", NUM_K
 def test_the_default_model_on_the_cpu_warns_once(capsys):
     build_model(build_config({}), CPU)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
-    assert warnings == ["WARNING: running on the CPU with 35,944,549 parameters: expect hours; "
+    assert warnings == ["WARNING: running on the CPU with 35,944,615 parameters: expect hours; "
                         "see data/README.md for a tiny CPU recipe"]
     build_model(build_config(TINY), CPU)
     assert "WARNING" not in capsys.readouterr().out

@@ -59,9 +59,15 @@ SHAPES = [dict(PARALLEL_LANES_START=4, PARALLEL_RESIDUAL_START=3),
                LAYER_ROWS="virtual", PROG_DEPTH="0.5:1,1.0:2")]
 
 
-def test_off_by_default_adds_no_parameter_and_runs_the_one_stream_equations_bit_for_bit():
-    cfg = cfg_of(PARALLEL_RESIDUAL_START=3)
-    assert cfg.parallel_lanes_start == -1
+def test_on_by_default_from_block_8_after_the_looped_core_as_the_record():
+    cfg = build_config({})
+    assert cfg.parallel_lanes_start == 8 and cfg.core_last < 8 < cfg.unique_blocks
+    assert [layer.block for layer in plan_for(cfg, cfg.repeats).layers if layer.lanes] == list(range(8, 11))
+
+
+@pytest.mark.parametrize("start", [-1, 6])  # off, or past the last of the 6 blocks (a smaller model's default)
+def test_off_adds_no_parameter_and_runs_the_one_stream_equations_bit_for_bit(start):
+    cfg = cfg_of(PARALLEL_RESIDUAL_START=3, PARALLEL_LANES_START=start)
     model, plan = trained_like(cfg), plan_for(cfg, cfg.repeats)
     lanes = trained_like(cfg_of(PARALLEL_RESIDUAL_START=3, PARALLEL_LANES_START=4))
     assert set(lanes.state_dict()) - set(model.state_dict()) == {"lane_mix"}
@@ -142,8 +148,7 @@ def test_a_training_step_moves_the_lane_lambdas_through_adam_with_the_scalars():
 
 
 @pytest.mark.parametrize("env, words", [
-    (dict(PARALLEL_LANES_START=6), "must be -1 or in 0..5"),
-    (dict(PARALLEL_LANES_START=-2), "must be -1 or in 0..5"),
+    (dict(PARALLEL_LANES_START=-2), "must be -1 or >= 0"),
     # core 1..3 run twice: 0 1 2 3 1 2 3 4; lanes from block 2 would merge back at the second pass's block 1
     (dict(NUM_UNIQUE_LAYERS=5, LOOP_START=1, LOOP_END=3, NUM_LAYERS=8, PARALLEL_LANES_START=2), "run 2 times"),
     # the same in a progressive phase only, and at evaluation only (EVAL_REPEATS)

@@ -62,7 +62,8 @@ def count(model):
 
 def test_parameters_grow_with_passes_only_by_per_layer_rows():
     dim = 32
-    rows = dict(LAYER_ROWS="virtual", LOOP_EMBED=1, SKIP_GATES_ENABLED=0)  # rows per virtual layer, as counted below
+    rows = dict(LAYER_ROWS="virtual", LOOP_EMBED=1, SKIP_GATES_ENABLED=0,  # rows per virtual layer, as counted below
+                PARALLEL_LANES_START=-1)  # (9 unshared blocks would add lanes from block 8)
     one = GPT(tiny_cfg(NUM_LAYERS=3, NUM_UNIQUE_LAYERS=3, **rows))
     three = GPT(tiny_cfg(NUM_LAYERS=9, NUM_UNIQUE_LAYERS=3, **rows))
     unshared = GPT(tiny_cfg(NUM_LAYERS=9, **rows))
