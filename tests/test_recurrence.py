@@ -101,9 +101,10 @@ def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
 
 def test_two_ranks_switch_depth_together_and_stay_identical(tiny_data, tmp_path):
     env = tiny_env(tiny_data, NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6, PROG_DEPTH="0.3:1,0.6:2,1.0:3",
-                   LOOP_EMBED=1, MICRO_BATCH_TOKENS=512)
+                   LOOP_EMBED=1, MICRO_BATCH_TOKENS=512, PARALLEL_LANES_START=0)  # two lanes from block 0, all-reduced
     result = run_script(env, tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert '"parallel_lanes_start": 0' in result.stdout
     switches = re.findall(r"^depth_switch step:(\d+) t:[\d.]+ passes:(\d)->(\d) ranks_agree:(\w+)$", result.stdout, re.M)
     assert switches == [("10", "1", "2", "True"), ("19", "2", "3", "True")]  # t = 9/30 and 18/30
     assert re.search(r"^rank_param_checksum:\S+ ranks_identical:True full_depth_from_step:19$", result.stdout, re.M)
