@@ -2296,6 +2296,8 @@ MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "l
                "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings", "rope_base", "logit_softcap", "xsa_last_n",
                "rope_dims", "ln_scale", "parallel_residual_start", "skip_gates_enabled", "layer_rows", "loop_embed",
                "smear_gate", "gate_window", "doc_mask", "parallel_lanes_start")
+# Model knobs younger than the artifact format: an artifact written before them holds a model without them
+MODEL_KNOBS_ABSENT = dict(smear_gate=False, doc_mask=False, parallel_lanes_start=-1)
 
 
 def model_meta(cfg: Config) -> dict:
@@ -2308,7 +2310,7 @@ def config_for_artifact(cfg: Config, meta: dict, source: str) -> Config:
     ours = model_meta(cfg)["tokenizer_sha256"]
     require(meta.get("tokenizer_sha256", ours) == ours, f"EVAL_ONLY={source}: written with another tokenizer than "
             f"TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {meta.get('tokenizer_sha256', '')[:12]}...)", DataError)
-    settings = {**dataclasses.asdict(cfg), **meta.get("model", {})}
+    settings = {**dataclasses.asdict(cfg), **(MODEL_KNOBS_ABSENT if "model" in meta else {}), **meta.get("model", {})}
     env = {name: str(int(v)) if isinstance(v, bool) else str(v)
            for name, field in env_knobs().items() if (v := settings[field.name]) != ""}
     env["PROG_DEPTH"] = ""  # training's schedule, not the model: evaluation runs the artifact's full depth

@@ -229,3 +229,15 @@ def test_the_artifact_carries_the_lanes_and_scores_as_the_weights_it_holds():
     with torch.no_grad():
         assert torch.equal(reloaded.logits(x, plan), expected.logits(x, plan))
         assert (reloaded.logits(x, plan) - model.logits(x, plan)).abs().max() < 0.05  # int8/int6 rounding only
+
+
+def test_an_artifact_written_before_the_lanes_and_smear_knobs_reloads_without_them():
+    cfg = cfg_of(TOKENIZER_PATH=tokenizer_path(1024), PARALLEL_LANES_START=-1)
+    meta = model_meta(cfg)
+    for knob in ("parallel_lanes_start", "smear_gate", "doc_mask"):
+        del meta["model"][knob]  # as an artifact written before these knobs
+    now = cfg_of(TOKENIZER_PATH=tokenizer_path(1024), PARALLEL_LANES_START=2, SMEAR_GATE=1, DOC_MASK=1)
+    back = config_for_artifact(now, meta, "old.ptz")
+    assert (back.parallel_lanes_start, back.smear_gate, back.doc_mask) == (-1, False, False)
+    GPT(back).load_state_dict(GPT(cfg).state_dict(), strict=True)
+    assert config_for_artifact(now, {}, "bare.ptz").parallel_lanes_start == 2  # no model settings: this run's
