@@ -241,3 +241,16 @@ def test_an_artifact_written_before_the_lanes_and_smear_knobs_reloads_without_th
     assert (back.parallel_lanes_start, back.smear_gate, back.doc_mask) == (-1, False, False)
     GPT(back).load_state_dict(GPT(cfg).state_dict(), strict=True)
     assert config_for_artifact(now, {}, "bare.ptz").parallel_lanes_start == 2  # no model settings: this run's
+
+
+@pytest.mark.parametrize("adapter, phases", [("sgd", ""), ("lora", "3")])
+def test_score_first_ttt_with_lanes_leaves_every_earlier_score_alone(adapter, phases):
+    from test_lora import scores, setup  # its 7-document split, scored as evaluate scores it
+
+    cfg, model, tokens, tables = setup(PARALLEL_LANES_START=1, TTT_ADAPTER=adapter, TTT_PHASES=phases)
+    assert model.lane_mix is not None
+    _, base = scores(cfg, model, tokens, tables, adapter)
+    changed = tokens.clone()
+    changed[120] = (tokens[120] + 1) % cfg.vocab_size
+    _, after = scores(cfg, model, changed, tables, adapter)
+    assert torch.equal(after[:119], base[:119]) and not torch.equal(after[119:], base[119:])
