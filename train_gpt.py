@@ -876,17 +876,17 @@ class GPT(nn.Module):
         if self.cfg.doc_mask and not lora:  # a token sees earlier tokens of its document only (a LoRA row is one
             # document). Compiled blocks: FA3's varlen kernel when installed, else a flex_attention block mask (fused,
             # skips whole blocks); eager ones: SDPA's boolean mask (flex has no CPU backward)
-            doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
-            if blocks is self.blocks:
-                docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril()
-            elif self.fa3:  # cu: every segment's start in the flattened batch (each row's, each BOS), then B*T, padded
-                # with B*T (empty segments) to a multiple of 64 as the 2026-04-27 record: a new count is a new shape
-                # for the compiled blocks (dynamic=False; compile_stats' recompiles). nonzero syncs: its size is data
+            if self.fa3 and blocks is not self.blocks:  # cu: every segment's start in the flattened batch (each
+                # row's, each BOS), then B*T, padded with B*T (empty segments) to a multiple of 64 as the 2026-04-27
+                # record: a new count is a new shape for the compiled blocks (dynamic=False; compile_stats'
+                # recompiles). nonzero syncs: its size is data
                 cu = F.pad(input_ids[:, 1:] == BOS_ID, (1, 0), value=True).flatten().nonzero()[:, 0].int()
                 docs = F.pad(cu, (0, -(-(len(cu) + 1) // 64) * 64 - len(cu)), value=input_ids.numel())
-            else:
-                docs = self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
-                                       device=doc.device)
+            else:  # each token's document: the BOS count up to it
+                doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
+                docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
+                    self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
+                                    device=doc.device)
         x = rms_norm(x).to(dt)
         x0, outputs, lane1 = x, {}, None
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
