@@ -6,14 +6,17 @@ Config dataclass or README.md); `torchrun --standalone --nproc_per_node=N train_
 on N GPUs, plain `python train_gpt.py` on one GPU or on the CPU (tiny configurations).
 
 Importing this file does nothing: no environment reads, no CUDA, no process group.
-Line budget: 2,400 lines. No function over ~80 lines, no line over 120 characters (tests check both).
+Size rule (tests/test_style.py): at most 30,000 code tokens (comments and docstrings are free), at most 11.5 per code
+line on average, no function over 80 lines, no line over 120 characters; the packed file a run ships <= 64,000 bytes.
 """
+
 from __future__ import annotations
 
 import base64
 import contextlib
 import copy
 import dataclasses
+import enum
 import hashlib
 import importlib
 import io
@@ -51,7 +54,8 @@ except ImportError:  # optional: only COMPRESSOR=brotli needs it
     brotli = None
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-CODECS = ("brotli", "zstd", "lzma")
+CODECS = ("brotli", "zstd")
+ZSTD_LEVEL = 22  # the strongest; brotli runs at its strongest too (quality 11)
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -65,6 +69,7 @@ CODECS = ("brotli", "zstd", "lzma")
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2 (subclasses name their own)."""
+
     exit_code = 2
 
 
@@ -82,11 +87,13 @@ class Refused(UserError):
 
 class Interrupted(UserError):
     """SIGTERM/SIGINT: every rank stops on the same step, writes a checkpoint for RESUME, exports nothing (exit 5)."""
+
     exit_code = 5
 
 
 class Diverged(UserError):
     """The training loss turned non-finite: training stops, nothing is exported (exit code 4)."""
+
     exit_code = 4
 
 
@@ -121,7 +128,6 @@ class Config:
     num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS")
     mlp_mult: float = knob(4.0, "MLP hidden width as a multiple of MODEL_DIM (fractions allowed)")
     mlp_act: str = knob("leaky_relu2", "relu2: relu(x)^2, leaky_relu2: leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2"))
-    tie_embeddings: bool = knob(True, "share the token embedding with the output head")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
     rope_base: float = knob(10000.0, "RoPE base frequency")
     logit_softcap: float = knob(30.0, "tanh soft-cap on logits")
@@ -151,15 +157,17 @@ class Config:
     val_batch_size: int = knob(524_288, "evaluation tokens per forward, all ranks together")
     train_log_every: int = knob(200, "log a train line every N steps")
     # optimizer
-    embed_lr: float = knob(0.6, "Adam LR of the untied token embedding")
-    head_lr: float = knob(0.008, "Adam LR of the untied output head")
-    tied_embed_lr: float = knob(0.03, "Adam LR of the tied embedding")
+    tied_embed_lr: float = knob(0.03, "Adam LR of the token embedding (tied to the output head)")
     matrix_lr: float = knob(0.026, "Muon LR of block matrices")
     scalar_lr: float = knob(0.02, "Adam LR of vectors, scales and per-layer rows")
     muon_momentum: float = knob(0.99, "Muon momentum (Nesterov)")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
-    muon_ns: str = knob("polar", "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
-                                   "iteration; closer to orthogonal in the same steps)", ("quintic", "polar"))
+    muon_ns: str = knob(
+        "polar",
+        "Newton-Schulz coefficients: quintic (one fixed) or polar (Polar Express, one per "
+        "iteration; closer to orthogonal in the same steps)",
+        ("quintic", "polar"),
+    )
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at the start of its warmup")
     muon_momentum_warmup_frac: float = knob(0.33, "momentum warmup as a fraction of the run")
     muon_weight_decay: float = knob(0.095, "decoupled weight decay of Muon matrices (times LR)")
@@ -178,20 +186,17 @@ class Config:
     # runtime and export
     compile: bool = knob(True, "torch.compile the training graph on CUDA (CPU always runs eager)")
     attn_backend: str = knob("auto", "auto: FlashAttention 3 if installed (compiled CUDA); sdpa: off", ("auto", "sdpa"))
-    zstd_level: int = knob(22, "zstd level of the artifact (1-22)")
-    compressor: str = knob("brotli", "artifact codec: brotli (quality 11), zstd (ZSTD_LEVEL) or lzma (xz -9e)", CODECS)
+    compressor: str = knob("brotli", "artifact codec: brotli (quality 11) or zstd (level 22)", CODECS)
     quant_bits_attn: int = knob(6, "bits per weight of attention matrices in the artifact (5-8)")
     quant_bits_mlp: int = knob(6, "bits per weight of MLP matrices in the artifact (5-8)")
-    quant_bits_embed: int = knob(8, "bits per weight of embedding tables and the untied head (5-8)")
+    quant_bits_embed: int = knob(8, "bits per weight of the embedding table (the tied head) (5-8)")
     matrix_clip_sigmas: float = knob(12.85, "block matrices: row step k*std(row)/qmax, clip at k sigma; 0 = max")
-    mlp_clip_sigmas: float = knob(0.0, "the MLP matrices' k; 0 = MATRIX_CLIP_SIGMAS")
     embed_clip_sigmas: float = knob(20.0, "embedding/head rows' k (as MATRIX_CLIP_SIGMAS); 0 = step from the max")
     gptq: bool = knob(True, "GPTQ with act-order (Hessians of training batches) for block matrices and the head")
     gptq_batches: int = knob(64, "GPTQ calibration micro-batches of training data, shared out over ranks")
     export_reserve_seconds: float = knob(12.0, "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration")
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
-    eval_seq_len: int = knob(0, "evaluation window length; 0 = TRAIN_SEQ_LEN")
     eval_stride: int = knob(64, "sliding-window stride (context <= window - stride); 0 or >= window = round trip only")
     ttt_lr: float = knob(0.005, "score-first test-time training: SGD LR on already-scored validation chunks; 0 = off")
     ttt_chunk: int = knob(32_768, "TTT: validation targets per chunk (scored, then trained on)")
@@ -207,11 +212,18 @@ class Config:
     mix_buckets: int = knob(65_536, "n-gram mixer: trigram contexts hashed into this many rows of VOCAB_SIZE counts")
     eval_only: str = knob("", "no training: score this .ptz artifact, or re-export and score this .pt float checkpoint")
     train_only: bool = knob(False, "stop after training and the pre-export score: no export, no final evaluations")
+    ship_code: str = knob(
+        "packed",
+        "the code file the run writes beside the artifact and counts: packed (this "
+        "source, xz + base85, self-extracting) or readable (as is)",
+        ("packed", "readable"),
+    )
     # derived once by build_config (not environment variables)
     world_size: int = derived()
     micro_steps: int = derived()
     micro_batch_seqs: int = derived()
     repeats: int = derived()  # core passes R at full depth
+    eval_passes: int = derived()  # core passes at evaluation: EVAL_REPEATS, else R
     unique_blocks: int = derived()  # U
     core_last: int = derived()  # LOOP_END with -1 resolved
     depth_phases: tuple = derived()  # PROG_DEPTH parsed: ((fraction, passes), ...), or ((1.0, R),)
@@ -223,20 +235,54 @@ def env_knobs() -> dict[str, dataclasses.Field]:
 
 
 # Launcher and system variables that may sit next to our knobs without being typo-checked.
-ENV_ALLOWLIST = {"RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
-                 "PATH", "PWD", "OLDPWD", "HOME", "USER", "SHELL", "TERM", "LANG", "HOSTNAME", "TMPDIR", "LOGNAME",
-                 "SHLVL", "CI", "_", "DISPLAY", "EDITOR", "TZ"}
-ENV_ALLOWED_PREFIXES = ("LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", "PYTHON", "LC_", "HF_", "TRITON_",
-                        "NVIDIA_", "NV_", "PYTEST_", "XDG_", "SSH_", "MKL_", "KMP_", "GLOO_", "LD_", "PIP_", "CONDA_",
-                        "VIRTUAL_ENV", "OPENBLAS_", "CUBLAS_", "CUDNN_", "GIT_")
+ENV_ALLOWLIST = {
+    "RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+    "PATH", "PWD", "OLDPWD", "HOME", "USER", "SHELL", "TERM", "LANG", "HOSTNAME", "TMPDIR", "LOGNAME",
+    "SHLVL", "CI", "_", "DISPLAY", "EDITOR", "TZ",
+}  # fmt: skip
+ENV_ALLOWED_PREFIXES = (
+    "LOCAL_", "MASTER_", "TORCH", "NCCL_", "CUDA_", "OMP_", "PYTHON", "LC_", "HF_", "TRITON_", "NVIDIA_", "NV_",
+    "PYTEST_", "XDG_", "SSH_", "MKL_", "KMP_", "GLOO_", "LD_", "PIP_", "CONDA_", "VIRTUAL_ENV", "OPENBLAS_",
+    "CUBLAS_", "CUDNN_", "GIT_",
+)  # fmt: skip
 
 # The 2026-04-09 record's names of two knobs, accepted so that its commands run unchanged.
 ENV_ALIASES = {"GPTQ_CALIBRATION_BATCHES": "GPTQ_BATCHES", "GPTQ_RESERVE_SECONDS": "EXPORT_RESERVE_SECONDS"}
 
 # Knobs taken out, refused by name rather than ignored: a run that ignored DRY_RUN=1 would train for real.
-ENV_REMOVED = {"DRY_RUN": "run scripts/dry_run.py", "GRAD_ACCUM_STEPS": "MICRO_BATCH_TOKENS sets the micro-steps",
-               "WARMDOWN_ITERS": "use WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_STEPS": "use MUON_MOMENTUM_WARMUP_FRAC",
-               "TTT_COSINE": "TTT's LR always falls as half a cosine"}
+ENV_REMOVED = {
+    "DRY_RUN": "run scripts/dry_run.py",
+    "GRAD_ACCUM_STEPS": "MICRO_BATCH_TOKENS sets the micro-steps",
+    "WARMDOWN_ITERS": "use WARMDOWN_FRAC",
+    "MUON_MOMENTUM_WARMUP_STEPS": "use MUON_MOMENTUM_WARMUP_FRAC",
+    "TTT_COSINE": "TTT's LR always falls as half a cosine",
+    "ZSTD_LEVEL": "COMPRESSOR=zstd always runs at level 22",
+    "EVAL_SEQ_LEN": "evaluation windows are TRAIN_SEQ_LEN long",
+    "MLP_CLIP_SIGMAS": "MATRIX_CLIP_SIGMAS sets the attention and MLP matrices alike",
+    "TIE_EMBEDDINGS": "the output head is always the token embedding",
+    "EMBED_LR": "the embedding is tied to the head: use TIED_EMBED_LR",
+    "HEAD_LR": "the head is the tied embedding: use TIED_EMBED_LR",
+}
+# Values taken out of a knob that stays, refused the same way.
+VALUES_REMOVED = {("COMPRESSOR", "lzma"): "use brotli (the default) or zstd"}
+
+# The knobs' ranges, checked by check_config; each error names the variable.
+POSITIVE_KNOBS = (
+    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "train_batch_tokens",
+    "muon_backend_steps", "train_log_every", "val_batch_size", "micro_batch_tokens", "gptq_batches", "swa_every",
+    "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window", "ttt_lora_rank", "ttt_lora_chunk",
+    "mix_buckets", "adam_eps",
+)  # fmt: skip
+NON_NEGATIVE_KNOBS = (
+    "num_unique_layers", "iterations", "warmup_steps", "val_loss_every", "eval_repeats", "matrix_clip_sigmas",
+    "embed_clip_sigmas", "ttt_lora_lr", "eval_stride", "max_wallclock_seconds", "grad_clip_norm",
+    "muon_weight_decay", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd",
+    "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta", "export_reserve_seconds",
+)  # fmt: skip
+FRACTION_KNOBS = (
+    "warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start",
+    "ttt_momentum", "ema_horizon", "min_lr",
+)  # fmt: skip
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -248,10 +294,13 @@ def edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def check_typos(env: Mapping[str, str]) -> None:
+def check_names(env: Mapping[str, str]) -> None:
+    """Refuse removed knobs and values, and unknown variables one typo away from a knob."""
     knobs = env_knobs()
     for name in sorted(env):
         require(name not in ENV_REMOVED, f"{name}: no longer a knob; {ENV_REMOVED.get(name)}")
+        removed_value = VALUES_REMOVED.get((name, env[name].strip()))
+        require(removed_value is None, f"{name}={env[name].strip()}: no longer a choice; {removed_value}")
         if name in knobs or name in ENV_ALLOWLIST or name.startswith(ENV_ALLOWED_PREFIXES):
             continue
         for knob_name in knobs:
@@ -260,38 +309,59 @@ def check_typos(env: Mapping[str, str]) -> None:
                 raise ConfigError(f"{name}: unknown variable; did you mean {knob_name}?")
 
 
-def parse_value(name: str, text: str, kind, choices: tuple):
+def parse_value(name: str, text: str, kind: str, choices: tuple):
+    """The value of one variable as its field's type ("bool", "int", "float" or "str" with `choices`)."""
     text = text.strip()
-    allowed = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}.get(kind)
-    with contextlib.suppress(ValueError):
-        if kind == "bool" and text.lower() in ("0", "1", "true", "false"):
-            return text.lower() in ("1", "true")
-        if kind == "int":
+    if kind == "bool":
+        require(text.lower() in ("0", "1", "true", "false"), f"{name}={text!r}: expected 0 or 1")
+        return text.lower() in ("1", "true")
+    if kind == "int":
+        try:
             return int(text)
-        if kind == "float" and math.isfinite(value := float(text)):
-            return value
-    require(not allowed, f"{name}={text!r}: expected {allowed}")
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: expected an integer") from None
+    if kind == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        require(math.isfinite(value), f"{name}={text!r}: expected a finite number")
+        return value
     require(not choices or text in choices, f"{name}={text!r}: expected one of {', '.join(choices)}")
     return text
 
 
 def build_config(env: Mapping[str, str], world_size: int = 1) -> Config:
-    """Parse knobs from `env`, validate them, and fill the derived fields."""
-    check_typos(env)
+    """Parse knobs from `env`, check them, and fill the derived fields."""
+    check_names(env)
     for alias, name in ENV_ALIASES.items():
         require(alias not in env or name not in env, f"{alias} and {name}: the same knob set twice; keep one")
     env = {ENV_ALIASES.get(k, k): v for k, v in env.items()}
-    cfg = Config(**{field.name: parse_value(name, env[name], field.type, field.metadata["choices"])
-                    for name, field in env_knobs().items() if name in env})
-    depth = validate(cfg)
+    values = {}
+    for name, field in env_knobs().items():
+        if name in env:
+            values[field.name] = parse_value(name, env[name], field.type, field.metadata["choices"])
+    cfg = Config(**values)
+    depth = check_config(cfg)
     local_seqs, rem = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
-    require(not rem, f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
-                     f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}")
-    # the fewest micro-steps that split the rank's sequences evenly into micro-batches of at most MICRO_BATCH_TOKENS
-    most = max(1, cfg.micro_batch_tokens // cfg.train_seq_len)  # (fewer, larger ones run faster while memory lasts)
-    micro_steps = next(n for n in range(1, local_seqs + 1) if local_seqs % n == 0 and local_seqs // n <= most)
-    return dataclasses.replace(cfg, world_size=world_size, micro_steps=micro_steps,
-                               micro_batch_seqs=local_seqs // micro_steps, **depth)
+    require(
+        not rem,
+        f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
+        f"TRAIN_SEQ_LEN = {world_size} x {cfg.train_seq_len}",
+    )
+    micro_steps = fewest_micro_steps(local_seqs, max(1, cfg.micro_batch_tokens // cfg.train_seq_len))
+    return dataclasses.replace(
+        cfg, world_size=world_size, micro_steps=micro_steps, micro_batch_seqs=local_seqs // micro_steps, **depth
+    )
+
+
+def fewest_micro_steps(seqs: int, most_per_micro_step: int) -> int:
+    """The fewest micro-steps that split `seqs` sequences evenly, each at most `most_per_micro_step` of them (fewer,
+    larger micro-batches run faster while memory lasts)."""
+    for steps in range(1, seqs + 1):
+        if seqs % steps == 0 and seqs // steps <= most_per_micro_step:
+            return steps
+    return seqs
 
 
 def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> None:
@@ -299,67 +369,165 @@ def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> Non
         raise error(message)
 
 
-def validate(cfg: Config) -> dict:
-    """Check relations between knobs; return the derived depth fields (R, U, core end, phases)."""
-    for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                 "train_batch_tokens", "muon_backend_steps", "train_log_every", "val_batch_size", "micro_batch_tokens",
-                 "gptq_batches", "swa_every", "ttt_epochs", "logit_softcap", "rope_base", "target_bytes", "gate_window",
-                 "ttt_lora_rank", "ttt_lora_chunk", "mix_buckets", "adam_eps"):
+def check_config(cfg: Config) -> dict:
+    """Check each knob's range and the relations between knobs; return the derived depth fields."""
+    for name in POSITIVE_KNOBS:
         require(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)}: must be > 0")
-    for name in ("num_unique_layers", "iterations", "warmup_steps", "val_loss_every", "eval_repeats",
-                 "matrix_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "ttt_lora_lr", "eval_seq_len",
-                 "eval_stride", "max_wallclock_seconds", "grad_clip_norm", "muon_weight_decay", "embed_lr", "head_lr",
-                 "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd", "adam_wd",
-                 "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta", "export_reserve_seconds"):
+    for name in NON_NEGATIVE_KNOBS:
         require(getattr(cfg, name) >= 0, f"{name.upper()}={getattr(cfg, name)}: must be >= 0")
-    for name in ("warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum",
-                 "muon_momentum_warmup_start", "ttt_momentum", "ema_horizon", "min_lr"):
+    for name in FRACTION_KNOBS:
         require(0 <= getattr(cfg, name) <= 1, f"{name.upper()}={getattr(cfg, name)}: must be in [0, 1]")
     require(0 <= cfg.swa_start < 1, f"SWA_START={cfg.swa_start}: must be in [0, 1)")
-    for name, lo, hi in (("zstd_level", 1, 22), ("seed", 0, 2**32 - 1), *((f"quant_bits_{g}", 5, 8) for g in GROUPS)):
-        require(lo <= getattr(cfg, name) <= hi, f"{name.upper()}={getattr(cfg, name)}: must be in {lo}..{hi}")
+    require(0 <= cfg.seed < 2**32, f"SEED={cfg.seed}: must be in 0..{2**32 - 1}")
+    for group in GROUPS:
+        bits = getattr(cfg, f"quant_bits_{group}")
+        require(5 <= bits <= 8, f"QUANT_BITS_{group.upper()}={bits}: must be in 5..8")
     require(cfg.iterations > 0 or cfg.max_wallclock_seconds > 0, "ITERATIONS=0 and MAX_WALLCLOCK_SECONDS=0: set one")
     require(cfg.beta1 < 1 and cfg.beta2 < 1, f"BETA1={cfg.beta1}, BETA2={cfg.beta2}: must be below 1")
-    require(not cfg.run_id or (re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")),
-            f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')")
+    one_folder_name = re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_id) and cfg.run_id not in (".", "..")
+    require(
+        not cfg.run_id or one_folder_name,
+        f"RUN_ID={cfg.run_id!r}: must be one folder name (letters, digits, '.', '_', '-')",
+    )
+    check_shape(cfg)
+    require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
+    require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
+    require(
+        cfg.ttt_chunk >= cfg.train_seq_len, f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}"
+    )
+    reserve_fits = cfg.export_reserve_seconds < cfg.max_wallclock_seconds
+    require(
+        cfg.max_wallclock_seconds == 0 or not cfg.gptq or reserve_fits,
+        f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be below MAX_WALLCLOCK_SECONDS",
+    )
+    depth = check_depth(cfg)
+    ttt_phases = parse_ttt_phases(cfg.ttt_phases)
+    require(
+        not ttt_phases or cfg.ttt_adapter == "lora",
+        f"TTT_PHASES={cfg.ttt_phases!r}: phases are LoRA TTT's; set TTT_ADAPTER=lora",
+    )
+    require(
+        not cfg.mix_eta or cfg.ttt_adapter != "lora",
+        f"MIX_ETA={cfg.mix_eta:g}: the n-gram mixer does not mix LoRA TTT; set TTT_ADAPTER=sgd or MIX_ETA=0",
+    )
+    return dict(depth, ttt_phase_docs=tuple(ttt_phases))
+
+
+def check_shape(cfg: Config) -> None:
+    """Relations between the model's width knobs."""
     require(cfg.model_dim % cfg.num_heads == 0, f"NUM_HEADS={cfg.num_heads}: must divide MODEL_DIM={cfg.model_dim}")
     head_dim = cfg.model_dim // cfg.num_heads
     require(head_dim % 2 == 0, f"NUM_HEADS={cfg.num_heads}: head dim MODEL_DIM/NUM_HEADS must be even (RoPE)")
-    require(cfg.num_heads % cfg.num_kv_heads == 0,
-            f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}")
-    require(cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
-            f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}")
+    require(
+        cfg.num_heads % cfg.num_kv_heads == 0, f"NUM_KV_HEADS={cfg.num_kv_heads}: must divide NUM_HEADS={cfg.num_heads}"
+    )
+    require(
+        cfg.rope_dims <= head_dim and cfg.rope_dims % 2 == 0,
+        f"ROPE_DIMS={cfg.rope_dims}: must be even and <= the head dim MODEL_DIM/NUM_HEADS={head_dim}",
+    )
     require(cfg.parallel_residual_start >= -1, f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start}: must be >= -1")
     require(cfg.gate_window <= cfg.model_dim, f"GATE_WINDOW={cfg.gate_window}: must be <= MODEL_DIM={cfg.model_dim}")
     require(int(cfg.mlp_mult * cfg.model_dim) > 0, f"MLP_MULT={cfg.mlp_mult}: hidden width must be > 0")
-    require(cfg.export_weights != "ema" or cfg.ema_horizon > 0, "EXPORT_WEIGHTS=ema needs EMA_HORIZON > 0")
-    require(cfg.export_weights != "swa" or cfg.swa_start > 0, "EXPORT_WEIGHTS=swa needs SWA_START > 0")
-    require(cfg.ttt_chunk >= cfg.train_seq_len,
-            f"TTT_CHUNK={cfg.ttt_chunk}: must be >= TRAIN_SEQ_LEN={cfg.train_seq_len}")
-    require(cfg.max_wallclock_seconds == 0 or not cfg.gptq or cfg.export_reserve_seconds < cfg.max_wallclock_seconds,
-            f"EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds}: must be below MAX_WALLCLOCK_SECONDS")
+
+
+def check_depth(cfg: Config) -> dict:
+    """The depth knobs (blocks, core, passes, progressive depth, lanes, XSA): the derived depth fields."""
     unique = cfg.num_unique_layers or cfg.num_layers
     loop_end = unique - 1 if cfg.loop_end == -1 else cfg.loop_end
-    require(0 <= cfg.loop_start < unique,
-            f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})")
+    require(
+        0 <= cfg.loop_start < unique,
+        f"LOOP_START={cfg.loop_start}: must be in 0..{unique - 1} (NUM_UNIQUE_LAYERS={unique})",
+    )
     require(cfg.loop_start <= loop_end < unique, f"LOOP_END={cfg.loop_end}: must be in LOOP_START..{unique - 1} or -1")
     repeats = core_repeats(unique, cfg.loop_start, loop_end, cfg.num_layers)
-    require(-1 <= cfg.xsa_last_n <= cfg.num_layers,
-            f"XSA_LAST_N={cfg.xsa_last_n}: must be -1 (all) or 0..NUM_LAYERS={cfg.num_layers}")
+    require(
+        -1 <= cfg.xsa_last_n <= cfg.num_layers,
+        f"XSA_LAST_N={cfg.xsa_last_n}: must be -1 (all) or 0..NUM_LAYERS={cfg.num_layers}",
+    )
     phases = parse_prog_depth(cfg.prog_depth) if cfg.prog_depth else [(1.0, repeats)]
-    require(phases[-1][1] == repeats, f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
-                                      f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)")
-    start, passes = cfg.parallel_lanes_start, max([r for _, r in phases] + [cfg.eval_repeats or repeats])
-    require(start >= -1 and (passes == 1 or not cfg.loop_start < start <= loop_end),  # -1 or past the blocks: off
-            f"PARALLEL_LANES_START={start}: must be -1 or >= 0, not inside a core run {passes} times "
-            "(lanes never merge back): at most LOOP_START or above LOOP_END")
-    ttt_phases = [int(n) if n.isdecimal() else 0 for n in re.split(r"[, ]+", cfg.ttt_phases) if n]  # 0: refused
-    require(ttt_phases == sorted(set(ttt_phases)) and all(ttt_phases) and (cfg.ttt_adapter == "lora" or not ttt_phases),
-            f"TTT_PHASES={cfg.ttt_phases!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora")
-    require(not cfg.mix_eta or cfg.ttt_adapter != "lora",
-            f"MIX_ETA={cfg.mix_eta:g}: the n-gram mixer does not mix LoRA TTT; set TTT_ADAPTER=sgd or MIX_ETA=0")
-    return dict(repeats=repeats, unique_blocks=unique, core_last=loop_end, depth_phases=tuple(phases),
-                ttt_phase_docs=tuple(ttt_phases))
+    require(
+        phases[-1][1] == repeats,
+        f"PROG_DEPTH={cfg.prog_depth!r}: the last entry must be 1.0:{repeats} "
+        f"(the passes R that NUM_LAYERS={cfg.num_layers} gives)",
+    )
+    eval_passes = cfg.eval_repeats or repeats
+    # Lanes never merge back, so a looped core cannot hold their start: its later passes would run without them.
+    most_passes = max([passes for _, passes in phases] + [eval_passes])
+    start = cfg.parallel_lanes_start
+    lanes_inside_looped_core = most_passes > 1 and cfg.loop_start < start <= loop_end
+    require(
+        start >= -1 and not lanes_inside_looped_core,  # -1 or past the last block: no lanes
+        f"PARALLEL_LANES_START={start}: must be -1 or >= 0, not inside a core run {most_passes} times "
+        "(lanes never merge back): at most LOOP_START or above LOOP_END",
+    )
+    return dict(
+        repeats=repeats, eval_passes=eval_passes, unique_blocks=unique, core_last=loop_end, depth_phases=tuple(phases)
+    )
+
+
+def parse_ttt_phases(text: str) -> list[int]:
+    """'1000,5000' -> [1000, 5000]: rising document counts > 0 (LoRA TTT's global phases)."""
+    items = [item for item in re.split(r"[, ]+", text) if item]
+    counts = [int(item) if item.isdecimal() else 0 for item in items]
+    require(
+        counts == sorted(set(counts)) and all(counts),
+        f"TTT_PHASES={text!r}: rising document counts > 0 ('1000,5000'), with TTT_ADAPTER=lora",
+    )
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime
+#
+# Who and where this process is (rank, world size, device), the autocast it computes under, the logger (rank 0 writes
+# the console and the run's log file) and the two collective helpers that make every rank act on the same numbers.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    log_path: Path | None = None
+
+    def __post_init__(self):
+        self.main, self.distributed = self.rank == 0, self.world_size > 1
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def log(self, message: str, console: bool = True) -> None:
+        if self.main and console:
+            print(message, flush=True)
+        if self.main and self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def clock(self) -> float:
+        """time.perf_counter() once this rank's device has finished the work queued so far."""
+        self.synchronize()
+        return time.perf_counter()
+
+    def agree_max(self, *values: float):
+        """The maximum of each value over ranks, in one all-reduce: every rank acts on the same numbers."""
+        if self.distributed:
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            values = tuple(t.tolist())
+        return values[0] if len(values) == 1 else values
+
+    def all_equal(self, obj) -> bool:
+        """Whether every rank holds the same (picklable) value."""
+        gathered = [obj] * self.world_size
+        if self.distributed:
+            dist.all_gather_object(gathered, obj)
+        return all(g == gathered[0] for g in gathered)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,20 +564,28 @@ def core_repeats(unique: int, loop_start: int, loop_end: int, num_layers: int) -
     core = loop_end - loop_start + 1
     outside = unique - core
     options = ", ".join(str(outside + r * core) for r in range(1, 5))
-    require(num_layers > outside and (num_layers - outside) % core == 0, f"NUM_LAYERS={num_layers}: with "
-            f"NUM_UNIQUE_LAYERS={unique} and core {loop_start}..{loop_end} it must be {options}, ...")
+    require(
+        num_layers > outside and (num_layers - outside) % core == 0,
+        f"NUM_LAYERS={num_layers}: with "
+        f"NUM_UNIQUE_LAYERS={unique} and core {loop_start}..{loop_end} it must be {options}, ...",
+    )
     return (num_layers - outside) // core
 
 
 def parse_prog_depth(text: str) -> list[tuple[float, int]]:
     """'0.4:2,0.65:3,1.0:4' -> [(0.4, 2), (0.65, 3), (1.0, 4)]; fractions rising, ending at 1.0."""
     try:
-        phases = [(float(frac), int(passes)) for frac, passes in (item.split(":") for item in text.split(","))]
+        phases = []
+        for item in text.split(","):
+            fraction, passes = item.split(":")
+            phases.append((float(fraction), int(passes)))
     except ValueError:
         raise ConfigError(f"PROG_DEPTH={text!r}: expected 'f1:r1,f2:r2,...,1.0:R' (fraction:passes)") from None
     fracs = [f for f, _ in phases]
-    require(0 < fracs[0] and fracs[-1] == 1.0 and all(a < b for a, b in zip(fracs, fracs[1:])),
-            f"PROG_DEPTH={text!r}: fractions must rise strictly and end at 1.0")
+    require(
+        0 < fracs[0] and fracs[-1] == 1.0 and all(a < b for a, b in zip(fracs, fracs[1:])),
+        f"PROG_DEPTH={text!r}: fractions must rise strictly and end at 1.0",
+    )
     require(all(r >= 1 for _, r in phases), f"PROG_DEPTH={text!r}: passes must be >= 1")
     return phases
 
@@ -424,17 +600,38 @@ def training_repeats(cfg: Config) -> list[int]:
     return [passes for _, passes in cfg.depth_phases]
 
 
-def depth_plan(unique: int, loop_start: int, loop_end: int, repeats: int, xsa_last_n: int = 0, ln_scale: bool = False,
-               parallel_start: int = -1, block_rows: bool = False, lanes_start: int = -1) -> Plan:
+def depth_plan(
+    unique: int,
+    loop_start: int,
+    loop_end: int,
+    repeats: int,
+    xsa_last_n: int = 0,
+    ln_scale: bool = False,
+    parallel_start: int = -1,
+    block_rows: bool = False,
+    lanes_start: int = -1,
+) -> Plan:
     core = list(range(loop_start, loop_end + 1))
     blocks = list(range(loop_start)) + core * repeats + list(range(loop_end + 1, unique))
-    skips = {dec: (enc, slot) for slot, (enc, dec) in enumerate(unet_pairs(len(blocks)))}
-    stores = {enc for enc, _ in skips.values()}
+    skip_source = {decoder: (encoder, slot) for slot, (encoder, decoder) in enumerate(unet_pairs(len(blocks)))}
+    stores = {encoder for encoder, _ in skip_source.values()}
     xsa_from = 0 if xsa_last_n == -1 else len(blocks) - xsa_last_n
-    return Plan(tuple(Layer(block=b, row=b if block_rows else v, xsa=v >= xsa_from, lanes=0 <= lanes_start <= b,
-                            parallel=0 <= parallel_start <= b, norm_scale=1 / math.sqrt(b + 1) if ln_scale else 1.0,
-                            skip_from=skips.get(v, (-1, -1))[0], skip_slot=skips.get(v, (-1, -1))[1], store=v in stores)
-                      for v, b in enumerate(blocks)))
+    layers = []
+    for v, b in enumerate(blocks):
+        skip_from, skip_slot = skip_source.get(v, (-1, -1))
+        layer = Layer(
+            block=b,
+            row=b if block_rows else v,
+            xsa=v >= xsa_from,
+            parallel=0 <= parallel_start <= b,
+            lanes=0 <= lanes_start <= b,
+            norm_scale=1 / math.sqrt(b + 1) if ln_scale else 1.0,
+            skip_from=skip_from,
+            skip_slot=skip_slot,
+            store=v in stores,
+        )
+        layers.append(layer)
+    return Plan(tuple(layers))
 
 
 def unet_pairs(depth: int) -> list[tuple[int, int]]:
@@ -444,12 +641,22 @@ def unet_pairs(depth: int) -> list[tuple[int, int]]:
 
 
 def plan_for(cfg: Config, repeats: int) -> Plan:
-    return depth_plan(cfg.unique_blocks, cfg.loop_start, cfg.core_last, repeats, cfg.xsa_last_n, cfg.ln_scale,
-                      cfg.parallel_residual_start, cfg.layer_rows == "block", cfg.parallel_lanes_start)
+    return depth_plan(
+        cfg.unique_blocks,
+        cfg.loop_start,
+        cfg.core_last,
+        repeats,
+        xsa_last_n=cfg.xsa_last_n,
+        ln_scale=cfg.ln_scale,
+        parallel_start=cfg.parallel_residual_start,
+        block_rows=cfg.layer_rows == "block",
+        lanes_start=cfg.parallel_lanes_start,
+    )
 
 
 def max_depth(cfg: Config) -> int:
-    return max(len(plan_for(cfg, r).layers) for r in training_repeats(cfg) + [cfg.eval_repeats or cfg.repeats])
+    """Virtual layers of the deepest plan a run uses (training phases and evaluation)."""
+    return max(len(plan_for(cfg, passes).layers) for passes in training_repeats(cfg) + [cfg.eval_passes])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,9 +701,17 @@ def muon_momentum(cfg: Config, t: float) -> float:
 # Newton-Schulz coefficients (a, b, c) per iteration (past the end of a list its last repeats). quintic: Muon's one,
 # fast rather than exact: 5 steps take singular values spanning 100x into ~[0.68, 1.2]; polar: Polar Express (Amsel
 # et al. 2025; the 2026-04-23 record's five, to 4 decimals), minimax per step: ~[0.86, 1.14], then (15, -10, 3)/8 to 1.
-NEWTON_SCHULZ = {"quintic": ((3.4445, -4.7750, 2.0315),),
-                 "polar": ((8.1566, -22.4833, 15.8788), (4.0429, -2.8089, 0.5000), (3.8917, -2.7725, 0.5061),
-                           (3.2858, -2.3681, 0.4645), (2.3465, -1.7098, 0.4232), (1.875, -1.25, 0.375))}
+NEWTON_SCHULZ = {
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    "polar": (
+        (8.1566, -22.4833, 15.8788),
+        (4.0429, -2.8089, 0.5000),
+        (3.8917, -2.7725, 0.5061),
+        (3.2858, -2.3681, 0.4645),
+        (2.3465, -1.7098, 0.4232),
+        (1.875, -1.25, 0.375),
+    ),
+}
 
 
 def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7, method: str = "quintic") -> torch.Tensor:
@@ -519,56 +734,97 @@ class Muon(torch.optim.Optimizer):
     """Rank r orthogonalizes matrices i % world_size == r, stacked by shape (one batched Newton-Schulz call per
     shape); a flat all-reduce shares the updates, scaled by sqrt(max(1, rows/cols)) as in the reference Muon."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, row_normalize: bool = False, method: str = "quintic"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay, row_normalize=row_normalize, method=method))
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        backend_steps: int,
+        weight_decay: float,
+        rank: int = 0,
+        world_size: int = 1,
+        row_normalize: bool = False,
+        method: str = "quintic",
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                backend_steps=backend_steps,
+                weight_decay=weight_decay,
+                row_normalize=row_normalize,
+                method=method,
+            ),
+        )
         self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params, momentum, updates = group["params"], group["momentum"], {}
+            params = group["params"]
             mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
-            if mine:  # this rank's matrices: Nesterov momentum, orthogonalized by shape
-                grads = [p.grad for p in mine]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, grads)
-                nesterov = torch._foreach_add(grads, bufs, alpha=momentum)
-                if group["row_normalize"]:  # MuonEq-R: each row of the update gets the same norm before orthogonalizing
-                    nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
-                for rows, cols in dict.fromkeys(p.shape for p in mine):  # one batched call per shape
-                    idx = [i for i, p in enumerate(mine) if p.shape == (rows, cols)]
-                    ortho = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["backend_steps"],
-                                          method=group["method"]) * max(1.0, rows / cols) ** 0.5
-                    updates.update(zip((id(mine[i]) for i in idx), ortho.unbind(0)))
-            if self.world_size > 1:
-                flat = torch.cat([updates[id(p)].flatten() if id(p) in updates
-                                  else torch.zeros(p.numel(), device=p.device, dtype=torch.bfloat16) for p in params])
+            updates = self.orthogonalized_updates(mine, group) if mine else {}
+            if self.world_size > 1:  # every rank gets every update: one flat all-reduce (zeros where not its own)
+                flat = torch.cat([self.flat_update(p, updates) for p in params])
                 dist.all_reduce(flat)
-                updates = {id(p): u.view_as(p) for p, u in zip(params, flat.split([p.numel() for p in params]))}
+                pieces = flat.split([p.numel() for p in params])
+                updates = {id(p): piece.view_as(p) for p, piece in zip(params, pieces)}
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [updates[id(p)].to(p.dtype) for p in params], alpha=-group["lr"])
 
+    def orthogonalized_updates(self, mine: list[torch.Tensor], group: dict) -> dict[int, torch.Tensor]:
+        """This rank's matrices: Nesterov momentum, orthogonalized in one batched call per shape; by id(param)."""
+        momentum, grads = group["momentum"], [p.grad for p in mine]
+        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, grads)
+        nesterov = torch._foreach_add(grads, buffers, alpha=momentum)
+        if group["row_normalize"]:  # MuonEq-R: each row of the update gets the same norm before orthogonalizing
+            nesterov = [g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) for g in nesterov]
+        updates = {}
+        for rows, cols in dict.fromkeys(p.shape for p in mine):
+            same_shape = [i for i, p in enumerate(mine) if p.shape == (rows, cols)]
+            stack = torch.stack([nesterov[i] for i in same_shape])
+            ortho = newton_schulz(stack, group["backend_steps"], method=group["method"])
+            ortho = ortho * max(1.0, rows / cols) ** 0.5
+            updates.update(zip((id(mine[i]) for i in same_shape), ortho.unbind(0)))
+        return updates
+
+    @staticmethod
+    def flat_update(p: torch.Tensor, updates: dict[int, torch.Tensor]) -> torch.Tensor:
+        if id(p) in updates:
+            return updates[id(p)].flatten()
+        return torch.zeros(p.numel(), device=p.device, dtype=torch.bfloat16)
+
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
+    """Muon for the blocks' matrices; AdamW (decoupled decay, p *= 1 - lr * weight_decay) for the tied embedding and
+    every other parameter (vectors, scales, per-layer rows, gates)."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    embed, embed_lr = [model.tok_emb.weight], cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    head = [model.lm_head.weight] if model.lm_head is not None else []
-    named = {id(p) for p in matrices + embed + head}
+    embed = [model.tok_emb.weight]
+    named = {id(p) for p in matrices + embed}
     scalars = [p for p in model.parameters() if id(p) not in named]
-    groups = [dict(params=embed, lr=embed_lr, weight_decay=cfg.embed_wd),
-              dict(params=scalars, lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)]
-    groups += [dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else []
-    # AdamW: decoupled decay, p *= 1 - lr * weight_decay
-    optimizers = [torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused),
-                  Muon(matrices, cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps,
-                       cfg.muon_weight_decay, rank, world_size, cfg.muon_row_normalize, cfg.muon_ns)]
-    for group in (g for opt in optimizers for g in opt.param_groups):
+    groups = [
+        dict(params=embed, lr=cfg.tied_embed_lr, weight_decay=cfg.embed_wd),
+        dict(params=scalars, lr=cfg.scalar_lr, weight_decay=cfg.adam_wd),
+    ]
+    adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+    muon = Muon(
+        matrices,
+        cfg.matrix_lr,
+        cfg.muon_momentum,
+        cfg.muon_backend_steps,
+        cfg.muon_weight_decay,
+        rank,
+        world_size,
+        row_normalize=cfg.muon_row_normalize,
+        method=cfg.muon_ns,
+    )
+    for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
-    return optimizers
+    return [adam, muon]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,15 +842,25 @@ BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    require(header.size == HEADER_INTS, f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes)",
-            DataError)
-    require(header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION, f"{path}: not a token shard (magic {header[0]}, "
-            f"version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})", DataError)
+    require(
+        header.size == HEADER_INTS,
+        f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes)",
+        DataError,
+    )
+    require(
+        header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION,
+        f"{path}: not a token shard (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})",
+        DataError,
+    )
     count = int(header[2])
     require(count != 0, f"{path}: empty shard (0 tokens)", DataError)
     size = path.stat().st_size
-    require(size == HEADER_INTS * 4 + 2 * count, f"{path}: size {size} bytes does not match its header ({count} "
-            f"tokens -> {HEADER_INTS * 4 + 2 * count} bytes); truncated or corrupt", DataError)
+    require(
+        size == HEADER_INTS * 4 + 2 * count,
+        f"{path}: size {size} bytes does not match its header ({count} "
+        f"tokens -> {HEADER_INTS * 4 + 2 * count} bytes); truncated or corrupt",
+        DataError,
+    )
     return count
 
 
@@ -620,8 +886,17 @@ class ShuffledLoader:
     batch). A micro-step takes the next world_size * seqs windows, rank r the r-th share: disjoint ranks, any number
     of shards for any number of ranks; the order follows from the seed and the batches read (a resume reads on)."""
 
-    def __init__(self, paths: list[Path], rank: int, world_size: int, seqs: int, seq_len: int, device,
-                 seed: int, vocab_size: int = 65536):
+    def __init__(
+        self,
+        paths: list[Path],
+        rank: int,
+        world_size: int,
+        seqs: int,
+        seq_len: int,
+        device,
+        seed: int,
+        vocab_size: int = 65536,
+    ):
         self.rank, self.world_size, self.seqs, self.seq_len, self.device = rank, world_size, seqs, seq_len, device
         self.vocab_size = vocab_size  # token ids >= it are refused as batches are read, not minutes later in the model
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -639,12 +914,18 @@ class ShuffledLoader:
         self._pending = self._pending or self._load()
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs:(self.rank + 1) * self.seqs]
+        ids = self._windows(self.world_size * self.seqs)[self.rank * self.seqs : (self.rank + 1) * self.seqs]
         shard = np.searchsorted(self.first, ids, side="right") - 1
         starts = self.phases[shard] + (ids - self.first[shard]) * self.seq_len
-        rows = np.stack([self.shards[s][a:a + self.seq_len + 1] for s, a in zip(shard, starts)])  # [seqs, seq_len + 1]
-        require(rows.max() < self.vocab_size, f"train shards: token id {int(rows.max())} >= VOCAB_SIZE="
-                f"{self.vocab_size}; the shards were built with another tokenizer", DataError)
+        rows = np.stack(
+            [self.shards[s][a : a + self.seq_len + 1] for s, a in zip(shard, starts)]
+        )  # [seqs, seq_len + 1]
+        require(
+            rows.max() < self.vocab_size,
+            f"train shards: token id {int(rows.max())} >= VOCAB_SIZE="
+            f"{self.vocab_size}; the shards were built with another tokenizer",
+            DataError,
+        )
         rows = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
@@ -668,7 +949,7 @@ class ShuffledLoader:
         while n > 0:
             if self.position == len(self.order):
                 self._start_epoch(self.epoch + 1)
-            parts.append(part := self.order[self.position:self.position + n])
+            parts.append(part := self.order[self.position : self.position + n])
             self.position += len(part)
             n -= len(part)
         return np.concatenate(parts)
@@ -681,8 +962,12 @@ def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([map_shard(p) for p in find_shards(cfg.data_path, "val")])
-    require((top := int(tokens.max())) < cfg.vocab_size, f"DATA_PATH={cfg.data_path}: validation token id {top} >= "
-            f"VOCAB_SIZE={cfg.vocab_size}; the shards were built with another tokenizer", DataError)
+    require(
+        (top := int(tokens.max())) < cfg.vocab_size,
+        f"DATA_PATH={cfg.data_path}: validation token id {top} >= "
+        f"VOCAB_SIZE={cfg.vocab_size}; the shards were built with another tokenizer",
+        DataError,
+    )
     return torch.from_numpy(tokens.astype(np.int32))
 
 
@@ -694,8 +979,11 @@ def load_tokenizer(cfg: Config):
         sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
     except Exception as exc:
         raise DataError(f"TOKENIZER_PATH={cfg.tokenizer_path}: not a SentencePiece model ({exc})") from None
-    require(sp.vocab_size() == cfg.vocab_size, f"VOCAB_SIZE={cfg.vocab_size}: the tokenizer {cfg.tokenizer_path} has "
-            f"{sp.vocab_size()} pieces", DataError)
+    require(
+        sp.vocab_size() == cfg.vocab_size,
+        f"VOCAB_SIZE={cfg.vocab_size}: the tokenizer {cfg.tokenizer_path} has {sp.vocab_size()} pieces",
+        DataError,
+    )
     return sp
 
 
@@ -706,12 +994,44 @@ def load_tokenizer(cfg: Config):
 # scales, residual mix, U-Net skip weights) are rows of a few tensors indexed by virtual position, so every plan
 # touches the same parameter objects and parameters grow with passes only by those rows. Attention: GQA + RoPE +
 # QK-RMSNorm + per-head query gain; optional XSA (exclusive self-attention: each head's output loses its component
-# along the token's own value vector). MLP: relu^2 (or leaky_relu(0.5)^2). Tied embedding, tanh soft-cap.
+# along the token's own value vector). MLP: relu^2 (or leaky_relu(0.5)^2). The token embedding is the output head
+# (tied); logits are soft-capped with tanh.
 # ----------------------------------------------------------------------------------------------
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+class AttentionMask(NamedTuple):
+    """What a query may see, in the form the attention kernel in use takes. kind "causal": every earlier token (no
+    data); "dense": SDPA's boolean [B, 1, T, T] mask (eager blocks); "flex": a flex_attention BlockMask (compiled
+    blocks); "varlen": FlashAttention 3's int32 cu_seqlens of the batch flattened to B*T rows (compiled blocks)."""
+
+    kind: str
+    data: torch.Tensor | BlockMask | None = None
+
+
+CAUSAL = AttentionMask("causal")
+
+
+class Blocks(enum.Enum):
+    """Which modules run the blocks: EAGER the plain ones (GPTQ's hooks see every call; the CPU); COMPILED the
+    fixed-shape compiled twins (training, evaluation); DYNAMIC the twins whose shapes may change (LoRA TTT and its
+    global phases). Without compilation every choice runs the plain modules."""
+
+    EAGER = "eager"
+    COMPILED = "compiled"
+    DYNAMIC = "dynamic"
+
+
+class LoraAdapter(NamedTuple):
+    """Test-time LoRA (Hu et al. 2021), one adapter per batch row: for every linear map a pair (A [rows, r, in],
+    B [rows, out, r]) adding (x A^T) B^T. `blocks` holds a dict per physical block ("attn.c_q", ..., "mlp.proj"),
+    `head` the output head's pair."""
+
+    blocks: tuple
+    head: tuple
 
 
 class CastedLinear(nn.Linear):
@@ -728,8 +1048,16 @@ class CastedLinear(nn.Linear):
 
 
 def low_rank(y: torch.Tensor, x: torch.Tensor, lora: tuple | None) -> torch.Tensor:
-    """y plus a test-time adapter's delta (x A^T) B^T, one (A [r, in], B [out, r]) per batch row; none: y."""
-    return y if lora is None else y + (x @ lora[0].to(x.dtype).mT) @ lora[1].to(x.dtype).mT
+    """y plus a LoRA pair's delta (x A^T) B^T, one (A, B) per batch row; no pair: y."""
+    if lora is None:
+        return y
+    a, b = lora
+    return y + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
+
+
+def lora_pair(adapter: dict | None, name: str) -> tuple | None:
+    """The LoRA pair of one linear map of a block, if the block runs with an adapter."""
+    return None if adapter is None else adapter[name]
 
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -741,7 +1069,7 @@ def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[to
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2 * cos.size(-1) dims of each head (all of them unless ROPE_DIMS is set)."""
     half = cos.size(-1)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
@@ -750,35 +1078,50 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool, fa3=None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
-        self.fa3 = fa3  # FlashAttention 3's (flash_attn_func, flash_attn_varlen_func), or None: SDPA
+        self.fa3 = fa3  # FlashAttention 3's module (flash_attn_func, flash_attn_varlen_func), or None: PyTorch's
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], xsa: torch.Tensor, docs=None, lora={}):
+    def forward(self, x, rope, xsa: torch.Tensor, mask: AttentionMask = CAUSAL, adapter: dict | None = None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
-        q, k, v = (linear(x, lora.get(f"attn.{name}")).view(B, T, -1, self.head_dim).transpose(1, 2)
-                   for name, linear in (("c_q", self.c_q), ("c_k", self.c_k), ("c_v", self.c_v)))
+        q = self.c_q(x, lora_pair(adapter, "attn.c_q")).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x, lora_pair(adapter, "attn.c_k")).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x, lora_pair(adapter, "attn.c_v")).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        gqa = self.heads != self.kv_heads
-        if self.fa3 is not None and (docs is None or docs.dtype == torch.int32):  # FA3 as in the records: bf16,
-            qkv, (dense, varlen) = [t.transpose(1, 2).bfloat16() for t in (q, k, v)], self.fa3  # (B, T, H, D), GQA
-            y = dense(*qkv, causal=True) if docs is None else varlen(  # documents: GPT.hidden's segment starts
-                *(t.flatten(0, 1) for t in qkv), cu_seqlens_q=docs, cu_seqlens_k=docs, max_seqlen_q=T, max_seqlen_k=T,
-                causal=True)  # on the batch flattened to (B*T, H, D)
-            y = (y[0] if isinstance(y, tuple) else y).reshape(B, T, -1, self.head_dim).transpose(1, 2)  # (out, lse) too
-        else:
-            y = flex_attention(q, k, v, block_mask=docs, enable_gqa=gqa) if isinstance(docs, BlockMask) \
-                else F.scaled_dot_product_attention(q, k, v, attn_mask=docs, is_causal=docs is None, enable_gqa=gqa)
+        y = self.attend(q, k, v, mask)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
             y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, None]
-            y = (y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own).view(B, self.heads, T, self.head_dim)
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1), lora.get("attn.proj"))
+            y = y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own
+            y = y.view(B, self.heads, T, self.head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1), lora_pair(adapter, "attn.proj"))
+
+    def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
+        """Causal attention of (B, H, T, D) queries over (B, H_kv, T, D) keys and values (GQA), within `mask`."""
+        gqa = self.heads != self.kv_heads
+        if mask.kind == "flex":
+            return flex_attention(q, k, v, block_mask=mask.data, enable_gqa=gqa)
+        if mask.kind == "dense":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.data, enable_gqa=gqa)
+        if self.fa3 is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # FlashAttention 3, as the records call it: bf16 in its (B, T, H, D) layout, GQA by itself
+        B, _, T, D = q.shape
+        q, k, v = (t.transpose(1, 2).bfloat16() for t in (q, k, v))
+        if mask.kind == "varlen":  # the batch flattened to (B*T, H, D); segments from GPT.attention_mask
+            cu, flat = mask.data, [t.flatten(0, 1) for t in (q, k, v)]
+            y = self.fa3.flash_attn_varlen_func(
+                *flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True
+            )
+        else:
+            y = self.fa3.flash_attn_func(q, k, v, causal=True)
+        y = y[0] if isinstance(y, tuple) else y  # some FA3 builds return (out, logsumexp)
+        return y.reshape(B, T, -1, D).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -787,10 +1130,10 @@ class MLP(nn.Module):
         hidden = int(mult * dim)
         self.fc, self.proj, self.act = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True), act
 
-    def forward(self, x: torch.Tensor, lora: dict = {}) -> torch.Tensor:
-        h = self.fc(x, lora.get("mlp.fc"))
+    def forward(self, x: torch.Tensor, adapter: dict | None = None) -> torch.Tensor:
+        h = self.fc(x, lora_pair(adapter, "mlp.fc"))
         h = F.leaky_relu(h, 0.5) if self.act == "leaky_relu2" else F.relu(h)
-        return self.proj(h.square(), lora.get("mlp.proj"))
+        return self.proj(h.square(), lora_pair(adapter, "mlp.proj"))
 
 
 class Block(nn.Module):
@@ -798,44 +1141,49 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config, fa3=None):
         super().__init__()
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, cfg.xsa_last_n != 0,
-                              fa3)
+        any_xsa = cfg.xsa_last_n != 0
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, any_xsa, fa3)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, rope, consts, docs=None, lora={}, lanes=None):
-        """consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph."""
+    def forward(self, x, x0, rows: tuple, rope, consts, mask: AttentionMask = CAUSAL, adapter=None, lanes=None):
+        """rows = (residual mix, attention scale, MLP scale) of this layer; consts = (norm scale, parallel 0/1,
+        xsa 0/1) as a tensor: per-layer values, one graph. `lanes`: (lane 1, lane mix) on a two-lane layer."""
+        mix, attn_scale, mlp_scale = rows
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
         lane0, x = x, mix[0] * x + mix[1] * x0
-        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], docs, lora)
-        mlp_in = x + (1 - parallel) * a if lanes is None else lanes[0]  # parallel residual: the MLP reads x too
-        m = mlp_scale * self.mlp(rms_norm(mlp_in) * scale, lora)
+        a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], mask, adapter)
+        if lanes is None:
+            mlp_in = x + (1 - parallel) * a  # parallel residual: the MLP reads x too
+        else:
+            mlp_in = lanes[0]
+        m = mlp_scale * self.mlp(rms_norm(mlp_in) * scale, adapter)
         if lanes is None:
             return x + a + m
-        lane1, w = lanes  # a lane layer (x is lane 0): lane j = w[0, j] * lane j + w[1, j] * attention + w[2, j] * MLP
+        # a lane layer (x is lane 0): lane j = w[0, j] * lane j + w[1, j] * attention + w[2, j] * MLP
+        lane1, w = lanes
         return w[0, 0] * lane0 + w[1, 0] * a + w[2, 0] * m, w[0, 1] * lane1 + w[1, 1] * a + w[2, 1] * m
 
 
 @cache
 def layer_consts(plan: Plan, device: torch.device) -> torch.Tensor:
     """[depth, 3] (norm scale, parallel, xsa) of a plan, built once per plan and device."""
-    return torch.tensor([[layer.norm_scale, float(layer.parallel), float(layer.xsa)] for layer in plan.layers],
-                        device=device)
+    rows = [[layer.norm_scale, float(layer.parallel), float(layer.xsa)] for layer in plan.layers]
+    return torch.tensor(rows, device=device)
 
 
 class GPT(nn.Module):
-    """`compile` builds compiled twins of every block and of the loss head (same parameters): training and evaluation
-    run them (LoRA TTT its own), calibration the eager blocks (`eager=True`); `fa3`: FlashAttention 3."""
+    """With `compile`, compiled twins of every block (fixed shapes; and dynamic ones for LoRA TTT) and of the loss
+    head share the blocks' parameters; `blocks` (Blocks) picks which run. `fa3`: FlashAttention 3 for attention."""
 
     def __init__(self, cfg: Config, compute_dtype: torch.dtype = torch.float32, compile: bool = False, fa3=False):
         super().__init__()
         self.cfg, self.compute_dtype, self.fa3 = cfg, compute_dtype, fa3
         unique, depth, dim = cfg.unique_blocks, max_depth(cfg), cfg.model_dim
         rows = unique if cfg.layer_rows == "block" else depth
-        self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, dim)  # also the output head (tied)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        module = importlib.import_module("flash_attn_interface") if fa3 else None
-        kernels = (module.flash_attn_func, module.flash_attn_varlen_func) if fa3 else None
-        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(unique))
+        fa3_module = importlib.import_module("flash_attn_interface") if fa3 else None
+        self.blocks = nn.ModuleList(Block(cfg, fa3_module) for _ in range(unique))
         # Rows indexed by virtual position (or by block with LAYER_ROWS=block), sized for the deepest plan.
         self.loop_emb = nn.Parameter(torch.zeros(depth, dim)) if cfg.loop_embed else None  # zero-init
         self.attn_scale = nn.Parameter(torch.ones(rows, dim))
@@ -843,95 +1191,131 @@ class GPT(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
         self.skip_weight = nn.Parameter(torch.ones(max(1, depth // 2), dim))
         self.skip_gate = nn.Parameter(torch.zeros(max(1, depth // 2), dim)) if cfg.skip_gates_enabled else None
-        lane_mix = torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]]).repeat(rows, 1, 1)  # the 2026-04-27 record's init
-        self.lane_mix = nn.Parameter(lane_mix) if 0 <= cfg.parallel_lanes_start < unique else None  # Block's w, per row
-        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, zero_init=True)
+        self.lane_mix = None  # Block's lane weights w per row, the 2026-04-27 record's init
+        if 0 <= cfg.parallel_lanes_start < unique:
+            self.lane_mix = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]]).repeat(rows, 1, 1))
         self.smear = nn.Parameter(torch.zeros(1 + cfg.gate_window)) if cfg.smear_gate else None  # (lambda, w)
         if cfg.ortho_init:
             for module in self.blocks.modules():
                 if isinstance(module, CastedLinear) and not module.zero_init:
                     nn.init.orthogonal_(module.weight)
-        # Each block and the loss head compiled, not the whole model: 9% faster steps on one H100 (the
-        # whole graph fused all layers' residual-mix gradients into slow reductions) and 2-3x faster
-        # compilation; one block graph serves every block and plan, as per-layer values are tensors
-        # (docs/perf.md). Plain lists, not submodules: the compiled twins share the blocks' parameters.
-        if compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled_blocks = [torch.compile(b, dynamic=False, fullgraph=True) for b in self.blocks] if compile else []
-        # LoRA TTT's batches (and its phases' last steps) change shape: its own twins, whose shapes turn dynamic once
-        # seen to change (primed by check_eval_budget on synthetic tokens)
-        self.lora_blocks = [torch.compile(b, dynamic=None, fullgraph=True) for b in self.blocks] if compile else []
-        self.block_mask = torch.compile(create_block_mask) if compile else create_block_mask  # compiled: no B*T*T mask
-        self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True) if compile \
-            else softcap_cross_entropy
+        self.compile_twins(compile)
 
-    def hidden(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
-        dt, x, docs = self.compute_dtype, self.tok_emb(input_ids), None
-        if self.smear is not None:  # smear gate (modded-nanogpt, as in the 2026-04-16 record), masked at a BOS
-            lam, w = self.smear[0], self.smear[1:]  # (the 2026-04-27 record's fix: no document sees the previous)
-            gate = lam * torch.sigmoid(x[:, 1:, :len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
-            x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
-        twins = self.compiled_blocks if lora is None else self.lora_blocks  # LoRA TTT's, its phases' (lora={})
-        blocks = self.blocks if eager or not twins else twins
-        if self.cfg.doc_mask and not lora:  # a token sees earlier tokens of its document only (a LoRA row is one
-            # document). Compiled blocks: FA3's varlen kernel when installed, else a flex_attention block mask (fused,
-            # skips whole blocks); eager ones: SDPA's boolean mask (flex has no CPU backward)
-            if self.fa3 and blocks is not self.blocks:  # cu: every segment's start in the flattened batch (each
-                # row's, each BOS), then B*T, padded with B*T (empty segments) to a multiple of 64 as the 2026-04-27
-                # record: a new count is a new shape for the compiled blocks (dynamic=False; compile_stats'
-                # recompiles). nonzero syncs: its size is data
-                cu = F.pad(input_ids[:, 1:] == BOS_ID, (1, 0), value=True).flatten().nonzero()[:, 0].int()
-                docs = F.pad(cu, (0, -(-(len(cu) + 1) // 64) * 64 - len(cu)), value=input_ids.numel())
-            else:  # each token's document: the BOS count up to it
-                doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)
-                docs = (doc[:, None, :, None] == doc[:, None, None, :]).tril() if blocks is self.blocks else \
-                    self.block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), len(doc), None, T, T,
-                                    device=doc.device)
-        x = rms_norm(x).to(dt)
+    def compile_twins(self, compile: bool) -> None:
+        """Each block and the loss head compiled, not the whole model: 9% faster steps on one H100 (the whole graph
+        fused all layers' residual-mix gradients into slow reductions) and 2-3x faster compilation; one block graph
+        serves every block and plan, as per-layer values are tensors (docs/perf.md). Plain lists, not submodules:
+        the twins share the blocks' parameters. LoRA TTT's batches (and its phases' last steps) change shape: its
+        own twins, whose shapes turn dynamic once seen to change (check_eval_budget primes them)."""
+        self.compiled_blocks, self.dynamic_blocks = [], []
+        self.block_mask, self.head_loss = create_block_mask, softcap_cross_entropy
+        if not compile:
+            return
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compiled_blocks = [torch.compile(b, dynamic=False, fullgraph=True) for b in self.blocks]
+        self.dynamic_blocks = [torch.compile(b, dynamic=None, fullgraph=True) for b in self.blocks]
+        self.block_mask = torch.compile(create_block_mask)  # compiled: no B*T*T mask is materialized
+        self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True)
+
+    def block_modules(self, blocks: Blocks) -> tuple[list, bool]:
+        """The modules that run the blocks, and whether they are the plain (eager) ones."""
+        twins = {Blocks.COMPILED: self.compiled_blocks, Blocks.DYNAMIC: self.dynamic_blocks}.get(blocks)
+        if twins:
+            return twins, False
+        return list(self.blocks), True
+
+    def smeared_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding plus, with SMEAR_GATE, the previous token's through a learned gate (modded-nanogpt,
+        as in the 2026-04-16 record), masked at a BOS (the 2026-04-27 record's fix: no document sees the last)."""
+        x = self.tok_emb(input_ids)
+        if self.smear is None:
+            return x
+        lam, w = self.smear[0], self.smear[1:]
+        gate = lam * torch.sigmoid(x[:, 1:, : len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
+        return torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+
+    def attention_mask(self, input_ids: torch.Tensor, eager: bool, adapter: LoraAdapter | None) -> AttentionMask:
+        """CAUSAL, or with DOC_MASK each token's own document only (each starts with a BOS), in the form the blocks'
+        kernel takes. A LoRA row is one document already: causal. Eager blocks: SDPA's boolean mask (flex has no CPU
+        backward); compiled ones: FA3's varlen segments when installed, else a flex block mask (fused; skips whole
+        blocks)."""
+        if not self.cfg.doc_mask or adapter is not None:
+            return CAUSAL
+        if self.fa3 and not eager:
+            return AttentionMask("varlen", varlen_segments(input_ids))
+        doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)  # each token's document: BOSes up to it
+        if eager:
+            return AttentionMask("dense", (doc[:, None, :, None] == doc[:, None, None, :]).tril())
+
+        def same_document(b, h, q, k):
+            return (q >= k) & (doc[b, q] == doc[b, k])
+
+        return AttentionMask("flex", self.block_mask(same_document, len(doc), None, T, T, device=doc.device))
+
+    def hidden(self, input_ids, plan: Plan, blocks: Blocks = Blocks.COMPILED, adapter: LoraAdapter | None = None):
+        dt = self.compute_dtype
+        modules, eager = self.block_modules(blocks)
+        mask = self.attention_mask(input_ids, eager, adapter)
+        x = rms_norm(self.smeared_embedding(input_ids)).to(dt)
         x0, outputs, lane1 = x, {}, None
-        rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or self.cfg.model_dim // self.cfg.num_heads,
-                             self.cfg.rope_base, x.device)
+        head_dim = self.cfg.model_dim // self.cfg.num_heads
+        rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, x.device)
         consts = layer_consts(plan, x.device)
-        adapters = lora["blocks"] if lora else [{}] * len(self.blocks)
         for v, layer in enumerate(plan.layers):
-            lane1 = x if layer.lanes and lane1 is None else lane1  # the split: x is lane 0 from here on
+            if layer.lanes and lane1 is None:  # the split: x is lane 0 from here on
+                lane1 = x
             if layer.skip_from >= 0:
                 x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
             r = layer.row
+            rows = (self.resid_mix[r].to(dt), self.attn_scale[r].to(dt), self.mlp_scale[r].to(dt))
             lanes = (lane1, self.lane_mix[r].to(dt)) if layer.lanes else None
-            out = blocks[layer.block](x, x0, self.resid_mix[r].to(dt), self.attn_scale[r].to(dt),
-                                      self.mlp_scale[r].to(dt), rope, consts[v], docs, adapters[layer.block], lanes)
-            x, lane1 = out if layer.lanes else (out, lane1)
+            block_adapter = None if adapter is None else adapter.blocks[layer.block]
+            out = modules[layer.block](x, x0, rows, rope, consts[v], mask, block_adapter, lanes)
+            if layer.lanes:
+                x, lane1 = out
+            else:
+                x = out
             if layer.store:
                 outputs[v] = x
         # A plan too shallow to use a tensor still touches it (zero gradient), so DDP needs no
         # find_unused_parameters and every phase of a progressive run trains the same parameters.
         if len(plan.layers) < 2:
-            x = x + 0 * self.skip_weight[0].to(dt) + (0 * self.skip_gate[0].to(dt) if self.skip_gate is not None else 0)
+            x = x + 0 * self.skip_weight[0].to(dt)
+            if self.skip_gate is not None:
+                x = x + 0 * self.skip_gate[0].to(dt)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
 
     def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
         """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
         through a sigmoid gate (zero-init: half the weighted skip, half the stream)."""
         skip, gate = self.skip_weight[slot].to(x.dtype) * skip, self.skip_gate
-        return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate[slot].to(x.dtype)))
+        if gate is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(gate[slot].to(x.dtype)))
 
-    def logits(self, input_ids: torch.Tensor, plan: Plan, eager: bool = False, lora: dict | None = None):
+    def logits(self, input_ids, plan: Plan, blocks: Blocks = Blocks.COMPILED, adapter: LoraAdapter | None = None):
         """Evaluation runs compiled blocks if any (minutes of forwards): score_windows keeps one shape, one compile."""
-        h = self.hidden(input_ids, plan, eager, lora)
-        return softcap_logits(h, self.head_weight(), self.cfg.logit_softcap, lora)
-
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        h = self.hidden(input_ids, plan, blocks, adapter)
+        head_lora = None if adapter is None else adapter.head
+        return softcap_logits(h, self.tok_emb.weight, self.cfg.logit_softcap, head_lora)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-        return self.head_loss(self.hidden(input_ids, plan), self.head_weight(), target_ids, self.cfg.logit_softcap)
+        return self.head_loss(self.hidden(input_ids, plan), self.tok_emb.weight, target_ids, self.cfg.logit_softcap)
 
 
-def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, lora: dict | None = None) -> torch.Tensor:
-    logits = low_rank(F.linear(h, weight.to(h.dtype)), h, lora["head"] if lora else None).float()
+def varlen_segments(input_ids: torch.Tensor) -> torch.Tensor:
+    """FA3 varlen's cu_seqlens for a batch flattened to B*T rows: every segment's start (each row's, each BOS's), then
+    B*T, padded with B*T (empty segments) to a multiple of 64 as the 2026-04-27 record does: a new count is a new
+    shape for the compiled blocks (dynamic=False; compile_stats counts recompiles). nonzero syncs: its size is data."""
+    starts = F.pad(input_ids[:, 1:] == BOS_ID, (1, 0), value=True).flatten().nonzero()[:, 0].int()
+    padded = -(-(len(starts) + 1) // 64) * 64
+    return F.pad(starts, (0, padded - len(starts)), value=input_ids.numel())
+
+
+def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, lora: tuple | None = None) -> torch.Tensor:
+    logits = low_rank(F.linear(h, weight.to(h.dtype)), h, lora).float()
     return softcap * torch.tanh(logits / softcap)
 
 
@@ -1001,8 +1385,9 @@ class NgramMixer:
     def __init__(self, cfg: Config, device):
         self.vocab, self.eta, self.buckets = cfg.vocab_size, cfg.mix_eta, cfg.mix_buckets
         self.width = self.vocab + 2  # per order, flat, a row per context: each next token y's count, then c(h), t(h)
-        self.tables = [torch.zeros(rows * self.width, dtype=torch.int32, device=device)
-                       for rows in (1, self.vocab, self.buckets)]
+        self.tables = [
+            torch.zeros(rows * self.width, dtype=torch.int32, device=device) for rows in (1, self.vocab, self.buckets)
+        ]
         self.log_w = torch.tensor([0.91, 0.03, 0.03, 0.03], dtype=torch.float64, device=device).log()
         self.grad = torch.zeros(5, dtype=torch.float64, device=device)  # sums of p_k(y) / p(y), then the count
 
@@ -1041,9 +1426,17 @@ class NgramMixer:
 
 
 @torch.no_grad()
-def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, starts: torch.Tensor,
-                  score_from: torch.Tensor, window: int, batch: int, tables: ByteTables,
-                  nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> torch.Tensor:
+def score_windows(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    starts: torch.Tensor,
+    score_from: torch.Tensor,
+    window: int,
+    batch: int,
+    tables: ByteTables,
+    nll_out: torch.Tensor | None = None,
+    mixer: NgramMixer | None = None,
+) -> torch.Tensor:
     """Sums (loss nats, scored tokens, bytes) as float64 [3] over the given windows. `tokens` is the whole split;
     target i predicts tokens[i + 1] (nll_out[i], for tests, gets its loss). A partial batch is padded with copies of
     its last window that score nothing, so compiled blocks see one batch shape, the one check_eval_budget primed."""
@@ -1052,13 +1445,24 @@ def score_windows(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokens: tor
     score = torch.cat([score_from, score_from.new_full((pad,), window)]).to(tokens.device)
     sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
     for lo in range(0, len(first), batch):
-        score_batch(logits_fn, tokens, first[lo:lo + batch], window, score[lo:lo + batch],
-                    score.new_full((batch,), window), tables, sums, nll_out, mixer)
+        score_batch(
+            logits_fn,
+            tokens,
+            first[lo : lo + batch],
+            window,
+            score[lo : lo + batch],
+            score.new_full((batch,), window),
+            tables,
+            sums,
+            nll_out,
+            mixer,
+        )
     return sums
 
 
-def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out,
-                mixer: NgramMixer | None = None) -> tuple:
+def score_batch(
+    logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tables, sums, nll_out, mixer: NgramMixer | None = None
+) -> tuple:
     """Adds targets lo[b] <= j < hi[b] of the windows tokens[first[b]:][:window] (past the split's end: its last token,
     seen by no scored target) to `sums`, mixed by any `mixer`; returns the network's losses [B, window] (with any
     gradients) and their mask."""
@@ -1078,52 +1482,55 @@ def score_batch(logits_fn, tokens, first: torch.Tensor, window: int, lo, hi, tab
 
 def evaluation_windows(cfg: Config) -> list[tuple[str, int, int, str]]:
     """The final evaluations as (kind, window, stride, adapter): the round trip over non-overlapping TRAIN_SEQ_LEN
-    windows, then the sliding window unless it would repeat the round trip, then score-first TTT when TTT_LR > 0
-    (the score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows; MIX_ETA mixes the last."""
-    kinds = [("roundtrip", cfg.train_seq_len, cfg.train_seq_len, "none")]
-    window = cfg.eval_seq_len or cfg.train_seq_len
-    if cfg.eval_stride and not (cfg.eval_stride >= window and window == cfg.train_seq_len):
-        kinds.append(("sliding", window, min(cfg.eval_stride, window), "none"))
+    windows, then the sliding window when 0 < EVAL_STRIDE < TRAIN_SEQ_LEN, then score-first TTT when TTT_LR > 0 (the
+    score is the last): `ttt` or `ttt_lora` (TTT_ADAPTER) with the last one's windows; MIX_ETA mixes the last."""
+    window = cfg.train_seq_len
+    kinds = [("roundtrip", window, window, "none")]
+    if 0 < cfg.eval_stride < window:
+        kinds.append(("sliding", window, cfg.eval_stride, "none"))
     if cfg.ttt_lr:
-        kinds.append(("ttt" if cfg.ttt_adapter == "sgd" else "ttt_lora", *kinds[-1][1:3], cfg.ttt_adapter))
+        name = "ttt" if cfg.ttt_adapter == "sgd" else "ttt_lora"
+        _, last_window, last_stride, _ = kinds[-1]
+        kinds.append((name, last_window, last_stride, cfg.ttt_adapter))
     if cfg.mix_eta:
-        kinds[-1] = (kinds[-1][0] + "_mix", *kinds[-1][1:])
+        name, last_window, last_stride, adapter = kinds[-1]
+        kinds[-1] = (name + "_mix", last_window, last_stride, adapter)
     return kinds
 
 
-def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: int, world_size: int,
-             tables: ByteTables, autocast, window: int, stride: int, adapter: str = "none",
-             nll_out: torch.Tensor | None = None, mixer: NgramMixer | None = None) -> tuple[float, float]:
+def evaluate(
+    model: GPT,
+    plan: Plan,
+    tokens: torch.Tensor,
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    tables: ByteTables,
+    autocast,
+    window: int,
+    stride: int,
+    adapter: str = "none",
+    nll_out: torch.Tensor | None = None,
+    mixer: NgramMixer | None = None,
+) -> tuple[float, float]:
     """(val_loss, val_bpb) of the split, windows of `window` moved by `stride`, with legal score-first TTT of `adapter`
     (none; sgd: TTT_CHUNK targets at a time scored, then trained on; lora: score_documents); weights restored after.
     A `mixer` (adapter none or sgd) is chunked alike and counts each chunk's targets once they are scored."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if adapter != "none" else {}
+    trains = adapter != "none"
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if trains else {}
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if adapter != "none" else None
+    optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if trains else None
     logits_fn, was_training = partial(eval_logits, model, plan, autocast), model.training
     model.eval()
     tables = ByteTables(*(t.to(tokens.device) for t in tables))
     if adapter == "lora":
-        sums = score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window,
-                               nll_out)
+        sums = score_documents(
+            model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, nll_out
+        )
     else:
-        starts, score_from = plan_windows(len(tokens) - 1, window, stride)
-        first = starts + score_from  # first scored target of each window, rising
-        chunk_of = first // cfg.ttt_chunk if adapter == "sgd" or mixer else torch.zeros_like(first)
-        batch = max(1, min(cfg.val_batch_size // (world_size * window), math.ceil(len(starts) / world_size)))
-        sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
-        chunks = torch.unique_consecutive(chunk_of).tolist()
-        for i, c in enumerate(chunks):
-            idx = (chunk_of == c).nonzero().flatten()
-            mine = idx[slice(*shard_range(len(idx), rank, world_size))]
-            sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out,
-                                  mixer)
-            a, b = int(first[idx[0]]), int(starts[idx[-1]]) + window  # the targets this chunk just scored
-            if mixer is not None:
-                mixer.update(tokens, a, b, world_size)
-            if adapter == "sgd" and c != chunks[-1]:  # train on them, the LR falling from TTT_LR as half a cosine
-                optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
-                ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
+        sums = score_chunks(
+            logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, stride, nll_out, mixer
+        )
     if saved:  # TTT's updates are undone
         model.load_state_dict(saved)
     model.train(was_training)
@@ -1133,9 +1540,33 @@ def evaluate(model: GPT, plan: Plan, tokens: torch.Tensor, cfg: Config, rank: in
     return loss / count, loss / math.log(2) / nbytes
 
 
-def eval_logits(model: GPT, plan: Plan, autocast, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
+def score_chunks(logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, stride, nll_out, mixer):
+    """Sums of the windows' scores, TTT_CHUNK targets at a time when SGD TTT (optimizer) or a mixer learns from what
+    was scored: each chunk's windows are scored (shared out over ranks), then the mixer counts the chunk's targets
+    and SGD trains on them, its LR falling from TTT_LR as half a cosine over the chunks."""
+    starts, score_from = plan_windows(len(tokens) - 1, window, stride)
+    first = starts + score_from  # first scored target of each window, rising
+    learns = optimizer is not None or mixer is not None
+    chunk_of = first // cfg.ttt_chunk if learns else torch.zeros_like(first)
+    batch = max(1, min(cfg.val_batch_size // (world_size * window), math.ceil(len(starts) / world_size)))
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    chunks = torch.unique_consecutive(chunk_of).tolist()
+    for i, chunk in enumerate(chunks):
+        windows = (chunk_of == chunk).nonzero().flatten()
+        mine = windows[slice(*shard_range(len(windows), rank, world_size))]
+        sums += score_windows(logits_fn, tokens, starts[mine], score_from[mine], window, batch, tables, nll_out, mixer)
+        a, b = int(first[windows[0]]), int(starts[windows[-1]]) + window  # the targets this chunk just scored
+        if mixer is not None:
+            mixer.update(tokens, a, b, world_size)
+        if optimizer is not None and chunk != chunks[-1]:
+            optimizer.param_groups[0]["lr"] = cfg.ttt_lr * (1 + math.cos(math.pi * i / (len(chunks) - 1))) / 2
+            ttt_step(logits_fn, params, optimizer, tokens, a, b, cfg, rank, world_size)
+    return sums
+
+
+def eval_logits(model: GPT, plan: Plan, autocast, x, blocks: Blocks = Blocks.COMPILED, adapter=None) -> torch.Tensor:
     with autocast():
-        return model.logits(x, plan, lora=lora)
+        return model.logits(x, plan, blocks, adapter)
 
 
 def document_bounds(tokens: torch.Tensor) -> list[tuple[int, int]]:
@@ -1144,38 +1575,56 @@ def document_bounds(tokens: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(tokens) - 1]))
 
 
+def next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def lora_rows(cfg: Config, world_size: int, window: int) -> int:
+    """Documents per LoRA TTT batch on each rank: VAL_BATCH_SIZE tokens of windows over all ranks."""
+    return max(1, cfg.val_batch_size // (world_size * window))
+
+
 def lora_batches(bounds: list, cfg: Config, window: int, rank: int, world_size: int) -> list[tuple[int, list]]:
     """Per part of the documents, cut at the TTT_PHASES counts: (its end, this rank's documents of it in batches,
-    longest first and dealt round the ranks, each with its chunk steps' windows)."""
-    rows, parts = max(1, cfg.val_batch_size // (world_size * window)), []
+    longest first and dealt round the ranks, each with its chunk steps' window lengths: the document so far, rounded
+    up to a power of 2 (few shapes to compile), at most `window`)."""
+    rows, parts = lora_rows(cfg, world_size, window), []
     cuts = [0, *[n for n in cfg.ttt_phase_docs if n < len(bounds)], len(bounds)]
     for lo, hi in zip(cuts, cuts[1:]):
-        mine = sorted(bounds[lo:hi], key=lambda d: d[0] - d[1])[rank::world_size]  # similar lengths, work per rank
-        batches = [mine[i:i + rows] for i in range(0, len(mine), rows)]
-        steps = [range(math.ceil(max(e - s for s, e in docs) / cfg.ttt_lora_chunk)) for docs in batches]
-        parts.append((hi, [(docs, [min(window, 1 << ((c + 1) * cfg.ttt_lora_chunk - 1).bit_length()) for c in chunks])
-                           for docs, chunks in zip(batches, steps)]))  # the document so far, rounded up to a power of 2
+        longest_first = sorted(bounds[lo:hi], key=lambda d: d[0] - d[1])
+        mine = longest_first[rank::world_size]  # similar lengths, similar work per rank
+        batches = []
+        for i in range(0, len(mine), rows):
+            docs = mine[i : i + rows]
+            steps = math.ceil(max(end - start for start, end in docs) / cfg.ttt_lora_chunk)
+            lengths = [min(window, next_power_of_two((c + 1) * cfg.ttt_lora_chunk)) for c in range(steps)]
+            batches.append((docs, lengths))
+        parts.append((hi, batches))
     return parts
 
 
-def lora_adapter(model: GPT, rows: int, rank: int, device) -> dict:
-    """Fresh adapters (LoRA, Hu et al. 2021), one per batch row: {"blocks": per physical block {"attn.c_q": (A, B),
-    ...}, "head": (A, B)}; A uniform in +-1/sqrt(fan_in) from a fixed seed, B zero: exactly the base model."""
+def lora_adapter(model: GPT, rows: int, rank: int, device) -> LoraAdapter:
+    """Fresh adapters, one per batch row, for every block's linear maps and the head: A uniform in +-1/sqrt(fan_in)
+    from a fixed seed, B zero, so an adapter starts as exactly the base model."""
     generator = torch.Generator().manual_seed(0)
 
     def pair(fan_out: int, fan_in: int):
         a = (2 * torch.rand(rank, fan_in, generator=generator) - 1) / math.sqrt(fan_in)
         return a.expand(rows, -1, -1).contiguous().to(device), torch.zeros(rows, fan_out, rank, device=device)
-    blocks = [{name: pair(*m.weight.shape) for name, m in b.named_modules() if isinstance(m, CastedLinear)}
-              for b in model.blocks]
-    return dict(blocks=blocks, head=pair(*model.head_weight().shape))
+
+    blocks = []
+    for block in model.blocks:
+        linears = [(name, m) for name, m in block.named_modules() if isinstance(m, CastedLinear)]
+        blocks.append({name: pair(*m.weight.shape) for name, m in linears})
+    return LoraAdapter(tuple(blocks), pair(*model.tok_emb.weight.shape))
 
 
 def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, nll_out):
     """Sums of phased LoRA TTT (the 2026-04-14..27 records): lora_batch per batch. At each TTT_PHASES count n, once
     all ranks scored documents < n, all weights take ttt_step (TTT_LR, no cosine) per TTT_CHUNK of their text."""
     bounds, sums = document_bounds(tokens), torch.zeros(3, dtype=torch.float64, device=tokens.device)
-    fresh = lora_adapter(model, max(1, cfg.val_batch_size // (world_size * window)), cfg.ttt_lora_rank, tokens.device)
+    fresh = lora_adapter(model, lora_rows(cfg, world_size, window), cfg.ttt_lora_rank, tokens.device)
+    phase_logits = partial(logits_fn, blocks=Blocks.DYNAMIC)  # all weights train, through LoRA's twins
     for hi, batches in lora_batches(bounds, cfg, window, rank, world_size):
         for docs, lengths in batches:
             lora_batch(model, logits_fn, fresh, tokens, docs, lengths, cfg, tables, sums, nll_out)
@@ -1183,23 +1632,25 @@ def score_documents(model, logits_fn, params, optimizer, tokens, cfg, rank, worl
             optimizer.state.clear()  # fresh momentum per phase
             end = bounds[hi][0]
             for a in range(0, end - cfg.train_seq_len + 1, cfg.ttt_chunk):
-                ttt_step(partial(logits_fn, lora={}), params, optimizer, tokens, a, min(a + cfg.ttt_chunk, end), cfg,
-                         rank, world_size)
+                b = min(a + cfg.ttt_chunk, end)
+                ttt_step(phase_logits, params, optimizer, tokens, a, b, cfg, rank, world_size)
     return sums
 
 
 def live_rows(docs: list, done: int) -> int:
     """How many of `docs` (longest first) have targets past `done`, rounded up to a power of 2: few shapes (on the
     eager blocks a new shape every step cost ~0.3 s a step on an H200; COMPILE=0 runs them)."""
-    return min(len(docs), 1 << (sum(e - s > done for s, e in docs) - 1).bit_length())
+    live = sum(end - start > done for start, end in docs)
+    return min(len(docs), next_power_of_two(live))
 
 
-def lora_batch(model: GPT, logits_fn, fresh: dict, tokens, docs: list, lengths: list, cfg: Config, tables, sums,
-               nll_out) -> None:
+def lora_batch(
+    model: GPT, logits_fn, fresh: LoraAdapter, tokens, docs: list, lengths: list, cfg: Config, tables, sums, nll_out
+) -> None:
     """Row b scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its document at most, then its
     own adapter takes an Adam step on that chunk's mean loss (independent rows, longest first: only live ones run)."""
     model.requires_grad_(False)  # the chunk steps differentiate the adapters only (the phases train the weights)
-    adapter = torch.utils._pytree.tree_map(lambda t: t[:len(docs)].clone().requires_grad_(), fresh)  # reset
+    adapter = torch.utils._pytree.tree_map(lambda t: t[: len(docs)].clone().requires_grad_(), fresh)  # reset
     params = torch.utils._pytree.tree_leaves(adapter)
     optimizer = torch.optim.Adam(params, lr=cfg.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10)  # the records' beta1 = 0
     start, end = torch.tensor(docs, device=tokens.device).T
@@ -1210,8 +1661,8 @@ def lora_batch(model: GPT, logits_fn, fresh: dict, tokens, docs: list, lengths: 
         first = torch.maximum(start[:live], b - length)
         with torch.enable_grad():
             rows = torch.utils._pytree.tree_map(lambda t: t[:live], adapter)
-            nll, mask = score_batch(partial(logits_fn, lora=rows), tokens, first, length, a - first, b - first,
-                                    tables, sums, nll_out)
+            rows_logits = partial(logits_fn, blocks=Blocks.DYNAMIC, adapter=rows)
+            nll, mask = score_batch(rows_logits, tokens, first, length, a - first, b - first, tables, sums, nll_out)
             if c + 1 < len(lengths):  # score first, then train on what was scored
                 loss = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
@@ -1220,13 +1671,15 @@ def lora_batch(model: GPT, logits_fn, fresh: dict, tokens, docs: list, lengths: 
     model.requires_grad_(True)
 
 
-def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int, cfg: Config, rank: int,
-             world_size: int) -> None:
+def ttt_step(
+    logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int, cfg: Config, rank: int, world_size: int
+) -> None:
     """TTT_EPOCHS SGD steps on targets [a, b): the whole TRAIN_SEQ_LEN pieces from a (inputs
     tokens[s:s+L], labels one later), shared out over ranks; the loss is the mean over all of them."""
-    pieces = torch.arange(a, max(a, b - cfg.train_seq_len + 1), cfg.train_seq_len, device=tokens.device)
+    L = cfg.train_seq_len
+    pieces = torch.arange(a, max(a, b - L + 1), L, device=tokens.device)
     mine = pieces[slice(*shard_range(len(pieces), rank, world_size))]
-    seq = tokens[mine[:, None] + torch.arange(cfg.train_seq_len + 1, device=tokens.device)].long()
+    seq = tokens[mine[:, None] + torch.arange(L + 1, device=tokens.device)].long()
     for _ in range(cfg.ttt_epochs):
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -1234,13 +1687,149 @@ def ttt_step(logits_fn, params, optimizer, tokens: torch.Tensor, a: int, b: int,
             with torch.enable_grad():
                 logits = logits_fn(seq[:, :-1]).float()
                 loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="sum")
-                (loss / (len(pieces) * cfg.train_seq_len)).backward()
+                (loss / (len(pieces) * L)).backward()
         if world_size > 1:
             for p in params:
                 dist.all_reduce(p.grad)
         if cfg.ttt_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
         optimizer.step()
+
+
+# The evaluation's cost, estimated before any training: each final evaluation's forwards and TTT steps are timed on
+# synthetic tokens as evaluate runs them (which also primes their compiled graphs, never on validation text), then
+# scaled to this rank's share of the split and to the competition's (8 GPUs, the FineWeb validation split).
+COMPETITION_VAL_TOKENS, COMPETITION_GPUS = 40_540_160, 8
+
+
+@torch.no_grad()
+def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None:
+    """Estimate the final evaluations' seconds on `bounds` (document_bounds of the split); refuse a run whose
+    evaluations would exceed EVAL_BUDGET_S here or at the competition's scale."""
+    logits_fn = partial(eval_logits, base, plan_for(cfg, cfg.eval_passes), rt.autocast)
+    num_targets, estimate = bounds[-1][1], {}
+    for kind, window, stride, adapter in evaluation_windows(cfg):
+        windows = math.ceil(len(plan_windows(num_targets, window, stride)[0]) / rt.world_size)  # this rank's
+        rows = lora_rows(cfg, rt.world_size, window)
+        batch = rows if adapter == "lora" else min(rows, windows)  # as evaluate batches them: one shape
+        seconds = 0.0
+        sgd_steps = ttt_sgd_steps(cfg, adapter, bounds)
+        if sgd_steps:
+            seconds += sgd_step_seconds(base, logits_fn, cfg, rt, adapter) * sgd_steps
+        if adapter == "lora":
+            seconds += lora_seconds(base, logits_fn, cfg, rt, bounds, window, batch)
+        else:
+            seconds += window_seconds(logits_fn, cfg, rt, kind, batch, window) * math.ceil(windows / batch)
+        estimate[kind] = rt.agree_max(seconds)
+    total = sum(estimate.values())
+    scaled = competition_seconds(total, num_targets, rt.world_size, rt.device.type)
+    parts = " ".join(f"{kind}:{seconds:.1f}s" for kind, seconds in estimate.items())
+    rt.log(f"eval_budget_estimate {parts} total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
+    rt.log(f"eval_budget_competition total:{scaled:.1f}s (8 GPUs, 40,540,160 tokens, 50,000 documents; CUDA only)")
+    worst = max(total, scaled)
+    if worst > cfg.eval_budget_s:
+        ttt = sum(seconds for kind, seconds in estimate.items() if kind.startswith("ttt")) * worst / total
+        if ttt > worst / 2:
+            hint = f"TTT is {ttt:.0f} s of it: lower TTT_EPOCHS, raise EVAL_STRIDE or turn TTT off with TTT_LR=0"
+        else:
+            hint = "raise EVAL_STRIDE"
+        where = " at the competition scale" if scaled > total else ""
+        raise Refused(
+            f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about {worst:.0f} s{where}; {hint}"
+        )
+
+
+def ttt_sgd_steps(cfg: Config, adapter: str, bounds: list) -> int:
+    """SGD steps of all weights an evaluation takes: sgd, one per TTT_CHUNK but the last; lora, its global phases',
+    one per TTT_CHUNK of the documents before each TTT_PHASES count."""
+    if adapter == "sgd":
+        return math.ceil(bounds[-1][1] / cfg.ttt_chunk) - 1
+    if adapter == "lora":
+        phase_ends = [bounds[min(n, len(bounds) - 1)][0] for n in cfg.ttt_phase_docs]
+        return sum(math.ceil(end / cfg.ttt_chunk) for end in phase_ends)
+    return 0
+
+
+def sgd_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, adapter: str) -> float:
+    """Seconds of one SGD step on TTT_CHUNK tokens, timed after priming every shape evaluate will run: sgd runs the
+    compiled twins at one size; LoRA's phases run its dynamic twins at any size (seen to change, they turn dynamic)."""
+    if adapter == "sgd":
+        spans, twin = (cfg.ttt_chunk, cfg.ttt_chunk), logits_fn
+    else:
+        spans = (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)
+        twin = partial(logits_fn, blocks=Blocks.DYNAMIC)
+    seconds = [ttt_step_seconds(base, twin, cfg, rt, span) for span in spans]
+    return seconds[-1]
+
+
+def lora_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, bounds: list, window: int, batch: int) -> float:
+    """LoRA TTT's chunk steps on this rank's documents: a fixed cost per step plus a cost per row-token, from a step
+    of 1 row and one of `batch` rows, each timed on its second call (the first compiles; 2 rows, then 3 at half the
+    window, turn the shapes dynamic)."""
+    for rows, length in ((2, window), (3, window // 2), (1, window)):
+        lora_step_seconds(base, logits_fn, cfg, rt, rows, length)
+    one = lora_step_seconds(base, logits_fn, cfg, rt, 1, window)
+    lora_step_seconds(base, logits_fn, cfg, rt, batch, window)
+    full = lora_step_seconds(base, logits_fn, cfg, rt, batch, window)
+    per_row = (full - one) / max(1, batch - 1)
+    seconds = 0.0
+    for _, batches in lora_batches(bounds, cfg, window, rt.rank, rt.world_size):
+        for docs, lengths in batches:
+            row_tokens = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk) for c, length in enumerate(lengths))
+            seconds += (one - per_row) * len(lengths) + per_row * row_tokens / window
+    return seconds
+
+
+def window_seconds(logits_fn, cfg: Config, rt: Runtime, kind: str, batch: int, window: int) -> float:
+    """Seconds of one batch of scoring windows (timed on its second call; the first compiles), with the mixer's work
+    when the evaluation mixes: every input token mixed, and an update per batch (at least one per chunk)."""
+    x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
+    mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
+
+    def forward():
+        logits_fn(x)
+        if mixer is not None:
+            pos = torch.arange(x.numel() - 1, device=rt.device)
+            mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
+            mixer.update(x.flatten(), 0, len(pos), 1)
+
+    timed(rt, forward)
+    return timed(rt, forward)
+
+
+def timed(rt: Runtime, fn: Callable, *args) -> float:
+    """Seconds fn(*args) takes on this rank's device."""
+    start = rt.clock()
+    fn(*args)
+    return rt.clock() - start
+
+
+def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
+    """Seconds a LoRA TTT chunk step (score, then an Adam step) takes with `rows` synthetic documents seeing `window`
+    tokens, run as evaluate runs it (9 steps, the last only scoring, less 1 step only scoring)."""
+    length = 10 * max(window, cfg.ttt_lora_chunk)
+    tokens = torch.randint(2, cfg.vocab_size, (rows * length,), device=rt.device)
+    docs = [(i * length, (i + 1) * length - 1) for i in range(rows)]
+    tables = ByteTables(*(torch.zeros(cfg.vocab_size, dtype=t, device=rt.device) for t in (torch.int16, bool, bool)))
+    fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
+    nine = timed(rt, lora_batch, base, logits_fn, fresh, tokens, docs, [window] * 9, cfg, tables, sums, None)
+    one = timed(rt, lora_batch, base, logits_fn, fresh, tokens, docs, [window], cfg, tables, sums, None)
+    return (nine - one) / 8
+
+
+def ttt_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, span: int) -> float:
+    """Seconds of a TTT SGD step (ttt_step) on `span` synthetic tokens at LR 0 (the weights stay)."""
+    tokens = torch.randint(2, cfg.vocab_size, (span + 1,), device=rt.device)
+    params = list(base.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.ttt_momentum)
+    return timed(rt, ttt_step, logits_fn, params, optimizer, tokens, 0, span, cfg, rt.rank, rt.world_size)
+
+
+def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
+    """The estimate at the competition's scale (the FineWeb validation split on 8 GPUs); 0 off CUDA (CPU runs pass)."""
+    if device_type != "cuda":
+        return 0.0
+    return seconds * COMPETITION_VAL_TOKENS / num_targets * world_size / COMPETITION_GPUS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1258,13 +1847,13 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 SCALE_RANGE = (2.0**-24, 65504.0)  # float16's smallest and largest: no step is zero or infinite
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQZ", 1
 EXPORT_STREAMS = 16  # 36M codes in 16 brotli streams: ~200 bytes more than one stream, compressed in parallel
-LZMA_RAW = dict(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
 FIT_STEP, FIT_MAX_COARSENING, FIT_MAX_TRIES, FIT_MARGIN = 1.01, 4.0, 8, 2e-4
 GROUPS = ("attn", "mlp", "embed")
 
 
 class ArtifactTooLarge(UserError):
     """No export fits under TARGET_BYTES: one line, exit code 3, and no artifact is written."""
+
     exit_code = 3
 
 
@@ -1279,25 +1868,32 @@ class QuantGroup:
 class ExportRecipe:
     attn: QuantGroup
     mlp: QuantGroup
-    embed: QuantGroup  # embedding tables, the head, and any other large matrix outside the blocks
-    compressor: str  # brotli, zstd or lzma
-    zstd_level: int
+    embed: QuantGroup  # the embedding table (the tied head), and any other large matrix outside the blocks
+    compressor: str  # brotli or zstd
     streams: int = EXPORT_STREAMS  # independently compressed pieces of the payload, one thread each
 
     def with_sigmas(self, sigmas: dict[str, float]) -> "ExportRecipe":
-        return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), clip_sigmas=k)
-                                            for g, k in sigmas.items()})
+        return dataclasses.replace(
+            self, **{g: dataclasses.replace(getattr(self, g), clip_sigmas=k) for g, k in sigmas.items()}
+        )
 
     def describe(self) -> str:
-        return " ".join(f"{g}:int{q.bits}/k{q.clip_sigmas:.4g}{'/gptq' * q.gptq}" for g, q in
-                        ((g, getattr(self, g)) for g in GROUPS)) + f" codec:{self.compressor}x{self.streams}"
+        return (
+            " ".join(
+                f"{g}:int{q.bits}/k{q.clip_sigmas:.4g}{'/gptq' * q.gptq}"
+                for g, q in ((g, getattr(self, g)) for g in GROUPS)
+            )
+            + f" codec:{self.compressor}x{self.streams}"
+        )
 
 
 def export_recipe(cfg: Config) -> ExportRecipe:
-    return ExportRecipe(QuantGroup(cfg.quant_bits_attn, cfg.matrix_clip_sigmas, cfg.gptq),
-                        QuantGroup(cfg.quant_bits_mlp, cfg.mlp_clip_sigmas or cfg.matrix_clip_sigmas, cfg.gptq),
-                        QuantGroup(cfg.quant_bits_embed, cfg.embed_clip_sigmas, cfg.gptq),
-                        cfg.compressor, cfg.zstd_level)
+    return ExportRecipe(
+        attn=QuantGroup(cfg.quant_bits_attn, cfg.matrix_clip_sigmas, cfg.gptq),
+        mlp=QuantGroup(cfg.quant_bits_mlp, cfg.matrix_clip_sigmas, cfg.gptq),
+        embed=QuantGroup(cfg.quant_bits_embed, cfg.embed_clip_sigmas, cfg.gptq),
+        compressor=cfg.compressor,
+    )
 
 
 def weight_group(name: str) -> str:
@@ -1324,8 +1920,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[..., None]
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas: float = 0.0, block: int = 128,
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(
+    w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas: float = 0.0, block: int = 128, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ with act-order on a matrix [rows, cols] or on a stack [n, rows, cols] with one input
     Hessian each: one column loop serves the stack. Steps from the unmodified rows, as quantize_rows."""
     single = w.ndim == 2
@@ -1346,9 +1943,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas
         hi = min(lo + block, W.size(-1))
         Wb, Ub, errors = W[..., lo:hi].clone(), U[:, lo:hi, lo:hi], torch.zeros_like(W[..., lo:hi])
         for i in range(hi - lo):
-            q = Q[..., lo + i:lo + i + 1] = torch.round(Wb[..., i:i + 1] / s).clamp_(-qmax, qmax)
-            errors[..., i:i + 1] = err = (Wb[..., i:i + 1] - q * s) / Ub[:, i:i + 1, i:i + 1]
-            Wb[..., i + 1:] -= err * Ub[:, i:i + 1, i + 1:]
+            q = Q[..., lo + i : lo + i + 1] = torch.round(Wb[..., i : i + 1] / s).clamp_(-qmax, qmax)
+            errors[..., i : i + 1] = err = (Wb[..., i : i + 1] - q * s) / Ub[:, i : i + 1, i : i + 1]
+            Wb[..., i + 1 :] -= err * Ub[:, i : i + 1, i + 1 :]
         W[..., hi:] -= errors @ U[:, lo:hi, hi:]
     codes = torch.empty_like(Q).scatter_(2, cols, Q).to(torch.int8)  # back to the original column order
     return (codes[0], scale[0]) if single else (codes, scale)
@@ -1368,11 +1965,10 @@ def collect_hessians(model: "GPT", plan: Plan, batches, autocast) -> dict[str, t
     for name, module in model.blocks.named_modules():
         if isinstance(module, CastedLinear) and not name.endswith((".c_k", ".c_v")):
             hooks.append(module.register_forward_hook(lambda m, i, o, key=f"blocks.{name}.weight": add(key, i[0])))
-    head = next(name for name, p in model.named_parameters() if p is model.head_weight())
     try:
         for x in batches:
-            with autocast():
-                add(head, model.hidden(x, plan, eager=True))  # eager blocks, so the hooks see every call
+            with autocast():  # eager blocks, so the hooks see every call; the head reads the final hidden states
+                add("tok_emb.weight", model.hidden(x, plan, Blocks.EAGER))
             tokens += x.numel()
     finally:
         for h in hooks:
@@ -1388,6 +1984,7 @@ def hessian_key(name: str) -> str:
 class Stored(NamedTuple):
     """A tensor in the artifact: int8 codes and float16 steps (`scale`), or its values kept whole
     (float16; float32 where float16 would overflow); `dtype` is its own, restored on loading."""
+
     dtype: str
     values: torch.Tensor
     scale: torch.Tensor | None = None
@@ -1402,8 +1999,9 @@ def quantized_names(state: dict[str, torch.Tensor]) -> list[str]:
     return [n for n, t in state.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL]
 
 
-def quantize_state(state: dict[str, torch.Tensor], recipe: ExportRecipe,
-                   hessians: dict[str, torch.Tensor] | None = None) -> dict[str, Stored]:
+def quantize_state(
+    state: dict[str, torch.Tensor], recipe: ExportRecipe, hessians: dict[str, torch.Tensor] | None = None
+) -> dict[str, Stored]:
     """Large float matrices -> codes and steps by their group's recipe, stacked by shape so GPTQ runs
     one column loop per shape, on the weights' device; every other tensor is kept whole."""
     hessians, stacks, stored = hessians or {}, {}, {}
@@ -1426,8 +2024,10 @@ def quantize_state(state: dict[str, torch.Tensor], recipe: ExportRecipe,
 
 
 def dequantize_state(stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
-    return {name: (s.values if s.scale is None else dequantize_rows(s.values, s.scale)).to(getattr(torch, s.dtype))
-            for name, s in stored.items()}
+    return {
+        name: (s.values if s.scale is None else dequantize_rows(s.values, s.scale)).to(getattr(torch, s.dtype))
+        for name, s in stored.items()
+    }
 
 
 def serialize(stored: dict[str, Stored]) -> tuple[list, dict[str, np.ndarray]]:
@@ -1441,16 +2041,23 @@ def serialize(stored: dict[str, Stored]) -> tuple[list, dict[str, np.ndarray]]:
         arrays.append(t.reshape(-1).numpy())
         return [section, sum(a.size for a in arrays[:-1]), t.numel()]
 
-    entries = [[name, list(s.values.shape), s.dtype, s.bits,
-                [put("codes", s.values), put("scales", s.scale)] if s.bits else [put(dtype_name(s.values), s.values)]]
-               for name, s in stored.items()]
+    entries = [
+        [
+            name,
+            list(s.values.shape),
+            s.dtype,
+            s.bits,
+            [put("codes", s.values), put("scales", s.scale)] if s.bits else [put(dtype_name(s.values), s.values)],
+        ]
+        for name, s in stored.items()
+    ]
     return entries, {k: np.concatenate(v) for k, v in sections.items() if v}
 
 
 def deserialize(entries: list, sections: dict[str, np.ndarray]) -> dict[str, Stored]:
     stored = {}
     for name, shape, dtype, bits, refs in entries:
-        parts = [torch.from_numpy(sections[section][offset:offset + count].copy()) for section, offset, count in refs]
+        parts = [torch.from_numpy(sections[section][offset : offset + count].copy()) for section, offset, count in refs]
         stored[name] = Stored(dtype, parts[0].reshape(shape), parts[1] if bits else None, bits)
     return stored
 
@@ -1471,17 +2078,26 @@ def codec(recipe: ExportRecipe) -> tuple[Callable[[bytes], bytes], Callable[[byt
     """(compress, decompress) of one stream; a fresh zstd object per call (they are not thread-safe)."""
     if recipe.compressor == "brotli":
         return partial(brotli.compress, quality=11), brotli.decompress
-    if recipe.compressor == "lzma":
-        return partial(lzma.compress, **LZMA_RAW), partial(lzma.decompress, **LZMA_RAW)  # raw: no container per stream
-    return (lambda b: zstandard.ZstdCompressor(level=recipe.zstd_level).compress(b),
-            lambda b: zstandard.ZstdDecompressor().decompress(b))
+
+    def zstd_compress(data: bytes) -> bytes:
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+    def zstd_decompress(data: bytes) -> bytes:
+        return zstandard.ZstdDecompressor().decompress(data)
+
+    return zstd_compress, zstd_decompress
+
+
+def codec_installed(compressor: str) -> bool:
+    return {"brotli": brotli, "zstd": zstandard}[compressor] is not None
 
 
 def compress(raw: bytes, recipe: ExportRecipe) -> list[bytes]:
     """`raw` in recipe.streams near-equal pieces, compressed in parallel threads (the codecs release the GIL)."""
     size = max(1, -(-len(raw) // recipe.streams))
     with ThreadPoolExecutor(recipe.streams) as pool:
-        return list(pool.map(codec(recipe)[0], [raw[i:i + size] for i in range(0, len(raw), size)] or [b""]))
+        pieces = [raw[i : i + size] for i in range(0, len(raw), size)] or [b""]
+        return list(pool.map(codec(recipe)[0], pieces))
 
 
 def decompress(streams: list[bytes], recipe: ExportRecipe) -> bytes:
@@ -1489,8 +2105,9 @@ def decompress(streams: list[bytes], recipe: ExportRecipe) -> bytes:
         return b"".join(pool.map(codec(recipe)[1], streams))
 
 
-def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict | None = None,
-                  meta: dict | None = None) -> bytes:
+def pack_artifact(
+    stored: dict[str, Stored], recipe: ExportRecipe, times: dict | None = None, meta: dict | None = None
+) -> bytes:
     """Magic, version, the header's length (4 bytes, little-endian), the JSON header (zlib: 8 KB -> 1.5 KB for the
     36M model; `meta`: model settings, tokenizer hash), the compressed streams; `times` gets the steps' seconds."""
     start = time.perf_counter()
@@ -1500,10 +2117,20 @@ def pack_artifact(stored: dict[str, Stored], recipe: ExportRecipe, times: dict |
     streams = compress(raw, recipe)
     (times if times is not None else {}).update(serialize=middle - start, compress=time.perf_counter() - middle)
     payload = b"".join(streams)
-    header = zlib.compress(json.dumps(dict(
-        recipe=dataclasses.asdict(recipe), meta=meta or {}, tensors=entries, streams=[len(s) for s in streams],
-        sections=[[k, a.dtype.name, a.size] for k, a in sections.items()], sha256=hashlib.sha256(payload).hexdigest()),
-        separators=(",", ":")).encode(), 9)
+    header = zlib.compress(
+        json.dumps(
+            dict(
+                recipe=dataclasses.asdict(recipe),
+                meta=meta or {},
+                tensors=entries,
+                streams=[len(s) for s in streams],
+                sections=[[k, a.dtype.name, a.size] for k, a in sections.items()],
+                sha256=hashlib.sha256(payload).hexdigest(),
+            ),
+            separators=(",", ":"),
+        ).encode(),
+        9,
+    )
     return ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(header).to_bytes(4, "little") + header + payload
 
 
@@ -1516,7 +2143,8 @@ def artifact_header(blob: bytes, source) -> tuple[dict, ExportRecipe, int]:
     end = 9 + int.from_bytes(blob[5:9], "little")
     try:  # the recipe: the inverse of dataclasses.asdict
         header = json.loads(zlib.decompress(blob[9:end]))
-        d = {k: v for k, v in header["recipe"].items() if k != "shuffle"}  # older artifacts name it: always True
+        # older artifacts name "shuffle" (always on) and "zstd_level" (always 22)
+        d = {k: v for k, v in header["recipe"].items() if k not in ("shuffle", "zstd_level")}
         recipe = ExportRecipe(**{**d, **{g: QuantGroup(**d[g]) for g in GROUPS}})
         if recipe.compressor not in CODECS or not all(5 <= getattr(recipe, g).bits <= 8 for g in GROUPS):
             raise ValueError(f"unknown recipe {recipe.describe()}")
@@ -1528,15 +2156,20 @@ def artifact_header(blob: bytes, source) -> tuple[dict, ExportRecipe, int]:
 def unpack_artifact(blob: bytes, source) -> tuple[dict[str, Stored], ExportRecipe]:
     """Inverse of pack_artifact; one DataError line naming `source` for a wrong magic, version, recipe or checksum."""
     header, recipe, end = artifact_header(blob, source)
-    if hashlib.sha256(payload := blob[end:]).hexdigest() != header.get("sha256"):
+    payload = blob[end:]
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise DataError(f"{source}: payload checksum mismatch (corrupt or truncated file)")
-    require({"brotli": brotli, "zstd": zstandard}.get(recipe.compressor, lzma) is not None, f"{source}: written with "
-            f"{recipe.compressor}, whose package is missing (pip install -r requirements.txt)", DataError)
+    require(
+        codec_installed(recipe.compressor),
+        f"{source}: written with {recipe.compressor}, whose package is missing (pip install -r requirements.txt)",
+        DataError,
+    )
     ends = np.cumsum([0] + header["streams"]).tolist()
     raw = decompress([payload[a:b] for a, b in zip(ends, ends[1:])], recipe)
     ends = np.cumsum([0] + [count * np.dtype(dtype).itemsize for _, dtype, count in header["sections"]]).tolist()
-    sections = {name: unshuffle_bytes(raw[a:b], dtype)
-                for (name, dtype, _), a, b in zip(header["sections"], ends, ends[1:])}
+    sections = {
+        name: unshuffle_bytes(raw[a:b], dtype) for (name, dtype, _), a, b in zip(header["sections"], ends, ends[1:])
+    }
     return deserialize(header["tensors"], sections), recipe
 
 
@@ -1548,7 +2181,9 @@ def rounding_cost(state: dict[str, torch.Tensor], names: list[str], group: Quant
         w = state[name].detach().float()
         codes, scale = quantize_rows(w, group.bits, group.clip_sigmas)
         p = torch.bincount(codes.flatten().long() + 128, minlength=256).double() / codes.numel()
-        nbytes += float(-(p[p > 0] * p[p > 0].log2()).sum()) * codes.numel() / 8 + 2 * scale.numel()
+        p = p[p > 0]
+        entropy_bits = float(-(p * p.log2()).sum())
+        nbytes += entropy_bits * codes.numel() / 8 + 2 * scale.numel()
         error += float(((dequantize_rows(codes, scale) - w) ** 2 * weights.get(name, 1.0)).sum())
     return nbytes, error
 
@@ -1559,26 +2194,37 @@ def coarsen(state, hessians, recipe: ExportRecipe, initial: ExportRecipe, saving
     or None when the std-clipped groups reach FIT_MAX_COARSENING times their starting sigmas first."""
     quantized = quantized_names(state)
     names = {g: [n for n in quantized if weight_group(n) == g] for g in GROUPS}
-    weights = {n: hessians[hessian_key(n)].diagonal().to(state[n].device) for n in quantized
-               if hessian_key(n) in (hessians or {})}
+    weights = {
+        n: hessians[hessian_key(n)].diagonal().to(state[n].device)
+        for n in quantized
+        if hessian_key(n) in (hessians or {})
+    }
+    # the groups with a std-based clip (k > 0) that hold quantized matrices: only their steps can grow
     sigmas = {g: getattr(recipe, g).clip_sigmas for g in GROUPS if names[g] and getattr(recipe, g).clip_sigmas > 0}
-    now, trial, saved = {g: rounding_cost(state, names[g], getattr(recipe, g), weights) for g in sigmas}, {}, 0.0
+    now = {g: rounding_cost(state, names[g], getattr(recipe, g), weights) for g in sigmas}  # (bytes, error) per group
+    trial, saved = {}, 0.0  # trial: each group's cost one FIT_STEP coarser, kept until that step is taken
     while saved < saving:
         for g in sigmas:
-            if g not in trial and sigmas[g] * FIT_STEP <= FIT_MAX_COARSENING * getattr(initial, g).clip_sigmas:
+            may_grow = sigmas[g] * FIT_STEP <= FIT_MAX_COARSENING * getattr(initial, g).clip_sigmas
+            if g not in trial and may_grow:
                 coarser = getattr(recipe.with_sigmas({g: sigmas[g] * FIT_STEP}), g)
                 trial[g] = rounding_cost(state, names[g], coarser, weights)
-        per_byte = {g: (t[1] - now[g][1]) / (now[g][0] - t[0]) for g, t in trial.items() if t[0] < now[g][0]}
-        if not per_byte:
+        error_per_byte = {}
+        for g, (trial_bytes, trial_error) in trial.items():
+            now_bytes, now_error = now[g]
+            if trial_bytes < now_bytes:
+                error_per_byte[g] = (trial_error - now_error) / (now_bytes - trial_bytes)
+        if not error_per_byte:
             return None
-        g = min(per_byte, key=per_byte.get)
+        g = min(error_per_byte, key=error_per_byte.get)
         saved += now[g][0] - trial[g][0]
         now[g], sigmas[g] = trial.pop(g), sigmas[g] * FIT_STEP
     return recipe.with_sigmas(sigmas), saved
 
 
-def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log, meta: dict | None = None
-                 ) -> tuple[bytes, ExportRecipe]:
+def fit_artifact(
+    state, hessians, recipe: ExportRecipe, budget: int, log, meta: dict | None = None
+) -> tuple[bytes, ExportRecipe]:
     """The artifact of `recipe` if it fits in `budget` bytes, else of a coarsened recipe a little under it; each try is
     real and logged, its real saving per estimated byte calibrates the next. ArtifactTooLarge when coarsening ends."""
     initial, slope, last = recipe, 1.0, None  # slope: artifact bytes saved per estimated byte saved
@@ -1587,8 +2233,10 @@ def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log, meta: 
         stored = quantize_state(state, recipe, hessians)
         times["quantize"] = time.perf_counter() - start
         blob = pack_artifact(stored, recipe, times, meta)
-        log(f"export_try:{attempt} {recipe.describe()} bytes:{len(blob)} budget:{budget} "
-            f"{'fits' if len(blob) <= budget else 'over'} " + " ".join(f"{k}:{v:.1f}s" for k, v in times.items()))
+        log(
+            f"export_try:{attempt} {recipe.describe()} bytes:{len(blob)} budget:{budget} "
+            f"{'fits' if len(blob) <= budget else 'over'} " + " ".join(f"{k}:{v:.1f}s" for k, v in times.items())
+        )
         if len(blob) <= budget:
             return blob, recipe
         if last:
@@ -1597,60 +2245,52 @@ def fit_artifact(state, hessians, recipe: ExportRecipe, budget: int, log, meta: 
         if step is None:
             break
         recipe, last = step[0], (len(blob), step[1])
-    raise ArtifactTooLarge(f"TARGET_BYTES: the model file needs {len(blob)} bytes and {budget} remain after the "
-                           f"code; steps up to {FIT_MAX_COARSENING:g}x coarser do not fit it ({attempt} tries); "
-                           "lower QUANT_BITS_* or the model size")
+    raise ArtifactTooLarge(
+        f"TARGET_BYTES: the model file needs {len(blob)} bytes and {budget} remain after the "
+        f"code; steps up to {FIT_MAX_COARSENING:g}x coarser do not fit it ({attempt} tries); "
+        "lower QUANT_BITS_* or the model size"
+    )
 
 
-# ----------------------------------------------------------------------------------------------
-# Runtime: rank, world, device, autocast and the rank-0 logger
-# ----------------------------------------------------------------------------------------------
+# The settings that define the model's shape and function: an artifact carries them, and EVAL_ONLY uses them.
+MODEL_KNOBS = (
+    "vocab_size",
+    "num_layers",
+    "num_unique_layers",
+    "loop_start",
+    "loop_end",
+    "model_dim",
+    "num_heads",
+    "num_kv_heads",
+    "mlp_mult",
+    "mlp_act",
+    "rope_base",
+    "logit_softcap",
+    "xsa_last_n",
+    "rope_dims",
+    "ln_scale",
+    "parallel_residual_start",
+    "skip_gates_enabled",
+    "layer_rows",
+    "loop_embed",
+    "smear_gate",
+    "gate_window",
+    "doc_mask",
+    "parallel_lanes_start",
+)
+# Model knobs younger than the artifact format: an artifact written before them holds a model without them
+MODEL_KNOBS_ABSENT = dict(smear_gate=False, doc_mask=False, parallel_lanes_start=-1)
 
 
-@dataclasses.dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    log_path: Path | None = None
+def model_meta(cfg: Config) -> dict:
+    return dict(
+        model={k: getattr(cfg, k) for k in MODEL_KNOBS},
+        tokenizer_sha256=hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest(),
+    )
 
-    def __post_init__(self):
-        self.main, self.distributed = self.rank == 0, self.world_size > 1
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def log(self, message: str, console: bool = True) -> None:
-        if self.main and console:
-            print(message, flush=True)
-        if self.main and self.log_path is not None:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(message + "\n")
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def clock(self) -> float:
-        """time.perf_counter() once this rank's device has finished the work queued so far."""
-        self.synchronize()
-        return time.perf_counter()
-
-    def agree_max(self, *values: float):
-        """The maximum of each value over ranks, in one all-reduce: every rank acts on the same numbers."""
-        if self.distributed:
-            t = torch.tensor(values, dtype=torch.float64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            values = tuple(t.tolist())
-        return values[0] if len(values) == 1 else values
-
-    def all_equal(self, obj) -> bool:
-        """Whether every rank holds the same (picklable) value."""
-        gathered = [obj] * self.world_size
-        if self.distributed:
-            dist.all_gather_object(gathered, obj)
-        return all(g == gathered[0] for g in gathered)
+# The code a run ships. Its bytes count toward the artifact, so the run writes the packed, self-extracting copy of
+# this file (xz + base85: a third of the readable file's bytes) beside the artifact and counts that file.
 
 
 def code_file() -> Path:
@@ -1658,17 +2298,27 @@ def code_file() -> Path:
     return Path(getattr(sys.modules.get("__main__"), "__file__", None) or __file__)
 
 
-PACKED_HEADER = ("# Parameter Golf train_gpt.py, xz+base85 packed by scripts/pack_record.py; "
-                 "the readable source is in the repository\n")
-PACKED_TEMPLATE = ('import lzma as L,base64 as B;'
-                   'exec(compile(L.decompress(B.b85decode("{payload}")).decode(),__file__,"exec"))\n')
+PACKED_HEADER = (
+    "# Parameter Golf train_gpt.py, packed (xz + base85) by the run; the readable source is in the repository\n"
+)
+PACKED_TEMPLATE = (
+    'import lzma as L,base64 as B;exec(compile(L.decompress(B.b85decode("{payload}")).decode(),__file__,"exec"))\n'
+)
 
 
 def pack_code(source: bytes) -> str:
-    """A two-line script that decompresses `source` (xz, base85) and runs it as the main module: what a
-    record may ship instead of the readable file (scripts/pack_record.py writes and checks it)."""
+    """A two-line script that decompresses `source` (xz, base85) and runs it as the main module: the code file a
+    run ships by default (ship_code writes it; readable_source is its inverse)."""
     payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
     return PACKED_HEADER + PACKED_TEMPLATE.format(payload=payload)
+
+
+def readable_source(code: bytes) -> bytes:
+    """The readable source of a code file: itself, or what a packed file (pack_code) unpacks to."""
+    if not code.startswith(PACKED_HEADER.encode()):
+        return code
+    payload = re.search(rb'b85decode\("([^"]*)"\)', code)[1]
+    return lzma.decompress(base64.b85decode(payload))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1796,8 +2446,10 @@ def log_step(rt: Runtime, cfg: Config, state: TrainState, loss: float, t: float)
     eta_s = (cfg.iterations - state.step) * step_avg / 1000 if cfg.iterations else math.inf
     if cfg.max_wallclock_seconds > 0:
         eta_s = min(eta_s, (1 - t) * training_seconds(cfg))
-    rt.log(f"step:{state.step}/{cfg.iterations or '?'} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
-           f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
+    rt.log(
+        f"step:{state.step}/{cfg.iterations or '?'} train_loss:{loss:.4f} train_time:{state.elapsed_ms:.0f}ms "
+        f"step_avg:{step_avg:.2f}ms tok/s:{tokens_per_s:.0f} eta:{eta_s:.0f}s"
+    )
 
 
 def choose_depth(cfg: Config, rt: Runtime, state: TrainState, t: float) -> None:
@@ -1818,8 +2470,10 @@ def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
     full = state.phase_ms.get(cfg.repeats)
     if len(state.phase_ms) > 1 and full and len(full) > 2:
         fixed_steps = int(state.elapsed_ms / sorted(full)[len(full) // 2])
-        rt.log(f"progressive_depth steps:{state.step} fixed_full_depth_estimate:{fixed_steps} "
-               f"gained:{state.step - fixed_steps}")
+        rt.log(
+            f"progressive_depth steps:{state.step} fixed_full_depth_estimate:{fixed_steps} "
+            f"gained:{state.step - fixed_steps}"
+        )
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
@@ -1838,8 +2492,10 @@ def save_checkpoint(folder: Path, cfg: Config, rt: Runtime, parts: dict, state: 
     mine = {name: part.state_dict() for name, part in parts.items() if rt.main or isinstance(part, Muon)}
     torch.save(dict(state=dataclasses.asdict(state), **mine), buffer)
     payload = buffer.getbuffer()
-    write_whole(folder / f"step{state.step}.rank{rt.rank}.pt",
-                lambda p: p.write_bytes(hashlib.sha256(payload).digest() + payload))
+    write_whole(
+        folder / f"step{state.step}.rank{rt.rank}.pt",
+        lambda p: p.write_bytes(hashlib.sha256(payload).digest() + payload),
+    )
     if rt.distributed:
         dist.barrier()
     if rt.main:
@@ -1859,8 +2515,11 @@ def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoade
     bad = rt.agree_max(max([-1] + [r for r, b in blobs.items() if hashlib.sha256(b[32:]).digest() != b[:32]]))
     if bad >= 0:  # every rank stops
         raise UserError(f"RESUME={cfg.resume}: the checkpoint file of rank {bad:.0f} is missing, partial or corrupt")
-    snapshot = {k: v for blob in blobs.values()  # rank 0's shared parts, then this rank's own Muon momentum
-                for k, v in torch.load(io.BytesIO(blob[32:]), map_location=rt.device, weights_only=True).items()}
+    snapshot = {
+        k: v
+        for blob in blobs.values()  # rank 0's shared parts, then this rank's own Muon momentum
+        for k, v in torch.load(io.BytesIO(blob[32:]), map_location=rt.device, weights_only=True).items()
+    }
     try:
         for name, part in parts.items():
             part.load_state_dict(snapshot[name])
@@ -1872,8 +2531,18 @@ def load_checkpoint(cfg: Config, rt: Runtime, parts: dict, loader: ShuffledLoade
     return state
 
 
-def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], optimizers, loader: ShuffledLoader,
-          validate, averages: WeightAverages, out: Path) -> TrainState:
+def train(
+    model,
+    base: GPT,
+    cfg: Config,
+    rt: Runtime,
+    plans: dict[int, Plan],
+    optimizers,
+    loader: ShuffledLoader,
+    score,
+    averages: WeightAverages,
+    out: Path,
+) -> TrainState:
     parts = dict(model=base, averages=averages, **{f"optimizer{i}": o for i, o in enumerate(optimizers)})
     state = load_checkpoint(cfg, rt, parts, loader) if cfg.resume else TrainState()
     clock, checkpoint_ms = rt.clock(), state.elapsed_ms
@@ -1882,9 +2551,11 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         last = stop or (cfg.iterations and state.step >= cfg.iterations)
         if last or (cfg.val_loss_every and state.step and state.step % cfg.val_loss_every == 0):
             state.elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (rt.clock() - clock))
-            val_loss, val_bpb = validate()
-            rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                   f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms")
+            val_loss, val_bpb = score()
+            rt.log(
+                f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms"
+            )
             clock = rt.clock()
         if last:
             return state
@@ -1894,11 +2565,14 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
         loss = train_step(model, loader, rt, cfg, plans[state.passes], optimizers)
         state.step += 1
         now = rt.clock()
-        elapsed_ms, diverged, stop_asked = rt.agree_max(state.elapsed_ms + 1000 * (now - clock),
-                                                        float(not torch.isfinite(loss)), float(bool(STOP_SIGNALS)))
+        elapsed_ms, diverged, stop_asked = rt.agree_max(
+            state.elapsed_ms + 1000 * (now - clock), float(not torch.isfinite(loss)), float(bool(STOP_SIGNALS))
+        )
         if diverged:  # agreed across ranks: every rank stops here, and nothing is exported
-            raise Diverged(f"the training loss is not finite at step {state.step} (on some rank); stopping without "
-                           "an export: lower MATRIX_LR / SCALAR_LR or set GRAD_CLIP_NORM")
+            raise Diverged(
+                f"the training loss is not finite at step {state.step} (on some rank); stopping without "
+                "an export: lower MATRIX_LR / SCALAR_LR or set GRAD_CLIP_NORM"
+            )
         state.phase_ms.setdefault(state.passes, []).append(elapsed_ms - state.elapsed_ms)
         state.elapsed_ms, clock = elapsed_ms, now
         averages.update(state.step, run_fraction(cfg, state.step, elapsed_ms / 1000), state.passes == cfg.repeats)
@@ -1915,8 +2589,10 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             save_checkpoint(out / "checkpoint", cfg, rt, parts, state)
             clock, checkpoint_ms = time.perf_counter(), elapsed_ms  # writing it is not training time
         if stop_asked:  # agreed across ranks, like every decision that stops training
-            raise Interrupted(f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
-                              f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}")
+            raise Interrupted(
+                f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
+                f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}"
+            )
 
 
 STOP_SIGNALS: list[str] = []  # filled by main's signal handler; the training loop polls it every step
@@ -1931,7 +2607,11 @@ def on_stop_signal(number: int, frame) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# main(): the run as a table of contents
+# The run
+#
+# main() checks the inputs on the CPU, sets up the ranks and the run folder, then calls run(): load the data, build
+# the model, check that the evaluations fit their budget, warm up, train, export the artifact, reload it and score it.
+# Each phase is a function below, in that order.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1940,9 +2620,13 @@ def resolve_out_dir(cfg: Config) -> Path | None:
     (rank 0 then picks a fresh name). An existing non-empty folder is refused, never overwritten."""
     if cfg.resume:  # continued where it ran (check_inputs checks its checkpoint)
         return Path(cfg.resume)
-    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.run_id if cfg.run_id else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        name = "OUT_DIR" if cfg.out_dir else "RUN_ID"
+    if cfg.out_dir:
+        out, name = Path(cfg.out_dir), "OUT_DIR"
+    elif cfg.run_id:
+        out, name = Path("runs") / cfg.run_id, "RUN_ID"
+    else:
+        return None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{name}: output folder {out} already exists and is not empty; choose another")
     return out
 
@@ -1953,22 +2637,40 @@ def check_inputs(cfg: Config) -> None:
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     load_tokenizer(cfg)
-    if total - 1 < (window := max(cfg.train_seq_len, cfg.eval_seq_len)):
-        raise DataError(f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one "
-                        f"sequence (max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={window} + 1)")
+    require(
+        total - 1 >= cfg.train_seq_len,
+        f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one sequence "
+        f"(TRAIN_SEQ_LEN={cfg.train_seq_len} + 1)",
+        DataError,
+    )
     summary = Path(cfg.data_path) / "summary.json"  # data/build_shards.py writes it; downloaded folders have none
     built_with = json.loads(summary.read_text())["tokenizer"] if summary.is_file() else {}
-    require(built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]), f"TOKENIZER_PATH="
-            f"{cfg.tokenizer_path}: not the tokenizer of DATA_PATH={cfg.data_path}, {built_with.get('path')}")
-    if cfg.resume:  # a complete checkpoint, written with these settings but for where it writes, logs and compiles
-        manifest = Path(cfg.resume) / "checkpoint" / "checkpoint.json"
-        require(manifest.is_file(), f"RESUME={cfg.resume}: no complete checkpoint there ({manifest} not found)")
-        saved, ours = json.loads(manifest.read_text())["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
-        free = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile", "attn_backend")
-        differ = [k.upper() for k, v in saved.items() if k not in free and ours.get(k, v) != v]
-        require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
-    require({"brotli": brotli, "zstd": zstandard}.get(cfg.compressor, lzma) is not None,
-            f"COMPRESSOR={cfg.compressor}: its package is missing: pip install -r requirements.txt")
+    require(
+        built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]),
+        f"TOKENIZER_PATH={cfg.tokenizer_path}: not the tokenizer of DATA_PATH={cfg.data_path}, "
+        f"{built_with.get('path')}",
+    )
+    if cfg.resume:
+        check_resumable(cfg)
+    require(
+        codec_installed(cfg.compressor),
+        f"COMPRESSOR={cfg.compressor}: its package is missing: pip install -r requirements.txt",
+    )
+
+
+# What RESUME may change: where the run writes, logs and compiles; every other setting is the interrupted run's.
+RESUME_FREE_KNOBS = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile",
+                     "attn_backend")  # fmt: skip
+
+
+def check_resumable(cfg: Config) -> None:
+    """RESUME: a complete checkpoint, written with these settings."""
+    manifest = Path(cfg.resume) / "checkpoint" / "checkpoint.json"
+    require(manifest.is_file(), f"RESUME={cfg.resume}: no complete checkpoint there ({manifest} not found)")
+    saved = json.loads(manifest.read_text())["config"]
+    ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    differ = [k.upper() for k, v in saved.items() if k not in RESUME_FREE_KNOBS and ours.get(k, v) != v]
+    require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
 
 
 def setup_runtime() -> Runtime:
@@ -1985,7 +2687,9 @@ def setup_runtime() -> Runtime:
 
 
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
-    claim = [out, False]  # rank 0's folder (a fresh name unless RUN_ID/OUT_DIR fixed it), whether it made the log file
+    """Rank 0 makes the folder (a fresh name unless RUN_ID/OUT_DIR fixed it) and claims its log file; every rank
+    learns the folder, and all stop when the claim failed."""
+    claim = [out, False]
     if rt.main:
         out = out or Path("runs") / f"{time.strftime('%Y%m%d_%H%M%S')}_{os.urandom(2).hex()}"
         out.mkdir(parents=True, exist_ok=True)
@@ -2018,8 +2722,10 @@ def log_header(cfg: Config, rt: Runtime) -> None:
     source = code.read_bytes()
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(source.decode("utf-8"), console=False)
-    rt.log("=" * 100 + f"\npython:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-           f"platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}", console=False)
+    versions = f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}"
+    rt.log(
+        "=" * 100 + f"\n{versions} platform:{platform.platform()} cpu_threads:{torch.get_num_threads()}", console=False
+    )
     cuda = rt.device.type == "cuda"
     if cuda:  # nvidia-smi: CUDA's version and the GPUs
         try:
@@ -2028,35 +2734,152 @@ def log_header(cfg: Config, rt: Runtime) -> None:
             rt.log("nvidia-smi: unavailable", console=False)
     rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} code_file:{code.name}")
     gpus, gpu = (torch.cuda.device_count(), torch.cuda.get_device_name(rt.device)) if cuda else (0, "none")
-    rt.log(f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:"
-           f"{attention_backend_name(cfg, rt.device.type)} world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}")
+    backend = attention_backend_name(cfg, rt.device.type)
+    rt.log(
+        f"torch_version:{torch.__version__} cuda_version:{torch.version.cuda} attention_backend:{backend} "
+        f"world_size:{rt.world_size} gpu_count:{gpus} gpu:{gpu}"
+    )
     shards = find_shards(cfg.data_path, "train")
     rt.log(f"train_shards:{len(shards)} train_shard_tokens:{sum(read_shard_header(p) for p in shards)}")
 
 
-def build_model(cfg: Config, rt: Runtime):
+def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
+    """The model (`base`) and what training calls (DDP around it on several ranks)."""
     torch.manual_seed(cfg.seed)
-    cuda, fa3 = rt.device.type == "cuda", attention_backend_name(cfg, rt.device.type).startswith("fa3")
+    cuda = rt.device.type == "cuda"
+    fa3 = attention_backend_name(cfg, rt.device.type).startswith("fa3")
     with rt.device:  # initialized where it runs: CPU QR for the orthogonal init took minutes with 4 runs on one host
         base = GPT(cfg, torch.bfloat16 if cuda else torch.float32, cfg.compile and cuda, fa3)
-    model = nn.parallel.DistributedDataParallel(base, device_ids=[rt.local_rank] if cuda else None,
-                                                broadcast_buffers=False) if rt.distributed else base
+    model = base
+    if rt.distributed:
+        device_ids = [rt.local_rank] if cuda else None
+        model = nn.parallel.DistributedDataParallel(base, device_ids=device_ids, broadcast_buffers=False)
     params = sum(p.numel() for p in base.parameters())
     if not cuda and params > 5_000_000:
-        rt.log(f"WARNING: running on the CPU with {params:,} parameters: expect hours; "
-               "see data/README.md for a tiny CPU recipe")
-    rt.log(f"model_params:{params} unique_blocks:{len(base.blocks)} plan:{list(plan_for(cfg, cfg.repeats).blocks)} "
-           f"repeats:{cfg.repeats} world_size:{rt.world_size} micro_steps:{cfg.micro_steps} "
-           f"micro_batch_seqs:{cfg.micro_batch_seqs}")
+        rt.log(
+            f"WARNING: running on the CPU with {params:,} parameters: expect hours; "
+            "see data/README.md for a tiny CPU recipe"
+        )
+    rt.log(
+        f"model_params:{params} unique_blocks:{len(base.blocks)} plan:{list(plan_for(cfg, cfg.repeats).blocks)} "
+        f"repeats:{cfg.repeats} world_size:{rt.world_size} micro_steps:{cfg.micro_steps} "
+        f"micro_batch_seqs:{cfg.micro_batch_seqs}"
+    )
     return base, model
+
+
+def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
+    """Refuse a run whose files may not fit: per rank two checkpoints (the last stays until the next is whole) of at
+    most 5 floats a weight (itself, EMA, SWA, 2 optimizer states), then the float checkpoint and the artifact."""
+    need = (10 * rt.world_size + 3) * 4 * sum(p.numel() for p in base.parameters()) + ARTIFACT_LIMIT_BYTES
+    free = -rt.agree_max(-shutil.disk_usage(out).free)  # the least on any rank
+    if free < need:
+        raise Refused(f"{out}: {free / 1e9:.2f} GB free on its disk; the run may write {need / 1e9:.2f} GB")
+
+
+def run(cfg: Config, rt: Runtime, out: Path) -> dict:
+    """A training run: train, then export, reload and score (TRAIN_ONLY: the score before export)."""
+    tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
+    val_tokens = load_val_tokens(cfg).to(rt.device)
+    base, model = build_model(cfg, rt)
+    optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
+    plans = {passes: plan_for(cfg, passes) for passes in training_repeats(cfg)}
+    make_loader = partial(
+        make_train_loader, cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device
+    )
+    evaluate_with = partial(
+        evaluate, base, plan_for(cfg, cfg.eval_passes), val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast
+    )
+    round_trip_score = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # the score during training
+    check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
+    check_free_space(rt, base, out)
+    warmup_s = warmup(model, base, cfg, rt, plans, optimizers, make_loader)
+    rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
+    averages = WeightAverages(cfg, base)
+    TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
+    try:
+        state = train(model, base, cfg, rt, plans, optimizers, make_loader(), round_trip_score, averages, out)
+    finally:
+        TRAINING_LOOP[0] = False
+    peak_mib = log_training_end(cfg, rt, base, state)
+    if rt.main:  # the float checkpoint replaces the resumable one
+        write_whole(out / "final_model.float.pt", partial(torch.save, averages.checkpoint()))
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    exported = averages.export_into_model()
+    rt.log(f"export_weights:{exported}")
+    results = []
+    if not exported.startswith("last") or cfg.train_only:
+        start = time.perf_counter()
+        val_loss, val_bpb = round_trip_score()
+        rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
+        results.append(("pre_export", val_loss, val_bpb, 1000 * (time.perf_counter() - start)))
+    if cfg.train_only:  # the score is the pre-export one; the float checkpoint is written, nothing is shipped
+        code_bytes, model_bytes, artifact = len(shipped_code(cfg)), 0, None
+    else:
+        code_bytes = ship_code(cfg, rt, out)
+        model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes)
+        results = final_evaluations(cfg, rt, evaluate_with)
+    return log_summary(
+        rt,
+        results,
+        code_bytes,
+        model_bytes,
+        artifact,
+        train_tokens=state.step * cfg.train_batch_tokens,
+        steps=state.step,
+        train_time_ms=round(state.elapsed_ms),
+        warmup_time_s=round(warmup_s, 2),
+        first_train_loss=state.first_loss,
+        last_train_loss=state.last_loss,
+        world_size=rt.world_size,
+        peak_memory_mib=round(peak_mib),
+        seed=cfg.seed,
+        export_weights=exported,
+    )
+
+
+def log_training_end(cfg: Config, rt: Runtime, base: GPT, state: TrainState) -> float:
+    """Step times per depth phase, whether the ranks hold identical weights, peak memory (returned, MiB), compiles."""
+    log_phase_times(rt, cfg, state)
+    checksum = 0.0  # equal on every rank exactly when the ranks hold the same weights (to float64 sums)
+    for p in base.parameters():
+        weights = p.detach().double()
+        checksum += weights.abs().sum().item() + weights.sum().item()
+    rt.log(
+        f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
+        f"full_depth_from_step:{state.full_depth_from}"
+    )
+    peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
+    rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
+    rt.log(compile_report())
+    return peak_mib
 
 
 def artifact_name(cfg: Config) -> str:
     """The export's name in its file and log lines: 'int6' when every group has the same width, else 'mixed', then
-    'gptq' with GPTQ, and the codec (final_model.mixedgptq_brotli.ptz, final_int6_lzma_sliding)."""
+    'gptq' with GPTQ, and the codec (final_model.mixedgptq_brotli.ptz, final_int6_zstd_sliding)."""
     widths = {cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed}
     label = f"int{widths.pop()}" if len(widths) == 1 else "mixed"
     return f"{label}{'gptq' if cfg.gptq else ''}_{cfg.compressor}"
+
+
+def shipped_code(cfg: Config) -> bytes:
+    """The code file a record ships: with SHIP_CODE=packed the packed copy of this source, else the readable source
+    (a packed file run as itself ships the same packed bytes: packing is deterministic)."""
+    readable = readable_source(code_file().read_bytes())
+    return pack_code(readable).encode() if cfg.ship_code == "packed" else readable
+
+
+def ship_code(cfg: Config, rt: Runtime, out: Path) -> int:
+    """Write the code file a record ships, train_gpt.py in the run folder (rank 0); returns its size on disk: the
+    code bytes the run counts."""
+    shipped, path = shipped_code(cfg), out / "train_gpt.py"
+    if rt.main:
+        write_whole(path, lambda p: p.write_bytes(shipped))
+    code_bytes = path.stat().st_size if rt.main else len(shipped)  # rank 0 logs the size on disk
+    readable_bytes = len(readable_source(code_file().read_bytes()))
+    rt.log(f"shipped_code:{path} bytes:{code_bytes} ({cfg.ship_code}; the readable source is {readable_bytes} bytes)")
+    return code_bytes
 
 
 def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor] | None:
@@ -2072,18 +2895,21 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor
         dist.all_reduce(hessians[key])
         hessians[key] /= rt.world_size
     seconds, total = rt.clock() - start, per_rank * rt.world_size
-    rt.log(f"gptq_calibration hessians:{len(hessians)} batches:{total} "
-           f"tokens:{total * cfg.micro_batch_seqs * cfg.train_seq_len} "
-           f"time:{seconds:.1f}s reserve:{cfg.export_reserve_seconds:g}s")
+    rt.log(
+        f"gptq_calibration hessians:{len(hessians)} batches:{total} "
+        f"tokens:{total * cfg.micro_batch_seqs * cfg.train_seq_len} "
+        f"time:{seconds:.1f}s reserve:{cfg.export_reserve_seconds:g}s"
+    )
     return hessians
 
 
-def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[int, int, Path]:
-    """Calibrate GPTQ (all ranks), fit the artifact under TARGET_BYTES and write it whole (rank 0), then load it back
-    into `base` on every rank. When nothing fits, every rank raises ArtifactTooLarge and nothing is written."""
+def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path, code_bytes: int) -> tuple[int, Path]:
+    """Calibrate GPTQ (all ranks), fit the artifact in TARGET_BYTES less the code's bytes and write it whole (rank 0),
+    then load it back into `base` on every rank: (its bytes, its path). When nothing fits, every rank raises
+    ArtifactTooLarge and nothing is written."""
     path = out / f"final_model.{artifact_name(cfg)}.ptz"
     hessians = gptq_hessians(cfg, rt, base)
-    code_bytes, failure = code_file().stat().st_size, ""
+    failure = ""
     if rt.main:
         try:
             budget = cfg.target_bytes - code_bytes
@@ -2099,16 +2925,15 @@ def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path) -> tuple[i
     bits_per_param = 8 * model_bytes / sum(p.numel() for p in base.parameters())
     rt.log(f"Serialized model {label}: {model_bytes} bytes ({bits_per_param:.2f} bits per parameter)")
     rt.log(f"Code size: {code_bytes} bytes")
-    source = code_file().read_bytes()  # as pack_code would ship it: its own size when it is packed already
-    packed = len(source) if source.startswith(PACKED_HEADER.encode()) else len(pack_code(source).encode())
-    rt.log(f"code_bytes_packed:{packed} (this source as a self-extracting xz+base85 file)")
     total = model_bytes + code_bytes
     rt.log(f"Total submission size {label}: {total} bytes")
     if total > ARTIFACT_LIMIT_BYTES:
-        rt.log(f"WARNING: artifact is {total} bytes, OVER the {ARTIFACT_LIMIT_BYTES} byte limit "
-               f"by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is not a valid submission")
+        rt.log(
+            f"WARNING: artifact is {total} bytes, OVER the {ARTIFACT_LIMIT_BYTES} byte limit "
+            f"by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is not a valid submission"
+        )
     base.load_state_dict(dequantize_state(unpack_artifact(path.read_bytes(), path)[0]), strict=True)
-    return code_bytes, model_bytes, path
+    return model_bytes, path
 
 
 def final_evaluations(cfg: Config, rt: Runtime, evaluate_with) -> list[tuple[str, float, float, float]]:
@@ -2132,187 +2957,55 @@ def compile_report() -> str:
     """Dynamo's counters: graph breaks (fullgraph=True turns any into an error) and graphs built."""
     from torch._dynamo.utils import counters
 
-    return (f"compile_stats graph_breaks:{sum(counters['graph_break'].values())} "
-            f"unique_graphs:{counters['stats']['unique_graphs']} recompiles:{sum(counters['recompiles'].values())} "
-            f"fx_cache_hits:{counters['inductor'].get('fxgraph_cache_hit', 0)} "
-            f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}")
-
-
-def run(cfg: Config, rt: Runtime, out: Path) -> dict:
-    tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
-    val_tokens = load_val_tokens(cfg).to(rt.device)
-    base, model = build_model(cfg, rt)
-    optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    plans = {r: plan_for(cfg, r) for r in training_repeats(cfg)}
-    shards, eval_plan = find_shards(cfg.data_path, "train"), plan_for(cfg, cfg.eval_repeats or cfg.repeats)
-    make_loader = partial(make_train_loader, cfg, shards, rt.rank, rt.world_size, rt.device)
-    evaluate_with = partial(evaluate, base, eval_plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
-    validate = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # during training: the round trip
-    check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
-    check_free_space(rt, base, out)
-    warmup_s = warmup(model, base, cfg, rt, plans, optimizers, make_loader)
-    rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
-    averages = WeightAverages(cfg, base)
-    TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
-    try:
-        state = train(model, base, cfg, rt, plans, optimizers, make_loader(), validate, averages, out)
-    finally:
-        TRAINING_LOOP[0] = False
-    log_phase_times(rt, cfg, state)
-    checksum = sum(p.detach().double().abs().sum().item() + p.detach().double().sum().item() for p in base.parameters())
-    rt.log(f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
-           f"full_depth_from_step:{state.full_depth_from}")
-    peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
-    rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
-    rt.log(compile_report())
-    if rt.main:  # the float checkpoint replaces the resumable one
-        write_whole(out / "final_model.float.pt", partial(torch.save, averages.checkpoint()))
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    exported = averages.export_into_model()
-    rt.log(f"export_weights:{exported}")
-    results = []
-    if not exported.startswith("last") or cfg.train_only:
-        start = time.perf_counter()
-        val_loss, val_bpb = validate()
-        rt.log(f"averaged_weights val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (before export)")
-        results.append(("pre_export", val_loss, val_bpb, 1000 * (time.perf_counter() - start)))
-    if cfg.train_only:  # TRAIN_ONLY: the score is the pre-export one; the float checkpoint is written
-        code_bytes, model_bytes, artifact = code_file().stat().st_size, 0, None
-    else:
-        code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
-        results = final_evaluations(cfg, rt, evaluate_with)
-    return log_summary(rt, results, code_bytes, model_bytes, artifact, train_tokens=state.step * cfg.train_batch_tokens,
-                       steps=state.step, train_time_ms=round(state.elapsed_ms), warmup_time_s=round(warmup_s, 2),
-                       first_train_loss=state.first_loss, last_train_loss=state.last_loss, world_size=rt.world_size,
-                       peak_memory_mib=round(peak_mib), seed=cfg.seed, export_weights=exported)
-
-
-@torch.no_grad()
-def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None:
-    """Time forwards and TTT steps of synthetic batches as evaluate runs them (priming their compiled graphs), scale
-    to this rank's work on `bounds` (document_bounds); refuse final evaluations over EVAL_BUDGET_S here or at scale."""
-    estimate, logits_fn = {}, partial(eval_logits, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats), rt.autocast)
-    for kind, window, stride, adapter in evaluation_windows(cfg):
-        windows = math.ceil(len(plan_windows(bounds[-1][1], window, stride)[0]) / rt.world_size)  # this rank's
-        rows = max(1, cfg.val_batch_size // (rt.world_size * window))
-        batch = rows if adapter == "lora" else min(rows, windows)  # as evaluate batches them: one shape
-        # TTT's SGD steps (sgd: one per TTT_CHUNK but the last; LoRA's phases: one per TTT_CHUNK of their documents)
-        sgd_steps = {"sgd": math.ceil(bounds[-1][1] / cfg.ttt_chunk) - 1, "lora": sum(
-            math.ceil(bounds[min(n, len(bounds) - 1)][0] / cfg.ttt_chunk) for n in cfg.ttt_phase_docs)}.get(adapter, 0)
-        spans = (cfg.ttt_chunk,) * 2 if adapter == "sgd" else \
-            (cfg.ttt_chunk, cfg.ttt_chunk // 2, rt.world_size * cfg.train_seq_len, cfg.ttt_chunk)  # phases: any size
-        twin = partial(logits_fn, lora={} if adapter == "lora" else None)  # LoRA's phases step through its twins
-        seconds = [ttt_step_seconds(base, twin, cfg, rt, s) for s in spans][-1] * sgd_steps if sgd_steps else 0.0
-        if adapter == "lora":  # chunk steps: a fixed cost each plus one per row-token
-            # the first three compile (2 rows, then 3 at half the window: dynamic shapes; 1 row); 1 and all timed
-            shapes = ((2, window), (3, window // 2), (1, window), (1, window), (batch, window), (batch, window))
-            one, full = [lora_step_seconds(base, logits_fn, cfg, rt, *rows_window) for rows_window in shapes][3::2]
-            per_row = (full - one) / max(1, batch - 1)
-            parts = lora_batches(bounds, cfg, window, rt.rank, rt.world_size)
-            for docs, lengths in (b for _, batches in parts for b in batches):
-                tokens = sum(length * live_rows(docs, c * cfg.ttt_lora_chunk) for c, length in enumerate(lengths))
-                seconds += (one - per_row) * len(lengths) + per_row * tokens / window
-        else:  # the windows' batches, each a forward as evaluate runs it (the first one compiles)
-            x = torch.randint(0, cfg.vocab_size, (batch, window), device=rt.device)
-            mixer = NgramMixer(cfg, rt.device) if kind.endswith("_mix") else None
-
-            def forward():
-                logits_fn(x)
-                if mixer is not None:  # mix every input token, and an update per batch (at least one per chunk)
-                    pos = torch.arange(x.numel() - 1, device=rt.device)
-                    mixer.mix(x.flatten(), pos, torch.zeros(len(pos), device=rt.device))
-                    mixer.update(x.flatten(), 0, len(pos), 1)
-            seconds += [timed(rt, forward) for _ in range(2)][1] * math.ceil(windows / batch)
-        estimate[kind] = rt.agree_max(seconds)
-    total = sum(estimate.values())
-    scaled = competition_seconds(total, bounds[-1][1], rt.world_size, rt.device.type)
-    rt.log("eval_budget_estimate " + " ".join(f"{k}:{v:.1f}s" for k, v in estimate.items()) +
-           f" total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
-    rt.log(f"eval_budget_competition total:{scaled:.1f}s (8 GPUs, 40,540,160 tokens, 50,000 documents; CUDA only)")
-    if max(total, scaled) > cfg.eval_budget_s:
-        ttt = sum(v for k, v in estimate.items() if k.startswith("ttt")) * max(total, scaled) / total
-        hint = (f"TTT is {ttt:.0f} s of it: lower TTT_EPOCHS, raise EVAL_STRIDE or turn TTT off with TTT_LR=0"
-                if ttt > max(total, scaled) / 2 else "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN")
-        raise Refused(f"EVAL_BUDGET_S={cfg.eval_budget_s:g}: the final evaluations would take about "
-                      f"{max(total, scaled):.0f} s{' at the competition scale' if scaled > total else ''}; {hint}")
-
-
-def timed(rt: Runtime, fn: Callable, *args) -> float:
-    """Seconds fn(*args) takes on this rank's device."""
-    start = rt.clock()
-    fn(*args)
-    return rt.clock() - start
-
-
-def lora_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, rows: int, window: int) -> float:
-    """Seconds a LoRA TTT chunk step (score, then an Adam step) takes with `rows` synthetic documents seeing `window`
-    tokens, run as evaluate runs it (9 steps, the last only scoring, less 1 step only scoring): the first calls
-    compile its graphs (batch 1; others), never on validation text."""
-    length = 10 * max(window, cfg.ttt_lora_chunk)
-    tokens = torch.randint(2, cfg.vocab_size, (rows * length,), device=rt.device)
-    docs = [(i * length, (i + 1) * length - 1) for i in range(rows)]
-    tables = ByteTables(*(torch.zeros(cfg.vocab_size, dtype=t, device=rt.device) for t in (torch.int16, bool, bool)))
-    fresh, sums = lora_adapter(base, rows, cfg.ttt_lora_rank, rt.device), torch.zeros(3, device=rt.device)
-    steps = partial(timed, rt, lora_batch, base, logits_fn, fresh, tokens, docs)
-    return (steps([window] * 9, cfg, tables, sums, None) - steps([window], cfg, tables, sums, None)) / 8
-
-
-def ttt_step_seconds(base: GPT, logits_fn, cfg: Config, rt: Runtime, span: int) -> float:
-    """Seconds of a TTT SGD step (ttt_step) on `span` synthetic tokens at LR 0 (the weights stay), as evaluate runs
-    it: the first call of a shape compiles its graph, never on validation text."""
-    tokens = torch.randint(2, cfg.vocab_size, (span + 1,), device=rt.device)
-    params = list(base.parameters())
-    return timed(rt, ttt_step, logits_fn, params, torch.optim.SGD(params, lr=0.0, momentum=cfg.ttt_momentum), tokens,
-                 0, span, cfg, rt.rank, rt.world_size)
-
-
-def competition_seconds(seconds: float, num_targets: int, world_size: int, device_type: str) -> float:
-    """The estimate at the competition's scale (40,540,160 sp8192 val tokens on 8 GPUs); 0 off CUDA (CPU runs pass)."""
-    return seconds * 40_540_160 / num_targets * world_size / 8 if device_type == "cuda" else 0.0
-
-
-def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
-    """Refuse a run whose files may not fit: per rank two checkpoints (the last stays until the next is whole) of at
-    most 5 floats a weight (itself, EMA, SWA, 2 optimizer states), then the float checkpoint and the artifact."""
-    need = (10 * rt.world_size + 3) * 4 * sum(p.numel() for p in base.parameters()) + ARTIFACT_LIMIT_BYTES
-    free = -rt.agree_max(-shutil.disk_usage(out).free)  # the least on any rank
-    if free < need:
-        raise Refused(f"{out}: {free / 1e9:.2f} GB free on its disk; the run may write {need / 1e9:.2f} GB")
+    return (
+        f"compile_stats graph_breaks:{sum(counters['graph_break'].values())} "
+        f"unique_graphs:{counters['stats']['unique_graphs']} recompiles:{sum(counters['recompiles'].values())} "
+        f"fx_cache_hits:{counters['inductor'].get('fxgraph_cache_hit', 0)} "
+        f"fx_cache_misses:{counters['inductor'].get('fxgraph_cache_miss', 0)}"
+    )
 
 
 def log_summary(rt: Runtime, results, code_bytes: int, model_bytes: int, artifact: Path, **extra) -> dict:
     """The final_summary line: the score is the last evaluation; bytes are the files on disk."""
     name, val_loss, val_bpb, eval_ms = results[-1]
-    summary = dict(val_bpb=val_bpb, val_loss=val_loss, artifact=str(artifact) if artifact else None,
-                   score_line=f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms",
-                   evals={n: dict(val_loss=l, val_bpb=b, eval_time_ms=round(ms)) for n, l, b, ms in results},
-                   bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=code_bytes + model_bytes, **extra)
+    summary = dict(
+        val_bpb=val_bpb,
+        val_loss=val_loss,
+        artifact=str(artifact) if artifact else None,
+        score_line=f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms",
+        evals={n: dict(val_loss=l, val_bpb=b, eval_time_ms=round(ms)) for n, l, b, ms in results},
+        bytes_code=code_bytes,
+        bytes_model=model_bytes,
+        bytes_total=code_bytes + model_bytes,
+        **extra,
+    )
     rt.log("final_summary " + json.dumps(summary, sort_keys=True))
     return summary
 
 
-# The settings that define the model's shape and function: an artifact carries them, and EVAL_ONLY uses them.
-MODEL_KNOBS = ("vocab_size", "num_layers", "num_unique_layers", "loop_start", "loop_end", "model_dim", "num_heads",
-               "num_kv_heads", "mlp_mult", "mlp_act", "tie_embeddings", "rope_base", "logit_softcap", "xsa_last_n",
-               "rope_dims", "ln_scale", "parallel_residual_start", "skip_gates_enabled", "layer_rows", "loop_embed",
-               "smear_gate", "gate_window", "doc_mask", "parallel_lanes_start")
-# Model knobs younger than the artifact format: an artifact written before them holds a model without them
-MODEL_KNOBS_ABSENT = dict(smear_gate=False, doc_mask=False, parallel_lanes_start=-1)
-
-
-def model_meta(cfg: Config) -> dict:
-    return dict(model={k: getattr(cfg, k) for k in MODEL_KNOBS},
-                tokenizer_sha256=hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest())
+# ----------------------------------------------------------------------------------------------
+# EVAL_ONLY
+#
+# Score an artifact that a run wrote, with the model settings it carries (scores reproduce its run's), or re-export a
+# float checkpoint with this run's export settings (how exports of one trained model are compared).
+# ----------------------------------------------------------------------------------------------
 
 
 def config_for_artifact(cfg: Config, meta: dict, source: str) -> Config:
     """This run's settings with the artifact's model settings; another tokenizer's artifact is refused."""
     ours = model_meta(cfg)["tokenizer_sha256"]
-    require(meta.get("tokenizer_sha256", ours) == ours, f"EVAL_ONLY={source}: written with another tokenizer than "
-            f"TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {meta.get('tokenizer_sha256', '')[:12]}...)", DataError)
+    require(
+        meta.get("tokenizer_sha256", ours) == ours,
+        f"EVAL_ONLY={source}: written with another tokenizer than "
+        f"TOKENIZER_PATH={cfg.tokenizer_path} (sha256 {meta.get('tokenizer_sha256', '')[:12]}...)",
+        DataError,
+    )
     settings = {**dataclasses.asdict(cfg), **(MODEL_KNOBS_ABSENT if "model" in meta else {}), **meta.get("model", {})}
-    env = {name: str(int(v)) if isinstance(v, bool) else str(v)
-           for name, field in env_knobs().items() if (v := settings[field.name]) != ""}
+    env = {
+        name: str(int(v)) if isinstance(v, bool) else str(v)
+        for name, field in env_knobs().items()
+        if (v := settings[field.name]) != ""
+    }
     env["PROG_DEPTH"] = ""  # training's schedule, not the model: evaluation runs the artifact's full depth
     return build_config(env, cfg.world_size)
 
@@ -2322,8 +3015,10 @@ def load_weights(model: GPT, state: dict, source: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"EVAL_ONLY={source}: does not fit the configured model ({first}); "
-                        "set the same shape variables as the run that wrote it") from None
+        raise UserError(
+            f"EVAL_ONLY={source}: does not fit the configured model ({first}); "
+            "set the same shape variables as the run that wrote it"
+        ) from None
 
 
 def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
@@ -2340,18 +3035,36 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         weights = torch.load(source, map_location="cpu", weights_only=True).get(cfg.export_weights)
         require(weights is not None, f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
         load_weights(base, weights, cfg.eval_only)
-        code_bytes, model_bytes, artifact = export_and_reload(base, cfg, rt, out)
+        code_bytes = ship_code(cfg, rt, out)
+        model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes)
     else:
         stored, recipe = unpack_artifact(blob, f"EVAL_ONLY={source}")
         load_weights(base, dequantize_state(stored), cfg.eval_only)
-        code_bytes, model_bytes, artifact = code_file().stat().st_size, source.stat().st_size, source
+        code_bytes, model_bytes, artifact = ship_code(cfg, rt, out), source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes}) recipe:{recipe.describe()}")
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
-    results = final_evaluations(cfg, rt, partial(evaluate, base, plan_for(cfg, cfg.eval_repeats or cfg.repeats),
-                                                 val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast))
+    results = final_evaluations(
+        cfg,
+        rt,
+        partial(
+            evaluate, base, plan_for(cfg, cfg.eval_passes), val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast
+        ),
+    )
     rt.log(compile_report())  # the budget check's priming and the evaluations'
-    return log_summary(rt, results, code_bytes, model_bytes, artifact, eval_only=str(source),
-                       export_weights=cfg.export_weights if source.suffix == ".pt" else "as written")
+    return log_summary(
+        rt,
+        results,
+        code_bytes,
+        model_bytes,
+        artifact,
+        eval_only=str(source),
+        export_weights=cfg.export_weights if source.suffix == ".pt" else "as written",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# main(): inputs checked, ranks and run folder set up, then the run (or EVAL_ONLY); every error is one line
+# ----------------------------------------------------------------------------------------------
 
 
 def main(phase: Callable[[Config, Runtime, Path | None], None] | None = None) -> int:

@@ -111,7 +111,7 @@ def clean_environ() -> dict[str, str]:
     """The test process's environment minus anything that would be read as (or near) a knob."""
     env = {k: v for k, v in os.environ.items() if k not in train_gpt.env_knobs()}
     try:
-        train_gpt.check_typos(env)
+        train_gpt.check_names(env)
     except train_gpt.ConfigError:
         env = {k: v for k, v in env.items() if k in ("PATH", "HOME", "LANG") or k.startswith("PYTHON")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -35,7 +35,7 @@ def test_defaults_are_the_frontier_record_stack():
     assert (cfg.ttt_lr, cfg.ttt_epochs, cfg.ttt_grad_clip, cfg.ttt_chunk) == (0.005, 3, 1.0, 32_768)
     assert "8192" in cfg.data_path and "8192" in cfg.tokenizer_path
     assert (cfg.quant_bits_attn, cfg.quant_bits_mlp, cfg.quant_bits_embed, cfg.gptq) == (6, 6, 8, True)
-    assert (cfg.matrix_clip_sigmas, cfg.mlp_clip_sigmas, cfg.embed_clip_sigmas) == (12.85, 0.0, 20.0)
+    assert (cfg.matrix_clip_sigmas, cfg.embed_clip_sigmas, cfg.ship_code) == (12.85, 20.0, "packed")
     assert (cfg.gptq_batches, cfg.export_reserve_seconds, cfg.compressor, cfg.target_bytes) == (64, 12.0, "brotli",
                                                                                                16_000_000)
     assert cfg.micro_steps == 6 and cfg.micro_batch_seqs == 64  # 384 sequences of 2048 on one GPU
@@ -45,9 +45,9 @@ def test_defaults_are_the_frontier_record_stack():
 
 
 def test_values_are_parsed_strictly():
-    cfg = build_config({"MLP_MULT": "2.5", "TIE_EMBEDDINGS": "0", "MLP_ACT": "leaky_relu2", "SEED": " 7 "})
-    assert cfg.mlp_mult == 2.5 and cfg.tie_embeddings is False and cfg.mlp_act == "leaky_relu2" and cfg.seed == 7
-    for name, value in [("NUM_LAYERS", "9.0"), ("NUM_LAYERS", "nine"), ("TIE_EMBEDDINGS", "yes"),
+    cfg = build_config({"MLP_MULT": "2.5", "SMEAR_GATE": "0", "MLP_ACT": "leaky_relu2", "SEED": " 7 "})
+    assert cfg.mlp_mult == 2.5 and cfg.smear_gate is False and cfg.mlp_act == "leaky_relu2" and cfg.seed == 7
+    for name, value in [("NUM_LAYERS", "9.0"), ("NUM_LAYERS", "nine"), ("SMEAR_GATE", "yes"),
                         ("MATRIX_LR", "nan"), ("MLP_ACT", "gelu"), ("ROPE_BASE", "")]:
         with pytest.raises(ConfigError, match=name):
             build_config({name: value})
@@ -62,12 +62,11 @@ def test_values_are_parsed_strictly():
     ({"LOOP_END": "20"}, "LOOP_END"),
     ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
     ({"ITERATIONS": "0", "MAX_WALLCLOCK_SECONDS": "0"}, "ITERATIONS"),
-    ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL"),
     ({"XSA_LAST_N": "18"}, "XSA_LAST_N"),
     ({"QUANT_BITS_MLP": "4"}, "QUANT_BITS_MLP"),
     ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
     ({"COMPRESSOR": "bzip2"}, "COMPRESSOR"),
-    ({"MLP_CLIP_SIGMAS": "-1"}, "MLP_CLIP_SIGMAS"),
+    ({"MATRIX_CLIP_SIGMAS": "-1"}, "MATRIX_CLIP_SIGMAS"),
     ({"TARGET_BYTES": "0"}, "TARGET_BYTES"),
 ])
 def test_bad_relations_name_the_variable(env, culprit):

@@ -25,7 +25,7 @@ def test_the_default_model_on_the_cpu_warns_once(capsys):
 
 @pytest.mark.parametrize("env, hint", [
     (dict(TTT_LR="0.01", TTT_EPOCHS="3", EVAL_STRIDE="0", TTT_CHUNK="1024"), "TTT is "),  # 7 steps of 3 epochs
-    (dict(TTT_LR="0", EVAL_STRIDE="8"), "raise EVAL_STRIDE or shorten EVAL_SEQ_LEN"),
+    (dict(TTT_LR="0", EVAL_STRIDE="8"), "raise EVAL_STRIDE"),
 ])
 def test_eval_budget_refusal_names_what_dominates(env, hint):
     cfg = build_config({**TINY, **env, "EVAL_BUDGET_S": "1e-9"})

@@ -66,7 +66,7 @@ def test_parallel_residual_and_norm_scale_match_their_formulas(parallel):
     attn = a * block.attn(0.5 * rms_norm(h), rope, torch.tensor(0.0))
     mlp_in = h if parallel else h + attn
     expected = h + attn + m * block.mlp(0.5 * rms_norm(mlp_in))
-    assert torch.allclose(block(x, x0, mix, a, m, rope, consts), expected, atol=1e-6)
+    assert torch.allclose(block(x, x0, (mix, a, m), rope, consts), expected, atol=1e-6)
 
 
 def test_skip_gate_at_init_averages_weighted_skip_and_stream():

@@ -9,7 +9,7 @@ import torch
 
 from conftest import PLAIN_SHAPE, tokenizer_path, trained_like
 
-from train_gpt import (GPT, ConfigError, build_config, build_optimizers, config_for_artifact, dequantize_state,
+from train_gpt import (GPT, Blocks, ConfigError, build_config, build_optimizers, config_for_artifact, dequantize_state,
                        export_recipe, model_meta, pack_artifact, plan_for, quantize_state, rms_norm, rotary_tables,
                        unpack_artifact)
 
@@ -181,7 +181,7 @@ def test_captured_lane_blocks_match_eager_and_capture_once():
     with torch.no_grad():
         for passes in (1, 2, 1):
             plan = plan_for(cfg, passes)
-            assert torch.equal(model.hidden(x, plan), model.hidden(x, plan, eager=True))
+            assert torch.equal(model.hidden(x, plan), model.hidden(x, plan, Blocks.EAGER))
     # one stream (the first layer: its input is x0 itself, which dynamo guards on), and the lanes
     assert sum(counters["recompiles"].values()) == 0 and counters["stats"]["unique_graphs"] <= 2
 

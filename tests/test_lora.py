@@ -161,14 +161,14 @@ def test_compiled_lora_twins_score_as_eager_and_the_budget_check_primes_every_sh
     and 32 tokens; a phase's SGD steps of 2, 2 and 1 pieces) compiles nothing more, and scores as the eager blocks."""
     from torch._dynamo.utils import counters
 
-    cfg, model, tokens, tables = setup(EVAL_SEQ_LEN=WINDOW, TTT_PHASES="3", TTT_CHUNK=32)
+    cfg, model, tokens, tables = setup(TRAIN_SEQ_LEN=WINDOW, TTT_PHASES="3", TTT_CHUNK=32)
     eager, eager_nll = scores(cfg, model, tokens, tables)
     torch._dynamo.reset()
     counters.clear()
     torch._dynamo.config.cache_size_limit = 64  # as GPT(compile=True) sets it
     # backend "eager": dynamo's graph capture, guards and dynamic shapes as on the GPU, without inductor's compile time
     model.compiled_blocks = [torch.compile(b, backend="eager", fullgraph=True, dynamic=False) for b in model.blocks]
-    model.lora_blocks = [torch.compile(b, backend="eager", fullgraph=True, dynamic=None) for b in model.blocks]
+    model.dynamic_blocks = [torch.compile(b, backend="eager", fullgraph=True, dynamic=None) for b in model.blocks]
     train_gpt.check_eval_budget(model, cfg, train_gpt.Runtime(0, 1, 0, torch.device("cpu")),
                                 train_gpt.document_bounds(tokens))
     primed = counters["stats"]["unique_graphs"]
@@ -222,3 +222,4 @@ def test_every_evaluation_batch_has_a_shape_the_budget_check_primed():
         evaluate(model, plan_for(cfg, cfg.repeats), tokens, cfg, 0, 1, tables, contextlib.nullcontext, window, stride,
                  adapter)
     assert set(shapes) == primed == {(6, 16), (2, 16)}  # 6 windows of 16 tokens; 2 sequences of 16 per TTT step
+

@@ -84,7 +84,7 @@ def test_loss_at_init_is_log_vocab():
 
 
 @pytest.mark.parametrize("env", [dict(NUM_LAYERS=4), dict(NUM_LAYERS=6, NUM_UNIQUE_LAYERS=2, XSA_LAST_N=3,
-                                                          MLP_ACT="leaky_relu2", TIE_EMBEDDINGS=0)])
+                                                          MLP_ACT="leaky_relu2")])
 def test_model_is_causal(env):
     """Changing token t changes no logit before t (after training-like random weights)."""
     torch.manual_seed(1)

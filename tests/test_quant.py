@@ -21,6 +21,15 @@ def recipe(**env):
     return export_recipe(build_config({k: str(v) for k, v in env.items()}))
 
 
+@pytest.fixture(autouse=True)
+def fast_zstd(monkeypatch):
+    """zstd at level 3 instead of 22 (the codec reads the constant when it runs): the same bytes round trip and the
+    fitter's search is the same, in a fraction of the time."""
+    import train_gpt
+
+    monkeypatch.setattr(train_gpt, "ZSTD_LEVEL", 3)
+
+
 def synthetic_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """Every group quantized (matrices over KEEP_FLOAT_MAX_NUMEL), plus small tensors kept whole."""
     g = torch.Generator().manual_seed(seed)
@@ -82,11 +91,11 @@ def test_shuffle_is_inverted_exactly_for_every_element_size(dtype, n):
         assert data[:n] == raw.reshape(n, a.itemsize)[:, 0].tobytes()
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "zstd", "lzma"])
+@pytest.mark.parametrize("compressor", ["brotli", "zstd"])
 def test_container_returns_every_tensor_bit_exact(compressor):
     pytest.importorskip("brotli") if compressor == "brotli" else None
     state = synthetic_state()
-    r = dataclasses.replace(recipe(COMPRESSOR=compressor, ZSTD_LEVEL=3, MLP_CLIP_SIGMAS=8), streams=3)
+    r = dataclasses.replace(recipe(COMPRESSOR=compressor, MATRIX_CLIP_SIGMAS=8), streams=3)
     stored = quantize_state(state, r)
     back, r_back = unpack_artifact(pack_artifact(stored, r), "test.ptz")
     assert r_back == r and list(back) == list(state)
@@ -102,7 +111,7 @@ def test_container_returns_every_tensor_bit_exact(compressor):
     restored = dequantize_state(back)
     assert torch.equal(restored["ints"], state["ints"]) and torch.equal(restored["huge"], state["huge"])
     assert all(restored[n].dtype == state[n].dtype and restored[n].shape == state[n].shape for n in state)
-    q, scale = quantize_rows(state["blocks.0.mlp.fc.weight"], 6, 8.0)  # MLP_CLIP_SIGMAS overrides the matrices' k
+    q, scale = quantize_rows(state["blocks.0.mlp.fc.weight"], 6, 8.0)  # MATRIX_CLIP_SIGMAS: the MLP's k too
     assert torch.equal(restored["blocks.0.mlp.fc.weight"], dequantize_rows(q, scale))
 
 
@@ -115,7 +124,7 @@ def rebuild(blob: bytes, edit) -> bytes:
 
 
 def test_loading_refuses_a_bad_magic_version_recipe_or_checksum_naming_the_file():
-    r = recipe(COMPRESSOR="zstd", ZSTD_LEVEL=3)
+    r = recipe(COMPRESSOR="zstd")
     blob = pack_artifact(quantize_state(synthetic_state(), r), r)
     flipped = bytearray(blob)
     flipped[-100] ^= 1
@@ -240,14 +249,14 @@ def test_hessians_are_float_products_under_bf16_autocast():
 
 def fit(state, budget, hessians=None, **env):
     lines = []
-    r = recipe(COMPRESSOR="zstd", ZSTD_LEVEL=10, **env)
+    r = recipe(COMPRESSOR="zstd", **env)
     blob, fitted = fit_artifact(state, hessians, r, budget, lines.append)
     return blob, fitted, r, lines
 
 
 def test_a_fitting_artifact_is_written_as_is_after_one_try():
     state = synthetic_state()
-    r = recipe(COMPRESSOR="zstd", ZSTD_LEVEL=10)
+    r = recipe(COMPRESSOR="zstd")
     size = len(pack_artifact(quantize_state(state, r), r))
     blob, fitted, start, lines = fit(state, size)
     assert fitted == start and len(blob) == size and len([x for x in lines if x.startswith("export_try:")]) == 1
@@ -258,7 +267,7 @@ def test_a_fitting_artifact_is_written_as_is_after_one_try():
 @pytest.mark.parametrize("cut", [0.97, 0.8])
 def test_an_oversized_artifact_is_coarsened_to_land_just_under_the_target(cut):
     state = synthetic_state()
-    r = recipe(COMPRESSOR="zstd", ZSTD_LEVEL=10)
+    r = recipe(COMPRESSOR="zstd")
     budget = int(cut * len(pack_artifact(quantize_state(state, r), r)))
     blob, fitted, start, lines = fit(state, budget)
     assert len(blob) <= budget and blob == pack_artifact(quantize_state(state, fitted), fitted)
@@ -270,7 +279,7 @@ def test_an_oversized_artifact_is_coarsened_to_land_just_under_the_target(cut):
 def test_coarsening_goes_to_the_group_that_loses_least_per_byte():
     """With attention and head inputs weighted 10^4 times the MLP's, only the MLP's steps grow."""
     state = synthetic_state()
-    r = recipe(COMPRESSOR="zstd", ZSTD_LEVEL=10)
+    r = recipe(COMPRESSOR="zstd")
     budget = int(0.9 * len(pack_artifact(quantize_state(state, r), r)))
     hessians = {"blocks.0.attn.c_q.weight": 1e4 * torch.eye(288), "blocks.0.mlp.fc.weight": torch.eye(288),
                 "tok_emb.weight": 1e4 * torch.eye(288)}

@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, run_script, tiny_env
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import pack_record  # noqa: E402
+import train_gpt  # noqa: E402
 import welch  # noqa: E402
 from runlog import RunLog, read_log  # noqa: E402
 
@@ -39,7 +39,7 @@ def seed_runs(tiny_data, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     wrapper = cwd / "packed" / "train_gpt.py"
     wrapper.parent.mkdir()
-    wrapper.write_text(pack_record.pack_code((ROOT / "train_gpt.py").read_bytes()), encoding="utf-8")
+    wrapper.write_text(train_gpt.pack_code((ROOT / "train_gpt.py").read_bytes()), encoding="utf-8")
     result = run_script(tiny_env(tiny_data, RUN_ID="packed", SEED=4, **FAST), cwd, script=wrapper)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
@@ -111,7 +111,7 @@ def test_a_packed_wrapper_run_ships_the_wrapper(seed_runs, tmp_path):
     assert result.returncode == 0, result.stderr
     shipped = (out / "train_gpt.py").read_bytes()
     assert shipped == (seed_runs / "packed" / "train_gpt.py").read_bytes()
-    assert pack_record.unpack(shipped.decode()) == (ROOT / "train_gpt.py").read_bytes()
+    assert train_gpt.readable_source(shipped) == (ROOT / "train_gpt.py").read_bytes()
     assert json.loads((out / "submission.json").read_text())["bytes_code"] == len(shipped)
 
 
@@ -179,7 +179,7 @@ def test_runs_table_shows_eval_only_runs(seed_runs):
 def test_evaluation_kinds_keep_their_suffixes():
     """A column per kind: the mixed and LoRA lines are their own kinds, not 'mix' or 'lora' shared by two."""
     names = ["final_mixedgptq_brotli_roundtrip", "final_mixedgptq_brotli_sliding", "final_mixedgptq_brotli_ttt_mix",
-             "final_int8_brotli_ttt_lora", "final_int6_lzma_sliding_mix", "pre_export"]
+             "final_int8_brotli_ttt_lora", "final_int6_zstd_sliding_mix", "pre_export"]
     run = RunLog(Path("x.txt"), {}, {"evals": {name: {"val_bpb": i} for i, name in enumerate(names)}})
     assert {k: e["val_bpb"] for k, e in run.evals_by_kind().items()} == dict(
         roundtrip=0, sliding=1, ttt_mix=2, ttt_lora=3, sliding_mix=4, pre_export=5)
