@@ -1,18 +1,23 @@
-"""Time the parts of one training step on the GPU for the shape the environment configures.
+"""Where a training step's time goes, on the GPU, for the shape the environment configures.
 
-Usage (same variables as train_gpt.py; data is random tokens, so no DATA_PATH is needed):
-    NUM_UNIQUE_LAYERS=3 python scripts/profile_step.py --steps 10
+Usage (same variables as train_gpt.py; the tokens are random, so no DATA_PATH is needed):
+    python scripts/profile_step.py                      # the default shape at 1 and at 3 core passes
+    python scripts/profile_step.py --passes 3 --steps 8 --peak-tflops 790
 
-Prints the model FLOPs per token, then the median time of each part (forward, backward per
-micro-batch; Muon, Adam and zero_grad per step), the step total, tokens/s and MFU against
---peak-tflops (bf16 dense peak you measured on the card).
+For each pass count: the training FLOPs per token (counted as printed), the median time of the
+step's parts measured with CUDA events (forward and backward per micro-batch; Muon, Adam,
+zero_grad per step), tokens/s and MFU against --peak-tflops (the bf16 matmul rate you measured on
+the card), then a profiler pass that sorts every CUDA kernel of two steps into attention, matmul,
+norms/elementwise (Inductor's Triton kernels), the loss head, the optimizers and communication.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,16 +26,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_gpt as tg  # noqa: E402
 
+# Kernel names by part, first match wins (cuDNN / flash / efficient attention, cuBLAS and CUTLASS matmuls).
+KERNEL_PARTS = [
+    ("attention", re.compile(r"flash|fmha|cudnn|attention|sdpa|flex", re.I)),
+    ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|ampere_|wgmma", re.I)),
+    ("communication", re.compile(r"nccl", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|foreach|adam", re.I)),
+    ("norms/elementwise", re.compile(r"triton|elementwise|vectorized|reduce|copy|fill|cat", re.I)),
+]
 
-def flops_per_token(cfg: tg.Config) -> float:
-    """Training FLOPs per token: 6 x matmul parameters used per token (shared blocks count once per
-    use) + causal attention (QK^T and AV: 2 x 2 x T x d per layer forward, halved by the mask, x3)."""
-    plan = tg.plan_for(cfg, cfg.repeats)
+
+def flops_per_token(cfg: tg.Config, passes: int) -> tuple[float, str]:
+    """Training FLOPs per token and how they were counted: 6 x matmul weights used per token (a shared block counts
+    once per use; the tied head once) + causal attention, 6 x layers x seq x width (QK^T and AV, 2 x 2 x T x d per
+    layer forward, halved by the mask, x3 for forward and backward)."""
+    plan = tg.plan_for(cfg, passes)
     model = tg.GPT(cfg)
     per_block = [sum(p.numel() for p in b.parameters() if p.ndim == 2) for b in model.blocks]
-    dense = sum(per_block[b] for b in plan.blocks) + cfg.vocab_size * cfg.model_dim
-    attention = len(plan.blocks) * 2 * cfg.train_seq_len * cfg.model_dim
-    return 6 * dense + 3 * attention
+    blocks = sum(per_block[b] for b in plan.blocks)
+    head = cfg.vocab_size * cfg.model_dim
+    attention = 6 * len(plan.blocks) * cfg.train_seq_len * cfg.model_dim
+    total = 6 * (blocks + head) + attention
+    how = (f"6 x ({blocks / 1e6:.2f}M block + {head / 1e6:.2f}M head weights) + attention 6 x {len(plan.blocks)} "
+           f"layers x {cfg.train_seq_len} x {cfg.model_dim} = {total / 1e6:.1f} MFLOP/token")
+    return total, how
 
 
 def timed(fn, events: list) -> None:
@@ -41,48 +60,11 @@ def timed(fn, events: list) -> None:
     events.append((start, end))
 
 
-def one_step(model, x, y, plan, optimizers, cfg, rt) -> None:
-    for _ in range(cfg.micro_steps):
-        with rt.autocast():
-            loss = model(x, y, plan)
-        (loss / cfg.micro_steps).backward()
-    for opt in optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-def print_kernels(step, top: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=400))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--peak-tflops", type=float, default=790.0)
-    parser.add_argument("--trace", type=int, default=0, help="also print the top N CUDA kernels of 2 steps")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("error: profile_step.py needs a CUDA GPU")
-    cfg = tg.build_config(dict(os.environ))
-    rt = tg.Runtime(0, 1, 0, torch.device("cuda", 0))
-    torch.cuda.set_device(rt.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    base, model = tg.build_model(cfg, rt)
-    optimizers = tg.build_optimizers(cfg, base, 0, 1, fused=True)
+def measure_parts(model, x, y, plan, optimizers, cfg, rt, steps: int) -> dict[str, float]:
+    """Median milliseconds of each part over `steps` steps, after 3 steps that compile and warm up."""
     adam, muon = optimizers
-    plan = tg.plan_for(cfg, cfg.repeats)
-    x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_seqs, cfg.train_seq_len), device=rt.device)
-    y = torch.randint(0, cfg.vocab_size, x.shape, device=rt.device)
     parts = {name: [] for name in ("forward", "backward", "muon", "adam", "zero_grad", "step")}
-    import time
-    compile_start = time.perf_counter()
-    for step in range(args.steps + 3):  # 3 warmup steps (compile)
+    for step in range(steps + 3):
         step_start = torch.cuda.Event(enable_timing=True)
         step_start.record()
         for _ in range(cfg.micro_steps):
@@ -91,6 +73,7 @@ def main() -> None:
             def forward():
                 with rt.autocast():
                     holder["loss"] = model(x, y, plan)
+
             timed(forward, parts["forward"])
             timed(lambda: (holder["loss"] / cfg.micro_steps).backward(), parts["backward"])
         timed(muon.step, parts["muon"])
@@ -101,26 +84,100 @@ def main() -> None:
         parts["step"].append((step_start, step_end))
         if step < 3:
             torch.cuda.synchronize()
-            if step == 2:
-                print(f"compile+3 warmup steps: {time.perf_counter() - compile_start:.1f} s")
-            for name in parts:
-                parts[name].clear()
+            for events in parts.values():
+                events.clear()
     torch.cuda.synchronize()
-    if args.trace:
-        print_kernels(lambda: one_step(model, x, y, plan, optimizers, cfg, rt), args.trace)
-    fpt = flops_per_token(cfg)
+    return {name: statistics.median(s.elapsed_time(e) for s, e in events) for name, events in parts.items()}
+
+
+def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> dict[str, float]:
+    """CUDA milliseconds per step of each part, from the profiler's kernels over two steps; the loss head's kernels
+    are those launched inside its compiled function (a record_function range around it)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    head_loss = base.head_loss
+
+    def labelled_head(*args):
+        with record_function("loss_head"):
+            return head_loss(*args)
+
+    base.head_loss = labelled_head
+
+    def step():
+        for _ in range(cfg.micro_steps):
+            with rt.autocast():
+                loss = model(x, y, plan)
+            (loss / cfg.micro_steps).backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    base.head_loss = head_loss
+    totals = {name: 0.0 for name, _ in KERNEL_PARTS}
+    totals["other"] = 0.0
+    head_us = 0.0
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if event.key == "loss_head":
+            head_us = device_us
+            continue
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        part = next((name for name, pattern in KERNEL_PARTS if pattern.search(event.key)), "other")
+        totals[part] += device_us
+    totals["loss head (forward, within the above)"] = head_us
+    return {name: us / 2 / 1000 for name, us in totals.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per pass count (after 3 warmup steps)")
+    parser.add_argument("--passes", default="", help="core passes to profile, e.g. '1,3' (default: 1 and R)")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's measured bf16 matmul rate")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the profiler pass")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: profile_step.py needs a CUDA GPU")
+    try:
+        cfg = tg.build_config(dict(os.environ))
+        passes = [int(p) for p in args.passes.split(",")] if args.passes else sorted({1, cfg.repeats})
+    except (tg.UserError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda", 0))
+    torch.cuda.set_device(rt.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    base, model = tg.build_model(cfg, rt)
+    optimizers = tg.build_optimizers(cfg, base, 0, 1, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_seqs, cfg.train_seq_len), device=rt.device)
+    y = torch.randint(0, cfg.vocab_size, x.shape, device=rt.device)
     print(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
-          f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} micro_steps={cfg.micro_steps}")
-    print(f"flops_per_token: {fpt / 1e6:.1f} MFLOP")
-    for name, events in parts.items():
-        ms = [s.elapsed_time(e) for s, e in events]
-        per = "per micro-batch" if name in ("forward", "backward") else "per step"
-        print(f"{name:>10}: {statistics.median(ms):8.2f} ms {per}")
-    step_ms = statistics.median(s.elapsed_time(e) for s, e in parts["step"])
-    tokens_per_s = cfg.train_batch_tokens / (step_ms / 1000)
-    print(f"step: {step_ms:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M  "
-          f"MFU: {100 * fpt * tokens_per_s / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops:.0f} TFLOP/s")
-    print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+          f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} micro_steps={cfg.micro_steps} "
+          f"attention={tg.attention_backend_name(cfg, 'cuda')} gpu={torch.cuda.get_device_name()}")
+    for n in passes:
+        plan = tg.plan_for(cfg, n)
+        start = time.perf_counter()
+        parts = measure_parts(model, x, y, plan, optimizers, cfg, rt, args.steps)
+        fpt, how = flops_per_token(cfg, n)
+        tokens_per_s = cfg.train_batch_tokens / (parts["step"] / 1000)
+        mfu = 100 * fpt * tokens_per_s / (args.peak_tflops * 1e12)
+        print(f"\n== {n} core pass(es), {len(plan.layers)} layers ({time.perf_counter() - start:.0f} s with compile)")
+        print(f"flops: {how}")
+        for name, ms in parts.items():
+            per = "per micro-batch" if name in ("forward", "backward") else "per step"
+            print(f"{name:>10}: {ms:8.2f} ms {per}")
+        print(f"step: {parts['step']:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M  "
+              f"MFU: {mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+        if not args.no_kernels:
+            breakdown = kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt)
+            kernel_ms = sum(v for k, v in breakdown.items() if not k.startswith("loss head"))
+            print(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
+            for name, ms in breakdown.items():
+                print(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
+    print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":
