@@ -1647,8 +1647,9 @@ def live_rows(docs: list, done: int) -> int:
 def lora_batch(
     model: GPT, logits_fn, fresh: LoraAdapter, tokens, docs: list, lengths: list, cfg: Config, tables, sums, nll_out
 ) -> None:
-    """Row b scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its document at most, then its
-    own adapter takes an Adam step on that chunk's mean loss (independent rows, longest first: only live ones run)."""
+    """Row b scores docs[b] by TTT_LORA_CHUNK targets, each seeing lengths[c] tokens of its document at most (the
+    window placed from the chunk's start alone), then its own adapter takes an Adam step on that chunk's mean loss
+    (independent rows, longest first: only live ones run)."""
     model.requires_grad_(False)  # the chunk steps differentiate the adapters only (the phases train the weights)
     adapter = torch.utils._pytree.tree_map(lambda t: t[: len(docs)].clone().requires_grad_(), fresh)  # reset
     params = torch.utils._pytree.tree_leaves(adapter)
@@ -1658,7 +1659,9 @@ def lora_batch(
         live = live_rows(docs, c * cfg.ttt_lora_chunk)
         a = torch.minimum(start[:live] + c * cfg.ttt_lora_chunk, end[:live])  # the chunk's targets [a, b)
         b = torch.minimum(a + cfg.ttt_lora_chunk, end[:live])
-        first = torch.maximum(start[:live], b - length)
+        # The window ends where a whole chunk would end, wherever the document ends: a later BOS that cuts the last
+        # chunk short moves no window, so no earlier target's context depends on a later token.
+        first = torch.maximum(start[:live], a + cfg.ttt_lora_chunk - length)
         with torch.enable_grad():
             rows = torch.utils._pytree.tree_map(lambda t: t[:live], adapter)
             rows_logits = partial(logits_fn, blocks=Blocks.DYNAMIC, adapter=rows)

@@ -223,3 +223,28 @@ def test_every_evaluation_batch_has_a_shape_the_budget_check_primed():
                  adapter)
     assert set(shapes) == primed == {(6, 16), (2, 16)}  # 6 windows of 16 tokens; 2 sequences of 16 per TTT step
 
+
+def mixed_scores(cfg, model, tokens, tables, adapter):
+    nll = torch.full((len(tokens) - 1,), float("nan"))
+    evaluate(model, plan_for(cfg, cfg.repeats), tokens, cfg, 0, 1, tables, contextlib.nullcontext, WINDOW, WINDOW // 2,
+             adapter, nll, mixer=train_gpt.NgramMixer(cfg, tokens.device))
+    return nll
+
+
+@pytest.mark.parametrize("adapter", ["none", "sgd", "lora", "none+mixer", "sgd+mixer"])
+@pytest.mark.parametrize("t", [150, 228])  # cuts document 3 inside its last chunk; the last document
+def test_a_later_token_turned_into_a_bos_moves_no_earlier_score(adapter, t):
+    """The strict reading of causality: p_t depends only on the artifact and x_1..x_{t-1}, so nothing about later
+    tokens, not even where the current document ends, may shape an earlier score. Turning token t into a BOS (a new
+    document boundary) leaves every target before t - 1 as it was, up to rounding (LoRA batches documents of similar
+    length: a new boundary regroups rows, and a batch's shape moves float sums by ~1e-6)."""
+    phases = "3" if adapter == "lora" else ""
+    cfg, model, tokens, tables = setup_once(phases)
+    cut = tokens.clone()
+    cut[t] = train_gpt.BOS_ID
+    if adapter.endswith("+mixer"):
+        before, after = (mixed_scores(cfg, model, x, tables, adapter.split("+")[0]) for x in (tokens, cut))
+    else:
+        before, after = scores(cfg, model, tokens, tables, adapter)[1], scores(cfg, model, cut, tables, adapter)[1]
+    assert (after[: t - 1] - before[: t - 1]).abs().max() < 1e-5, adapter
+    assert not torch.equal(after[t - 1 :], before[t - 1 :])  # the boundary is seen from t - 1 on
