@@ -13,6 +13,7 @@ reads through DATA_PATH, the same as the published challenge data:
     fineweb_val_000000.bin ...     validation split
     summary.json                   documents / tokens / text bytes per split, inputs, tokenizer
     tokenizer.model, .vocab        only when --vocab-size trains a new tokenizer
+    fineweb_val_bytes_000000.bin   only with --transform caseops: per-token byte counts (below)
 
 Shard format: 256 little-endian int32 header words ([0]=20240520, [1]=1, [2]=token count,
 the rest 0), then the tokens as little-endian uint16, so a file is 1024 + 2*count bytes.
@@ -34,6 +35,15 @@ documents only, with the settings of the challenge tokenizers (NFKC, no dummy pr
 split digits, pad=0 bos=1 eos=2 unk=3) and byte fallback, so that no character becomes
 <unk>. The build checks that it has a standalone "▁" piece: without one a lone space would
 fall back to the three UTF-8 bytes of "▁" and val_bpb byte counting would be wrong.
+
+--transform caseops rewrites every document with CaseOps (data/caseops.py: capitals become
+operator characters U+E001..U+E004, losslessly) before encoding it; --tokenizer must then be a
+CaseOps model such as fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model. The operators
+are not text, so the validation split gets byte sidecars: fineweb_val_bytes_XXXXXX.bin beside
+each fineweb_val_XXXXXX.bin, the same format and token count, holding per token (uint16) the
+bytes of original text it stands for, counted as val_bpb counts them for an untransformed
+tokenizer (the normalized text: a whitespace run is 1 byte; BOS and operators 0). A document's
+sidecar total is the UTF-8 length of its text as SentencePiece normalizes it.
 
 Exit status: 0 done, 1 bad input data or I/O failure, 2 bad arguments.
 """
@@ -58,6 +68,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+import caseops  # data/caseops.py, beside this script
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_WORDS = 256
@@ -65,6 +77,7 @@ BOS_ID = 1
 DEFAULT_SHARD_TOKENS = 100_000_000
 INPUT_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
 PROG = "build_shards.py"
+TRANSFORMS = ("none", "caseops")
 
 
 class UsageError(Exception):
@@ -222,17 +235,21 @@ def labelled_documents(train_files, val_files, rule, text_field, on_read) -> Ite
 
 # ---------------------------------------------------------------------------------------
 # Tokenizing in worker processes. A batch is a list of (split, text); the result keeps,
-# per split, the concatenated BOS+tokens of its documents in input order.
+# per split, the concatenated BOS+tokens of its documents in input order, and with CaseOps
+# the validation tokens' original byte counts, aligned with them (0 for BOS).
 # ---------------------------------------------------------------------------------------
 
 _PROCESSOR = None
+_CASEOPS = None  # (byte table, operator ids) when documents are CaseOps-transformed
 
 
-def init_worker(model_proto: bytes) -> None:
-    global _PROCESSOR
+def init_worker(model_proto: bytes, transform: str) -> None:
+    global _PROCESSOR, _CASEOPS
     import sentencepiece as spm
 
     _PROCESSOR = spm.SentencePieceProcessor(model_proto=model_proto)
+    if transform == "caseops":
+        _CASEOPS = (caseops.piece_byte_table(_PROCESSOR), caseops.operator_ids(_PROCESSOR))
 
 
 @dataclass
@@ -240,26 +257,36 @@ class BatchResult:
     tokens: dict[str, np.ndarray]
     documents: dict[str, int]
     text_bytes: dict[str, int]
+    original_bytes: np.ndarray | None = None  # CaseOps only: per val token, aligned with tokens["val"]
+
+
+def with_bos(parts: list[tuple[int, list]]) -> np.ndarray:
+    """The (first, rest) pairs laid end to end: BOS then a document's tokens, or 0 then their byte counts."""
+    flat = np.empty(sum(len(rest) + 1 for _, rest in parts), dtype="<u2")
+    pos = 0
+    for first, rest in parts:
+        flat[pos] = first
+        flat[pos + 1 : pos + 1 + len(rest)] = rest
+        pos += 1 + len(rest)
+    return flat
 
 
 def encode_batch(batch: list[tuple[str, str]]) -> BatchResult:
-    encoded = _PROCESSOR.encode([text for _, text in batch], num_threads=1)
+    texts = [caseops.encode(text) if _CASEOPS else text for _, text in batch]
+    encoded = _PROCESSOR.encode(texts, num_threads=1)
     result = BatchResult({}, {}, {})
     for split in ("train", "val"):
         picked = [i for i, (s, _) in enumerate(batch) if s == split]
         if not picked:
             continue
-        total = sum(len(encoded[i]) + 1 for i in picked)
-        flat = np.empty(total, dtype="<u2")
-        pos = 0
-        for i in picked:
-            ids = encoded[i]
-            flat[pos] = BOS_ID
-            flat[pos + 1 : pos + 1 + len(ids)] = ids
-            pos += 1 + len(ids)
-        result.tokens[split] = flat
+        result.tokens[split] = with_bos([(BOS_ID, encoded[i]) for i in picked])
         result.documents[split] = len(picked)
         result.text_bytes[split] = sum(len(batch[i][1].encode("utf-8")) for i in picked)
+        if split == "val" and _CASEOPS:
+            table, op_ids = _CASEOPS
+            result.original_bytes = with_bos([(0, caseops.original_byte_counts(encoded[i], table, op_ids))
+                                              for i in picked])
+            assert len(result.original_bytes) == len(result.tokens[split])
     return result
 
 
@@ -275,16 +302,18 @@ def make_batches(docs: Iterable[tuple[str, str]], batch_bytes: int) -> Iterator[
         yield batch
 
 
-def encode_in_order(batches: Iterator[list], model_proto: bytes, workers: int) -> Iterator[BatchResult]:
+def encode_in_order(batches: Iterator[list], model_proto: bytes, transform: str,
+                    workers: int) -> Iterator[BatchResult]:
     """Encode batches with `workers` processes, yielding results in input order.
 
     At most 2*workers batches are in flight, so memory stays bounded on any corpus size.
     """
     if workers == 1:
-        init_worker(model_proto)
+        init_worker(model_proto, transform)
         yield from map(encode_batch, batches)
         return
-    pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=init_worker, initargs=(model_proto,))
+    pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=init_worker,
+                                                  initargs=(model_proto, transform))
     try:
         pending: collections.deque = collections.deque()
         for batch in batches:
@@ -309,6 +338,8 @@ class SplitStats:
     tokens: int = 0
     text_bytes: int = 0
     shards: list = field(default_factory=list)
+    original_bytes: int | None = None  # CaseOps val split: the byte sidecars' total
+    byte_shards: list | None = None  # and their files
 
 
 class ShardWriter:
@@ -496,6 +527,26 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def describe_transform(transform: str) -> dict:
+    if transform == "none":
+        return {"name": "none"}
+    return {
+        "name": caseops.NAME,
+        "operators": {"TITLE": "U+E001", "ALLCAPS": "U+E002", "CAPNEXT": "U+E003", "ESC": "U+E004"},
+        "val_byte_sidecars": "fineweb_val_bytes_NNNNNN.bin beside each fineweb_val_NNNNNN.bin, same header and "
+        "count: per token (uint16) the bytes of original text it stands for, as val_bpb counts the normalized "
+        "text (BOS and operators 0); split val's original_bytes is their total",
+    }
+
+
+def split_summary(s: SplitStats) -> dict:
+    summary = {"documents": s.documents, "tokens": s.tokens, "bos_tokens": s.documents, "text_bytes": s.text_bytes,
+               "shards": s.shards}
+    if s.original_bytes is not None:
+        summary.update(original_bytes=s.original_bytes, byte_shards=s.byte_shards)
+    return summary
+
+
 def write_summary(folder: Path, args, tokenizer_info: dict, rule: SplitRule, stats: dict) -> None:
     summary = {
         "format": {
@@ -509,16 +560,8 @@ def write_summary(folder: Path, args, tokenizer_info: dict, rule: SplitRule, sta
         "shard_tokens": args.shard_tokens,
         "validation_split": rule.describe(),
         "inputs": {"input": args.input, "val": args.val or []},
-        "splits": {
-            split: {
-                "documents": s.documents,
-                "tokens": s.tokens,
-                "bos_tokens": s.documents,
-                "text_bytes": s.text_bytes,
-                "shards": s.shards,
-            }
-            for split, s in stats.items()
-        },
+        "transform": describe_transform(args.transform),
+        "splits": {split: split_summary(s) for split, s in stats.items()},
         "notes": "text_bytes is the UTF-8 size of the raw document text; val_bpb divides by the "
         "bytes of the decoded tokens instead (normalized text), see the challenge rules.",
     }
@@ -550,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--val-docs", type=int, metavar="N", help="the first N input documents form the val split")
     val.add_argument("--val-fraction", metavar="F",
                      help="a fraction 0<F<1 of the input documents, evenly spread, forms the val split")
+    p.add_argument("--transform", choices=TRANSFORMS, default="none",
+                   help="caseops: rewrite capitals as CaseOps operators before encoding (needs a CaseOps "
+                   "--tokenizer) and write fineweb_val_bytes_*.bin byte sidecars (default none)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
@@ -592,6 +638,25 @@ def check_numbers(args) -> None:
         raise UsageError(f"--vocab-size {args.vocab_size}: must be between 262 and 65536 (256 byte pieces + specials)")
 
 
+def check_transform(args, processor) -> None:
+    """--transform caseops needs a tokenizer with the operator pieces; such a tokenizer without it gets a note."""
+    if args.transform == "caseops" and args.vocab_size is not None:
+        raise UsageError("--transform caseops: needs --tokenizer, a model with the CaseOps operator pieces "
+                         "(--vocab-size cannot train one)")
+    if processor is None:
+        return
+    try:
+        caseops.operator_ids(processor)
+    except ValueError as exc:
+        if args.transform == "caseops":
+            raise UsageError(f"--tokenizer {args.tokenizer}: {exc} (--transform caseops needs one such as "
+                             "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model)") from None
+        return
+    if args.transform == "none":
+        print(f"note: --tokenizer {args.tokenizer} is a CaseOps tokenizer, but without --transform caseops "
+              "the documents are encoded as they are", file=sys.stderr)
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -632,8 +697,8 @@ def build(args) -> dict[str, SplitStats]:
     val_files = expand_inputs(args.val, "--val") if args.val else []
     out = Path(args.out)
     check_output(out, args.force)
-    if args.tokenizer:
-        load_tokenizer(args.tokenizer)  # fail on a bad model before creating anything
+    # fail on a bad model, or one that does not fit --transform, before creating anything
+    check_transform(args, load_tokenizer(args.tokenizer) if args.tokenizer else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
@@ -641,14 +706,21 @@ def build(args) -> dict[str, SplitStats]:
         processor, tokenizer_info = prepare_tokenizer(args, train_files, val_files, rule, tmp)
         progress = Progress(sum(p.stat().st_size for p in train_files + val_files))
         writers = {split: ShardWriter(tmp, split, args.shard_tokens) for split in ("train", "val")}
+        # the val byte sidecars: written in the same pieces as the val tokens, so their files cut at the same places
+        sidecars, original_bytes = ShardWriter(tmp, "val_bytes", args.shard_tokens), 0
         docs = labelled_documents(train_files, val_files, rule, args.text_field, progress.on_read)
         batches = make_batches(docs, args.batch_kb << 10)
-        for result in encode_in_order(batches, processor.serialized_model_proto(), args.workers):
+        for result in encode_in_order(batches, processor.serialized_model_proto(), args.transform, args.workers):
             for split, tokens in result.tokens.items():
                 writers[split].add(tokens, result.documents[split], result.text_bytes[split])
+            if result.original_bytes is not None:
+                sidecars.add(result.original_bytes, result.documents["val"], 0)
+                original_bytes += int(result.original_bytes.sum())
             progress.report(writers)
         progress.report(writers, final=True)
         stats = {split: w.close() for split, w in writers.items()}
+        if args.transform == "caseops":
+            stats["val"].original_bytes, stats["val"].byte_shards = original_bytes, sidecars.close().shards
         for split, s in stats.items():
             if s.documents == 0:
                 raise InputError(f"the {split} split is empty (val = {rule.describe()}); "
@@ -678,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     for split, s in stats.items():
         print(f"{split}: {s.documents:,} documents, {s.tokens:,} tokens ({s.documents:,} BOS), "
               f"{s.text_bytes:,} text bytes, {len(s.shards)} shard(s)")
+        if s.original_bytes is not None:
+            print(f"{split} byte sidecars: {s.original_bytes:,} bytes of normalized original text, "
+                  f"{len(s.byte_shards)} file(s)")
     print(f"wrote {args.out} in {time.monotonic() - start:.1f}s")
     return 0
 
