@@ -867,7 +867,8 @@ def read_shard_header(path: Path) -> int:
 def find_shards(data_path: str, split: str) -> list[Path]:
     folder = Path(data_path)
     require(folder.is_dir(), f"DATA_PATH={data_path}: folder not found", DataError)
-    shards = sorted(folder.glob(f"fineweb_{split}_*.bin"))
+    named = sorted(folder.glob(f"fineweb_{split}_*.bin"))
+    shards = [p for p in named if re.fullmatch(rf"fineweb_{split}_\d+\.bin", p.name)]  # not the byte sidecars
     require(len(shards) > 0, f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in it", DataError)
     for shard in shards:
         read_shard_header(shard)
@@ -969,6 +970,54 @@ def load_val_tokens(cfg: Config) -> torch.Tensor:
         DataError,
     )
     return torch.from_numpy(tokens.astype(np.int32))
+
+
+def sidecar_path(val_shard: Path) -> Path:
+    """Where a CaseOps validation shard's byte sidecar lies: fineweb_val_bytes_N.bin beside fineweb_val_N.bin."""
+    return val_shard.with_name(val_shard.name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
+
+
+def load_val_sidecars(cfg: Config) -> np.ndarray | None:
+    """The validation tokens' byte sidecars, concatenated as the tokens are (data/build_shards.py --transform caseops
+    writes them: per token, the bytes of the original text it stands for), or None when DATA_PATH has none."""
+    shards = find_shards(cfg.data_path, "val")
+    sidecars = [sidecar_path(shard) for shard in shards]
+    if not any(path.exists() for path in sidecars):
+        return None
+    for shard, sidecar in zip(shards, sidecars):
+        require(sidecar.is_file(), f"{sidecar}: byte sidecar missing beside {shard.name} (the others have theirs)",
+                DataError)  # fmt: skip
+        count, tokens = read_shard_header(sidecar), read_shard_header(shard)
+        require(count == tokens, f"{sidecar}: {count} entries for the {tokens} tokens of {shard.name}", DataError)
+    return np.concatenate([map_shard(sidecar) for sidecar in sidecars])
+
+
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESC (data/caseops.py)
+
+
+def caseops_operator_ids(sp) -> list[int]:
+    """The ids of the CaseOps operator pieces in a tokenizer (all four, or none: not a CaseOps tokenizer)."""
+    ids = [sp.piece_to_id(op) for op in CASEOPS_OPERATORS]
+    return [] if any(i == sp.unk_id() for i in ids) else ids
+
+
+def check_sidecars_match(cfg: Config, sp) -> None:
+    """A CaseOps tokenizer scores through the byte sidecars (its operator pieces stand for no text), and sidecars
+    belong to a CaseOps tokenizer: anything else would count the wrong bytes."""
+    has_sidecars = any(sidecar_path(p).exists() for p in find_shards(cfg.data_path, "val"))
+    caseops = bool(caseops_operator_ids(sp))
+    require(
+        has_sidecars or not caseops,
+        f"TOKENIZER_PATH={cfg.tokenizer_path}: a CaseOps tokenizer, but DATA_PATH={cfg.data_path} has no byte "
+        "sidecars (fineweb_val_bytes_*.bin): build it with data/build_shards.py --transform caseops",
+        DataError,
+    )
+    require(
+        caseops or not has_sidecars,
+        f"DATA_PATH={cfg.data_path}: has CaseOps byte sidecars, but TOKENIZER_PATH={cfg.tokenizer_path} has no "
+        "CaseOps operator pieces",
+        DataError,
+    )
 
 
 def load_tokenizer(cfg: Config):
@@ -1335,9 +1384,16 @@ def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 class ByteTables(NamedTuple):
+    """What each scored token counts toward val_bpb's bytes: from its piece (the challenge's rule), or, for text
+    transformed before it was tokenized (CaseOps), the original text's bytes of each validation token (a sidecar)."""
+
     base_bytes: torch.Tensor  # int16 [V]
     leading_space: torch.Tensor  # bool [V]
     boundary: torch.Tensor  # bool [V]: control, unknown or unused
+    per_token: torch.Tensor | None = None  # int32 [validation tokens]: the sidecar, or None: bytes from the pieces
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(*(None if t is None else t.to(device) for t in self))
 
 
 def byte_tables(sp, vocab_size: int) -> ByteTables:
@@ -1354,6 +1410,34 @@ def byte_tables(sp, vocab_size: int) -> ByteTables:
 
 def token_bytes(tables: ByteTables, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     return tables.base_bytes[target_ids].long() + (tables.leading_space[target_ids] & ~tables.boundary[prev_ids]).long()
+
+
+def val_byte_tables(cfg: Config, rt: Runtime, val_tokens: torch.Tensor) -> ByteTables:
+    """The byte tables of this run's validation split: the tokenizer's pieces, with the CaseOps sidecars when DATA_PATH
+    has them, each checked against the pieces (equal everywhere but at the operators, which count 0 or, escaped, 3)."""
+    sp = load_tokenizer(cfg)
+    tables = byte_tables(sp, cfg.vocab_size)
+    sidecar = load_val_sidecars(cfg)
+    if sidecar is None:
+        total = token_bytes(tables, val_tokens[:-1].long().cpu(), val_tokens[1:].long().cpu()).sum()
+        rt.log(f"val_bytes:pieces total:{int(total)}")
+        return tables
+    per_token = torch.from_numpy(sidecar.astype(np.int32))
+    tokens = val_tokens.long().cpu()
+    from_pieces = token_bytes(tables, tokens[:-1], tokens[1:])
+    operator = torch.isin(tokens[1:], torch.tensor(caseops_operator_ids(sp)))
+    wrong = torch.zeros(len(tokens), dtype=torch.bool)
+    wrong[0] = per_token[0] != 0  # the first token, a BOS, stands for no text
+    wrong[1:] = torch.where(operator, (per_token[1:] != 0) & (per_token[1:] != 3), per_token[1:] != from_pieces)
+    first_wrong = int(wrong.nonzero()[0, 0]) if wrong.any() else -1
+    require(
+        first_wrong < 0,
+        f"DATA_PATH={cfg.data_path}: the byte sidecars disagree with TOKENIZER_PATH's pieces at {int(wrong.sum())} "
+        f"tokens (the first is token {first_wrong}); rebuild them with data/build_shards.py --transform caseops",
+        DataError,
+    )
+    rt.log(f"val_bytes:sidecars total:{int(per_token[1:].sum())} (CaseOps: the original text's bytes per token)")
+    return tables._replace(per_token=per_token)
 
 
 def plan_windows(num_targets: int, window: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1474,7 +1558,11 @@ def score_batch(
     pos, scored = (first[:, None] + offsets[:-1])[mask], nll.detach()[mask]
     if mixer is not None:
         scored = mixer.mix(tokens, pos, scored)
-    sums += torch.stack([scored.double().sum(), mask.sum(), token_bytes(tables, x, y)[mask].sum()])
+    if tables.per_token is None:
+        nbytes = token_bytes(tables, x, y)[mask]
+    else:  # target i predicts token i + 1: that token's bytes of the original text
+        nbytes = tables.per_token[pos + 1]
+    sums += torch.stack([scored.double().sum(), mask.sum(), nbytes.sum()])
     if nll_out is not None:
         nll_out[pos] = scored.to(nll_out.dtype)
     return nll, mask
@@ -1522,7 +1610,7 @@ def evaluate(
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if trains else None
     logits_fn, was_training = partial(eval_logits, model, plan, autocast), model.training
     model.eval()
-    tables = ByteTables(*(t.to(tokens.device) for t in tables))
+    tables = tables.to(tokens.device)
     if adapter == "lora":
         sums = score_documents(
             model, logits_fn, params, optimizer, tokens, cfg, rank, world_size, tables, window, nll_out
@@ -2639,7 +2727,7 @@ def check_inputs(cfg: Config) -> None:
     require(not cfg.eval_only or Path(cfg.eval_only).is_file(), f"EVAL_ONLY={cfg.eval_only}: file not found")
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
-    load_tokenizer(cfg)
+    check_sidecars_match(cfg, load_tokenizer(cfg))
     require(
         total - 1 >= cfg.train_seq_len,
         f"DATA_PATH={cfg.data_path}: validation split has {total} tokens, shorter than one sequence "
@@ -2782,8 +2870,8 @@ def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:
 
 def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     """A training run: train, then export, reload and score (TRAIN_ONLY: the score before export)."""
-    tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
+    tables = val_byte_tables(cfg, rt, val_tokens)
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {passes: plan_for(cfg, passes) for passes in training_repeats(cfg)}
@@ -3031,8 +3119,8 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     blob = None if source.suffix == ".pt" else source.read_bytes()
     if blob is not None:
         cfg = config_for_artifact(cfg, artifact_header(blob, f"EVAL_ONLY={source}")[0].get("meta", {}), str(source))
-    tables = byte_tables(load_tokenizer(cfg), cfg.vocab_size)
     val_tokens = load_val_tokens(cfg).to(rt.device)
+    tables = val_byte_tables(cfg, rt, val_tokens)
     base = build_model(cfg, rt)[0]  # compiled as in a training run: its evaluations take as long
     if source.suffix == ".pt":
         weights = torch.load(source, map_location="cpu", weights_only=True).get(cfg.export_weights)

@@ -8,7 +8,9 @@ for untransformed text, the UTF-8 length of the document as SentencePiece normal
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import json
 import random
 import re
@@ -24,6 +26,7 @@ from conftest import CORPUS, ROOT, read_docs
 spm = pytest.importorskip("sentencepiece")
 sys.path.insert(0, str(ROOT / "data"))
 import caseops  # noqa: E402
+import train_gpt  # noqa: E402
 
 TOKENIZER = CORPUS / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 FIXTURE = Path(__file__).with_name("caseops_record_fixture.json")
@@ -269,3 +272,85 @@ def test_caseops_needs_a_caseops_tokenizer(tmp_path, tokenizer_args, message):
                        "--transform", "caseops", "--out", out)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# train_gpt.py scores through the sidecars
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def caseops_data(tmp_path_factory) -> Path:
+    """The FineWeb sample through the CaseOps builder: train pages, and the val pages in two shards with sidecars."""
+    out = tmp_path_factory.mktemp("caseops_data") / "data"
+    result = run_build("--input", CORPUS / "fineweb_sample/train.jsonl.zst", "--val",
+                       CORPUS / "fineweb_sample/val.jsonl.zst", "--tokenizer", TOKENIZER, "--transform", "caseops",
+                       "--out", out, "--workers", 2, "--shard-tokens", 8_000)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def tiny_caseops_cfg(data: Path, **extra):
+    from conftest import PLAIN_SHAPE
+
+    env = dict(PLAIN_SHAPE, DATA_PATH=str(data), TOKENIZER_PATH=str(TOKENIZER), VOCAB_SIZE="8192", MODEL_DIM="32",
+               NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
+               VAL_BATCH_SIZE="8192", TTT_LR="0", MIX_ETA="0")
+    return train_gpt.build_config({**env, **extra})
+
+
+def test_the_score_divides_by_the_original_texts_bytes(caseops_data, sp):
+    """With sidecars beside the val shards, every evaluation counts each scored token's original bytes: the total is
+    the val pages' UTF-8 length as SentencePiece normalizes them, not the pieces' (which count each operator 3)."""
+    import contextlib
+
+    import torch
+
+    cfg = tiny_caseops_cfg(caseops_data)
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"))
+    train_gpt.check_inputs(cfg)
+    tokens = train_gpt.load_val_tokens(cfg)
+    tables = train_gpt.val_byte_tables(cfg, rt, tokens)
+    pages = read_docs("fineweb_sample/val.jsonl.zst")
+    assert int(tables.per_token.sum()) == sum(normalized_bytes(sp, page) for page in pages)
+    pieces = train_gpt.token_bytes(tables, tokens[:-1].long(), tokens[1:].long()).sum()
+    assert pieces > tables.per_token.sum()  # the operators' 3 bytes each
+    model = train_gpt.GPT(cfg)
+    plan = train_gpt.plan_for(cfg, cfg.repeats)
+    for stride in (64, 16):  # round trip and sliding: each target once, each with its token's original bytes
+        loss, bpb = train_gpt.evaluate(model, plan, tokens, cfg, 0, 1, tables, contextlib.nullcontext, 64, stride)
+        assert abs(loss / math.log(2) * (len(tokens) - 1) / int(tables.per_token[1:].sum()) - bpb) < 1e-9
+
+
+def test_a_caseops_tokenizer_needs_sidecars_and_sidecars_need_it(caseops_data, tmp_path, tiny_data):
+    """One line each: a CaseOps tokenizer over plain shards; sidecars with a plain tokenizer; a missing sidecar; a
+    sidecar that disagrees with the pieces."""
+    import torch
+
+    from conftest import tokenizer_path
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for shard in tiny_data.glob("*.bin"):
+        (plain / shard.name).write_bytes(shard.read_bytes())
+    with pytest.raises(train_gpt.DataError, match="a CaseOps tokenizer, but DATA_PATH=.* has no byte sidecars"):
+        train_gpt.check_inputs(tiny_caseops_cfg(plain))
+    with pytest.raises(train_gpt.DataError, match="has CaseOps byte sidecars, but TOKENIZER_PATH=.* has no CaseOps"):
+        cfg = tiny_caseops_cfg(caseops_data)
+        train_gpt.check_inputs(dataclasses.replace(cfg, tokenizer_path=str(tokenizer_path(8192))))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in caseops_data.glob("*.bin"):
+        (broken / path.name).write_bytes(path.read_bytes())
+    cfg = tiny_caseops_cfg(broken)
+    sidecar = sorted(broken.glob("fineweb_val_bytes_*.bin"))[-1]
+    data = bytearray(sidecar.read_bytes())
+    data[1024 + 2 * 10] += 1  # token 10 of the last file counts one byte more than its piece
+    sidecar.write_bytes(bytes(data))
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(train_gpt.DataError, match="disagree with TOKENIZER_PATH's pieces at 1 tokens"):
+        train_gpt.val_byte_tables(cfg, rt, train_gpt.load_val_tokens(cfg))
+    sidecar.unlink()
+    with pytest.raises(train_gpt.DataError, match="byte sidecar missing beside"):
+        train_gpt.load_val_sidecars(cfg)
+    assert [p.name for p in train_gpt.find_shards(str(broken), "val")][0] == "fineweb_val_000000.bin"
