@@ -194,7 +194,11 @@ class Config:
     embed_clip_sigmas: float = knob(20.0, "embedding/head rows' k (as MATRIX_CLIP_SIGMAS); 0 = step from the max")
     gptq: bool = knob(True, "GPTQ with act-order (Hessians of training batches) for block matrices and the head")
     gptq_batches: int = knob(64, "GPTQ calibration micro-batches of training data, shared out over ranks")
-    export_reserve_seconds: float = knob(12.0, "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration")
+    export_reserve_seconds: float = knob(
+        12.0,
+        "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration "
+        "(a capped run calibrates on as many GPTQ_BATCHES as fit in it)",
+    )
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
     eval_stride: int = knob(64, "sliding-window stride (context <= window - stride); 0 or >= window = round trip only")
@@ -2886,6 +2890,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     check_free_space(rt, base, out)
     warmup_s = warmup(model, base, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
+    calibration_per_rank = calibration_batches(cfg, rt, base, make_loader)
     averages = WeightAverages(cfg, base)
     TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
     try:
@@ -2908,7 +2913,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
         code_bytes, model_bytes, artifact = len(shipped_code(cfg)), 0, None
     else:
         code_bytes = ship_code(cfg, rt, out)
-        model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes)
+        model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes, calibration_per_rank)
         results = final_evaluations(cfg, rt, evaluate_with)
     return log_summary(
         rt,
@@ -2973,12 +2978,32 @@ def ship_code(cfg: Config, rt: Runtime, out: Path) -> int:
     return code_bytes
 
 
-def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor] | None:
-    """GPTQ calibration, every rank on its share of GPTQ_BATCHES micro-batches of training data
-    (never validation data) at full depth, averaged over ranks; timed against EXPORT_RESERVE_SECONDS."""
+def calibration_batches(cfg: Config, rt: Runtime, base: GPT, make_loader) -> int:
+    """GPTQ calibration micro-batches per rank: this rank's share of GPTQ_BATCHES, or fewer when a wallclock-capped run
+    would not calibrate them within EXPORT_RESERVE_SECONDS (timed here, in warmup, on one batch after one that warms
+    the eager path; the slowest rank decides, with a tenth kept for the all-reduce and the loader)."""
+    per_rank = -(-cfg.gptq_batches // rt.world_size)
+    if not cfg.gptq or cfg.max_wallclock_seconds == 0:
+        return per_rank
+    loader, plan = make_loader(), plan_for(cfg, cfg.repeats)
+    batches = [loader.next_batch()[0] for _ in range(2)]
+    collect_hessians(base, plan, batches[:1], rt.autocast)
+    seconds = rt.agree_max(timed(rt, collect_hessians, base, plan, batches[1:], rt.autocast))
+    fitting = max(1, int(0.9 * cfg.export_reserve_seconds / seconds))
+    chosen = min(per_rank, fitting)
+    rt.log(
+        f"gptq_calibration_plan batches_per_rank:{chosen} of {per_rank} batch_time:{seconds:.3f}s "
+        f"reserve:{cfg.export_reserve_seconds:g}s"
+    )
+    return chosen
+
+
+def gptq_hessians(cfg: Config, rt: Runtime, base: GPT, per_rank: int) -> dict[str, torch.Tensor] | None:
+    """GPTQ calibration, every rank on `per_rank` micro-batches of training data (never validation data) at full
+    depth, averaged over ranks; timed against EXPORT_RESERVE_SECONDS."""
     if not cfg.gptq:
         return None
-    start, per_rank = time.perf_counter(), -(-cfg.gptq_batches // rt.world_size)
+    start = time.perf_counter()
     loader = make_train_loader(cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device)
     batches = (loader.next_batch()[0] for _ in range(per_rank))
     hessians = collect_hessians(base, plan_for(cfg, cfg.repeats), batches, rt.autocast)
@@ -2994,12 +3019,14 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT) -> dict[str, torch.Tensor
     return hessians
 
 
-def export_and_reload(base: GPT, cfg: Config, rt: Runtime, out: Path, code_bytes: int) -> tuple[int, Path]:
+def export_and_reload(
+    base: GPT, cfg: Config, rt: Runtime, out: Path, code_bytes: int, calibration_per_rank: int
+) -> tuple[int, Path]:
     """Calibrate GPTQ (all ranks), fit the artifact in TARGET_BYTES less the code's bytes and write it whole (rank 0),
     then load it back into `base` on every rank: (its bytes, its path). When nothing fits, every rank raises
     ArtifactTooLarge and nothing is written."""
     path = out / f"final_model.{artifact_name(cfg)}.ptz"
-    hessians = gptq_hessians(cfg, rt, base)
+    hessians = gptq_hessians(cfg, rt, base, calibration_per_rank)
     failure = ""
     if rt.main:
         try:
@@ -3127,7 +3154,8 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         require(weights is not None, f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
         load_weights(base, weights, cfg.eval_only)
         code_bytes = ship_code(cfg, rt, out)
-        model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes)
+        full_share = -(-cfg.gptq_batches // rt.world_size)  # no training clock here: every batch
+        model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes, full_share)
     else:
         stored, recipe = unpack_artifact(blob, f"EVAL_ONLY={source}")
         load_weights(base, dequantize_state(stored), cfg.eval_only)

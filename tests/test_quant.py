@@ -309,3 +309,23 @@ def test_brotli_missing_is_a_one_line_error(tiny_data, monkeypatch):
         check_inputs(build_config(tiny_env(tiny_data, COMPRESSOR="brotli")))
     with pytest.raises(DataError, match="a.ptz: written with brotli, whose package is missing"):
         unpack_artifact(blob, "a.ptz")
+
+
+@pytest.mark.parametrize("cap, reserve, expected", [(0, 12, 8), (600, 12, 8), (600, 1e-9, 1)])
+def test_calibration_fits_its_reserve(capsys, cap, reserve, expected):
+    """A wallclock-capped run calibrates on as many of its GPTQ_BATCHES as the reserve holds at the speed measured in
+    warmup (at least one); an ITERATIONS-bounded run, or one whose reserve holds them all, takes every batch."""
+    import train_gpt
+
+    cfg = build_config({**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+                        "NUM_LAYERS": "2", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "32", "GPTQ_BATCHES": "8",
+                        "MAX_WALLCLOCK_SECONDS": str(cap), "EXPORT_RESERVE_SECONDS": str(reserve)})
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"))
+
+    class Loader:
+        def next_batch(self):
+            x = torch.randint(0, 64, (4, 8))
+            return x, x
+
+    assert train_gpt.calibration_batches(cfg, rt, train_gpt.GPT(cfg), Loader) == expected
+    assert ("gptq_calibration_plan" in capsys.readouterr().out) == (cap > 0)
