@@ -151,8 +151,9 @@ def changed_settings(cfg: dict, defaults: dict) -> dict[str, str]:
             if k in cfg and k not in PER_RUN_SETTINGS and cfg[k] != defaults[k]}
 
 
-def probed(module, settings: dict[str, str]) -> dict:
-    """eval_probes.probe of the shipped module; a Refusal naming each failed probe."""
+def probed(module, settings: dict[str, str], runs: list[RunLog]) -> dict:
+    """eval_probes.probe of the shipped module; a Refusal naming each failed probe, or when the evaluations probed
+    are not those the logs ran (the mixer's among them: no_ngram_cache follows from what ran)."""
     try:
         result = eval_probes.probe(module, settings)
     except eval_probes.ProbeError as exc:
@@ -160,6 +161,11 @@ def probed(module, settings: dict[str, str]) -> dict:
     if not result["passed"]:
         raise Refusal("the shipped train_gpt.py fails the compliance probes: " +
                       "; ".join(eval_probes.failures(result)))
+    probed_kinds = sorted(k["kind"] for k in result["evaluations"])
+    for run in runs:
+        if sorted(run.evals_by_kind()) != probed_kinds:
+            raise Refusal(f"{run.path}: its final evaluations ({', '.join(sorted(run.evals_by_kind()))}) are not "
+                          f"those its settings give ({', '.join(probed_kinds)})")
     return result
 
 
@@ -558,7 +564,7 @@ def make_record(args) -> Path:
         raise Refusal("the runs use the shipped train_gpt.py's defaults, so there is nothing to describe: say what "
                       "this entry changes and why with --blurb TEXT")
     print("probing the shipped train_gpt.py's evaluation on a tiny random model ...", file=sys.stderr)
-    probes = probed(module, changed_settings(runs[0].config, defaults))
+    probes = probed(module, changed_settings(runs[0].config, defaults), runs)
     print(f"probes hold in {', '.join(k['kind'] for k in probes['evaluations'])}: causal, single pass" +
           (", the mixer normalized and score-first" if any("mixer" in k for k in probes["evaluations"]) else ""))
     stats, stats_lines = statistics_against(runs, args.against) if args.against else (None, None)

@@ -348,6 +348,8 @@ def reference_entries(data: Path, tokenizer: Path) -> tuple[str, dict[Path, dict
         count = ((dataset or {}).get("stats") or {}).get(f"files_{split}")
         for i in range(int(count or 0)):
             entries.setdefault(data / f"fineweb_{split}_{i:06d}.bin", {})["listed"] = True
+    if not any(path.parent == data for path in entries):  # a manifest of other datasets: nothing to compare with
+        return "", {}
     return str(manifest), entries
 
 
@@ -404,7 +406,7 @@ def check_data(cfg, hash_files: bool = True) -> Result:
                       (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
     if not source:
         return Result("WARN", "data", f"{figure}; headers and sizes only: no summary.json in DATA_PATH and no "
-                                      "downloader manifest.json above it to compare with")
+                                      "downloader manifest.json above it that lists it, to compare with")
     unhashed = len([p for p in local if p in entries]) - len(digests)
     how = (f"sha256 of {len(digests)} files matches {source} ({time.perf_counter() - start:.1f} s)" if digests else
            f"sizes only: {source} lists no sha256" if hash_files else f"sizes only (--no-hash) against {source}")

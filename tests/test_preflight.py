@@ -115,6 +115,9 @@ def test_a_downloaded_folder_is_checked_by_size_unless_its_manifest_lists_hashes
     (alone / "summary.json").unlink()
     warned = preflight.check_data(cfg_for(alone))
     assert warned.status == "WARN" and "headers and sizes only" in warned.figure
+    other = tmp_path / "datasets" / "fineweb10B_sp4096"  # beside the one the manifest describes, not in it
+    shutil.copytree(alone, other)
+    assert preflight.check_data(cfg_for(other)).status == "WARN"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -346,6 +346,19 @@ def test_a_non_causal_script_is_refused_and_nothing_written(tmp_path, capsys):
            "moved the score of target " in err and err.count("\n") == 2  # the probing note, then one error line
 
 
+def test_logs_whose_evaluations_are_not_their_settings_are_refused(tmp_path, capsys):
+    """A log claiming an unmixed score while its settings mix (MIX_ETA=1): no_ngram_cache would be false."""
+    source = (ROOT / "train_gpt.py").read_bytes()
+    runs = [write_log(tmp_path / "runs", source, ROUNDTRIP_ONLY, seed, 3.7) for seed in (1, 2)]
+    log = runs[1] / "seed2.txt"
+    log.write_bytes(log.read_bytes().replace(b'"mix_eta": 0.0', b'"mix_eta": 1.0'))
+    first = runs[0] / "seed1.txt"
+    first.write_bytes(first.read_bytes().replace(b'"mix_eta": 0.0', b'"mix_eta": 1.0'))
+    code, err = make_in_process(tmp_path / "record", runs, capsys=capsys)
+    assert code == 2 and "seed1.txt: its final evaluations (roundtrip) are not those its settings give " \
+                         "(roundtrip_mix)" in err, err
+
+
 def test_the_blurb_is_required_when_the_runs_use_the_defaults(tmp_path, capsys):
     runs = [write_log(tmp_path / "runs", (ROOT / "train_gpt.py").read_bytes(), {}, seed, 1.08) for seed in (1, 2)]
     code, err = make_in_process(tmp_path / "record", runs, capsys=capsys)
