@@ -77,11 +77,13 @@ def probe_env(settings: dict[str, str], tg) -> dict[str, str]:
     env.update(PROBE_SHAPE)
     window, head_dim = int(PROBE_SHAPE["TRAIN_SEQ_LEN"]), int(PROBE_SHAPE["MODEL_DIM"]) // int(PROBE_SHAPE["NUM_HEADS"])
     run_window = run.eval_seq_len or run.train_seq_len
-    if run.eval_seq_len:
-        window = 24
+    if run.eval_seq_len:  # a window of its own, unless it is the training one
+        window = window if run.eval_seq_len == run.train_seq_len else 24
         env["EVAL_SEQ_LEN"] = str(window)
     env["EVAL_STRIDE"] = "0" if not run.eval_stride else str(window if run.eval_stride >= run_window else 4)
-    env["ROPE_DIMS"] = str(run.rope_dims if run.rope_dims <= head_dim // 2 else 0)  # partial stays partial
+    run_head_dim = run.model_dim // run.num_heads  # partial RoPE stays partial, at the same fraction of the head
+    env["ROPE_DIMS"] = str(min(head_dim, max(2, 2 * round(run.rope_dims * head_dim / run_head_dim / 2)))
+                           if run.rope_dims and run.rope_dims < run_head_dim else 0)
     env["GATE_WINDOW"] = str(min(run.gate_window, int(PROBE_SHAPE["MODEL_DIM"])))
     env["TTT_PHASES"] = "2" if run.ttt_phases else ""
     return env
