@@ -11,7 +11,8 @@ reads through DATA_PATH, the same as the published challenge data:
 
     fineweb_train_000000.bin ...   training split, --shard-tokens tokens per file
     fineweb_val_000000.bin ...     validation split
-    summary.json                   documents / tokens / text bytes per split, inputs, tokenizer
+    summary.json                   documents / tokens / text bytes per split, each shard's tokens,
+                                   bytes and sha256, inputs, tokenizer (with its sha256)
     tokenizer.model, .vocab        only when --vocab-size trains a new tokenizer
     fineweb_val_bytes_000000.bin   only with --transform caseops: per-token byte counts (below)
 
@@ -363,6 +364,8 @@ class ShardWriter:
         self.file.write(header.tobytes())
         self.file.close()
         self.stats.shards[-1]["tokens"] = self.in_file
+        self.stats.shards[-1]["bytes"] = HEADER_WORDS * 4 + 2 * self.in_file
+        self.stats.shards[-1]["sha256"] = file_sha256(self.folder / self.stats.shards[-1]["file"])  # preflight checks it
         self.file = None
 
     def add(self, tokens: np.ndarray, documents: int, text_bytes: int) -> None:

@@ -7,6 +7,8 @@ A log is `runs/<RUN_ID>/<RUN_ID>.txt`. What this module relies on, and nothing e
   * the other header lines of `key:value` pairs (`torch_version:`, `world_size:`, `gpu:`, ...,
     `train_shards:`), the last value of a line may contain spaces (a GPU's name);
   * `step:S/N train_loss:X train_time:Tms ...` and `step:S/N val_loss:X val_bpb:Y ...` lines;
+  * `shipped_code:<path> bytes:<n> (...)`: the code file the run wrote beside its artifact and counted (the packed
+    copy by default; train_gpt.py in the run folder);
   * `stopping_early: ...` and the last line, `final_summary {json}`, present only when the run
     finished (EVAL_ONLY runs have one too, with `eval_only` set and no training fields).
 Anything else in the log may change without breaking the tools.
@@ -53,6 +55,8 @@ class RunLog:
     train: list = dataclasses.field(default_factory=list)  # (step, train_loss, train_time_ms)
     val: list = dataclasses.field(default_factory=list)  # (step, val_loss, val_bpb) before export
     stopping_early: str | None = None
+    shipped_code: Path | None = None  # the code file the run shipped and counted, in the log's folder
+
 
     @property
     def name(self) -> str:
@@ -132,6 +136,8 @@ def read_log(path: Path) -> RunLog:
     for line in text.splitlines():
         if line.startswith(tuple(k + ":" for k in HEADER_KEYS)):
             run.header.update(key_values(line))
+        elif line.startswith("shipped_code:"):  # the file lies beside the log, whatever the run's working folder
+            run.shipped_code = path.parent / Path(line.removeprefix("shipped_code:").split(" bytes:")[0]).name
         elif line.startswith("stopping_early:"):
             run.stopping_early = line.removeprefix("stopping_early:").strip()
         elif line.startswith("final_summary {"):

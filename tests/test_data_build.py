@@ -102,6 +102,13 @@ def test_shards_are_bos_plus_encoded_documents_exactly(tmp_path, sp1024, sample_
     assert summary["splits"]["val"]["documents"] == len(val_docs)
     assert summary["tokenizer"]["vocab_size"] == 1024
     assert summary["tokenizer"]["sha256"] == hashlib.sha256(SP1024.read_bytes()).hexdigest()  # train_gpt checks it
+    for split in ("train", "val"):  # each shard as written: scripts/preflight.py checks them against these
+        assert [s["file"] for s in summary["splits"][split]["shards"]] == [
+            p.name for p in sorted(out.glob(f"fineweb_{split}_*.bin"))]
+        for s in summary["splits"][split]["shards"]:
+            data = (out / s["file"]).read_bytes()
+            assert (s["bytes"], s["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+            assert s["bytes"] == 1024 + 2 * s["tokens"]
 
 
 def test_same_bytes_with_one_and_two_workers(tmp_path):

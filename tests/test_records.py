@@ -3,6 +3,7 @@ the Welch test (scripts/welch.py), on real tiny CPU runs and copies of their log
 reviewers find them (another setting, other code, unfinished, over the cap, over time)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_script, tiny_env
+import train_gpt
+from conftest import PLAIN_SHAPE, ROOT, run_script, tiny_env
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import eval_probes  # noqa: E402
+import make_record  # noqa: E402
 import train_gpt  # noqa: E402
 import welch  # noqa: E402
 from runlog import RunLog, read_log  # noqa: E402
@@ -89,14 +93,17 @@ def test_record_from_three_seeds(seed_runs, tmp_path):
     assert sub["statistics"]["previous_val_bpb"] == [3.9, 3.95, 3.92] and sub["statistics"]["p"] < 0.25
     ratio = statistics.mean(s["val_loss"] / s["val_bpb"] for s in runs)  # nats per bpb = ln 2 x bytes/token
     assert sub["statistics"]["nats_per_bpb"] == pytest.approx(ratio) == welch.nats_per_bpb(str(out))
-    # the shipped code and logs, byte for byte
+    # the shipped code and logs (named as upstream names them), byte for byte
     assert (out / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
     for s in SEEDS:
-        assert (out / f"seed{s}.txt").read_bytes() == (seed_runs / "runs" / f"seed{s}" / f"seed{s}.txt").read_bytes()
+        log = seed_runs / "runs" / f"seed{s}" / f"seed{s}.txt"
+        assert (out / f"train_seed{s}.log").read_bytes() == log.read_bytes()
     readme = (out / "README.md").read_text()
     assert f"| 2 | {runs[1]['val_bpb']:.8f} |" in readme and "one-sided Welch t-test" in readme
-    assert "(`final_int8_brotli_sliding_mix`)" in readme and "the n-gram experts count only targets already" in readme
+    assert "(`final_int8_brotli_sliding_mix`)" in readme and "## The n-gram mixer" in readme
     assert "hashed-trigram experts counted from already-scored targets only" in sub["compliance"]["evaluation"]
+    assert sub["compliance"]["causal"]["evaluations"] == ["roundtrip", "sliding_mix"]  # probed, both
+    assert sub["compliance"]["hashed_ngram_cache"] and not sub["compliance"]["no_ngram_cache"]
     command = re.search(r"```bash\n(.*?)\n```", readme, re.S)[1]
     assert command.startswith("SEED=1 ") and command.endswith("python3 train_gpt.py")
     assert "ITERATIONS=6" in command and "MODEL_DIM=64" in command and "RUN_ID" not in command
@@ -183,6 +190,179 @@ def test_evaluation_kinds_keep_their_suffixes():
     run = RunLog(Path("x.txt"), {}, {"evals": {name: {"val_bpb": i} for i, name in enumerate(names)}})
     assert {k: e["val_bpb"] for k, e in run.evals_by_kind().items()} == dict(
         roundtrip=0, sliding=1, ttt_mix=2, ttt_lora=3, sliding_mix=4, pre_export=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compliance block: what the probes of the shipped script found (fast: logs written here, no training)
+# ---------------------------------------------------------------------------------------------
+
+TINY = dict(PLAIN_SHAPE, VOCAB_SIZE="1024", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2",
+            TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="6", GPTQ="0", EMA_HORIZON="0",
+            EXPORT_WEIGHTS="last", TTT_EPOCHS="1")
+ROUNDTRIP_ONLY = dict(TINY, EVAL_STRIDE="0", TTT_LR="0", MIX_ETA="0")
+# Stand-ins: the repository's train_gpt.py with one thing broken, appended (through the names that stay).
+LEAKY = """
+_honest_evaluate = evaluate
+def evaluate(model, plan, tokens, *args, **kwargs):  # the weights see the whole text (its sum) before any score
+    shift = 1e-2 * float(tokens.long().sum() % 7)
+    with torch.no_grad():
+        next(model.parameters()).add_(shift)
+    try:
+        return _honest_evaluate(model, plan, tokens, *args, **kwargs)
+    finally:
+        with torch.no_grad():
+            next(model.parameters()).sub_(shift)
+"""
+TWICE = """
+_honest_evaluate = evaluate
+def evaluate(*args, **kwargs):  # a second pass after the first: every target scored twice
+    _honest_evaluate(*args, **kwargs)
+    return _honest_evaluate(*args, **kwargs)
+"""
+UNNORMALIZED = """
+class NgramMixer(NgramMixer):
+    def mix(self, tokens, pos, nll):  # every token's probability times e^0.1: sums to 1.105
+        return super().mix(tokens, pos, nll) - 0.1
+"""
+COUNTS_FIRST = """
+_honest_evaluate = evaluate
+def evaluate(model, plan, tokens, cfg, rank, world_size, tables, autocast, window, stride, adapter="none",
+             nll_out=None, mixer=None):  # the cache of every target filled before scoring (a lookahead cache)
+    if mixer is not None:
+        mixer.update(tokens, 0, len(tokens) - 1, world_size)
+    return _honest_evaluate(model, plan, tokens, cfg, rank, world_size, tables, autocast, window, stride, adapter,
+                            nll_out, mixer)
+"""
+
+
+def stand_in(extra: str):
+    return eval_probes.load_module((ROOT / "train_gpt.py").read_bytes() + extra.encode())
+
+
+def test_the_probes_hold_for_this_train_gpt_and_say_what_they_measured():
+    result = eval_probes.probe(train_gpt, dict(TINY, EVAL_STRIDE="16", TTT_LR="0.005", MIX_ETA="1"))
+    assert result["passed"] and result["targets"] == 240
+    assert [k["kind"] for k in result["evaluations"]] == ["roundtrip", "sliding", "ttt_mix"]
+    for k in result["evaluations"]:
+        assert k["single_pass"] == dict(each_target_once=True, min_writes=1, max_writes=1, loss_is_their_mean=True,
+                                        one_byte_each=True, passed=True)
+        assert k["causal"]["max_earlier_change_nats"] <= eval_probes.TOLERANCE_NATS and k["causal"]["change_seen"]
+    mixer = result["evaluations"][-1]["mixer"]
+    assert mixer["normalized"]["max_abs_sum_minus_1"] < 1e-12 and mixer["normalized"]["min_probability"] > 0
+    chunks = math.ceil(240 / 48)  # PROBE_SHAPE's TTT_CHUNK
+    assert mixer["score_first"] == dict(passed=True, count_updates=chunks, score_calls=mixer["score_first"][
+        "score_calls"], targets_counted=240, problems=[])
+
+
+@pytest.mark.parametrize("extra, settings, failure", [
+    (LEAKY, ROUNDTRIP_ONLY, "roundtrip: not causal (changing token 3 moved the score of target "),
+    (TWICE, ROUNDTRIP_ONLY, "roundtrip: not single-pass (targets written 2..2 times"),
+    (UNNORMALIZED, dict(ROUNDTRIP_ONLY, MIX_ETA="1"), "roundtrip_mix: the mixer is not normalized (sums off by 0.10"),
+    (COUNTS_FIRST, dict(ROUNDTRIP_ONLY, MIX_ETA="1"), "roundtrip_mix: the mixer is not score-first (['targets 0..239 "
+                                                      "counted before all were scored'"),
+], ids=["leaky", "twice", "unnormalized", "counts_first"])
+def test_the_probes_catch_a_broken_evaluation(extra, settings, failure):
+    result = eval_probes.probe(stand_in(extra), settings)
+    assert not result["passed"]
+    assert any(line.startswith(failure) for line in eval_probes.failures(result)), eval_probes.failures(result)
+    if extra is COUNTS_FIRST:  # the lookahead cache moves earlier scores too
+        assert any("roundtrip_mix: not causal" in line for line in eval_probes.failures(result))
+
+
+def write_log(folder: Path, source: bytes, settings: dict, seed: int, bpb: float) -> Path:
+    """A finished run's log as train_gpt.py writes it (config line, its source, header, final_summary), for
+    `source` with `settings`, without training: make_record reads no more than this (scripts/runlog.py)."""
+    cfg = train_gpt.build_config({**settings, "SEED": str(seed), "RUN_ID": f"seed{seed}"})
+    kinds = [kind for kind, *_ in train_gpt.evaluation_windows(cfg)]
+    evals = {f"final_int8_brotli_{k}": dict(val_loss=1.5 * bpb, val_bpb=bpb, eval_time_ms=900) for k in kinds}
+    summary = dict(val_bpb=bpb, val_loss=1.5 * bpb, evals=evals, bytes_code=len(source), bytes_model=250_000,
+                   bytes_total=len(source) + 250_000, steps=6, train_time_ms=600, seed=seed, world_size=1,
+                   score_line=f"final_int8_brotli_{kinds[-1]} val_loss:{1.5 * bpb:.4f} val_bpb:{bpb:.4f} "
+                              "eval_time:900ms")
+    lines = ["=" * 100, f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} "
+             "code_file:train_gpt.py", f"torch_version:{torch.__version__} cuda_version:None attention_backend:sdpa "
+             "world_size:1 gpu_count:0 gpu:none", "train_shards:2 train_shard_tokens:347565",
+             "final_summary " + json.dumps(summary, sort_keys=True)]
+    path = folder / f"seed{seed}" / f"seed{seed}.txt"
+    path.parent.mkdir(parents=True)
+    config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    path.write_bytes(f"config {config}\n".encode() + source + ("\n" + "\n".join(lines) + "\n").encode())
+    return path.parent
+
+
+def make_in_process(out: Path, runs: list[Path], *extra: str, capsys=None) -> tuple[int, str]:
+    code = make_record.main([*map(str, runs), "--name", "Tiny_CPU", "--out", str(out), "--track", "non_record_16mb",
+                             *extra])
+    return code, capsys.readouterr().err if capsys else ""
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_the_compliance_block_comes_from_the_probes_of_the_shipped_script(tmp_path, capsys, mixed):
+    settings = dict(TINY, EVAL_STRIDE="16", TTT_LR="0.005", MIX_ETA="1" if mixed else "0")
+    source = (ROOT / "train_gpt.py").read_bytes()
+    runs = [write_log(tmp_path / "runs", source, settings, seed, 3.7 + seed / 100) for seed in SEEDS]
+    out = tmp_path / "record"
+    code, err = make_in_process(out, runs, "--attribution", "qk_gain=ours", capsys=capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "requirements.txt", "submission.json",
+                                                     "train_gpt.py", "train_seed1.log", "train_seed2.log",
+                                                     "train_seed3.log"]
+    sub = json.loads((out / "submission.json").read_text())
+    c = sub["compliance"]
+    kinds = ["roundtrip", "sliding", "ttt_mix" if mixed else "ttt"]
+    assert c["causal"]["checked"] and c["causal"]["targets_probed"] == 240 and c["causal"]["evaluations"] == kinds
+    assert c["causal"]["perturbed_tokens"] == list(eval_probes.PERTURB_AT) and c["causal"]["max_earlier_change_nats"] \
+        <= 1e-5
+    assert c["single_pass"]["targets_probed"] == 240 and c["single_pass"]["evaluations"] == kinds
+    assert c["score_first_ttt"] and c["test_time_training"] == "sgd"
+    assert (c["no_ngram_cache"], c["hashed_ngram_cache"], "ngram_mixer" in c) == (not mixed, mixed, mixed)
+    readme = (out / "README.md").read_text()
+    if mixed:
+        mixer = c["ngram_mixer"]
+        assert (mixer["mix_eta"], mixer["mix_buckets"], mixer["evaluation"]) == (1.0, 65536, "ttt_mix")
+        assert mixer["normalized_over_vocabulary"]["max_abs_sum_minus_1"] < 1e-6 == mixer[
+            "normalized_over_vocabulary"]["tolerance"]
+        assert mixer["score_first"]["count_updates"] == 5 and mixer["score_first"]["targets_counted"] == 240
+        assert mixer["hashed_ngram_cache"] and "PR #982" in mixer["why_it_does_not_leak"]
+        assert c["normalized_distribution"]["mixture"] == mixer["normalized_over_vocabulary"]
+        assert "## The n-gram mixer" in readme and "PR #1514" in readme and "MIX_ETA=0" in readme
+        assert sub["attribution"]["ngram_mixer"].startswith("this repository")
+    else:
+        assert "## The n-gram mixer" not in readme and "no n-gram statistics are built" in readme
+        assert "ngram_mixer" not in sub["attribution"]
+    assert sub["attribution"]["qk_gain"] == "ours" and sub["attribution"]["legal_ttt_framework"].endswith("(PR #549)")
+    assert sub["blurb"].startswith("train_gpt.py with ") and "TTT_EPOCHS=1" in sub["blurb"]  # from the settings
+    assert "score-first TTT (SGD, 1 epochs)" in sub["technique_summary"] and sub["technique_summary"].startswith(
+        "SP1024 + 2 blocks x 64 (2 layers)")
+
+
+def test_a_non_causal_script_is_refused_and_nothing_written(tmp_path, capsys):
+    source = (ROOT / "train_gpt.py").read_bytes() + LEAKY.encode()
+    runs = [write_log(tmp_path / "runs", source, ROUNDTRIP_ONLY, seed, 3.7) for seed in (1, 2)]
+    out = tmp_path / "record"
+    code, err = make_in_process(out, runs, capsys=capsys)
+    assert code == 2 and not out.exists()
+    assert "error: the shipped train_gpt.py fails the compliance probes: roundtrip: not causal (changing token 3 " \
+           "moved the score of target " in err and err.count("\n") == 2  # the probing note, then one error line
+
+
+def test_logs_whose_evaluations_are_not_their_settings_are_refused(tmp_path, capsys):
+    """A log claiming an unmixed score while its settings mix (MIX_ETA=1): no_ngram_cache would be false."""
+    source = (ROOT / "train_gpt.py").read_bytes()
+    runs = [write_log(tmp_path / "runs", source, ROUNDTRIP_ONLY, seed, 3.7) for seed in (1, 2)]
+    log = runs[1] / "seed2.txt"
+    log.write_bytes(log.read_bytes().replace(b'"mix_eta": 0.0', b'"mix_eta": 1.0'))
+    first = runs[0] / "seed1.txt"
+    first.write_bytes(first.read_bytes().replace(b'"mix_eta": 0.0', b'"mix_eta": 1.0'))
+    code, err = make_in_process(tmp_path / "record", runs, capsys=capsys)
+    assert code == 2 and "seed1.txt: its final evaluations (roundtrip) are not those its settings give " \
+                         "(roundtrip_mix)" in err, err
+
+
+def test_the_blurb_is_required_when_the_runs_use_the_defaults(tmp_path, capsys):
+    runs = [write_log(tmp_path / "runs", (ROOT / "train_gpt.py").read_bytes(), {}, seed, 1.08) for seed in (1, 2)]
+    code, err = make_in_process(tmp_path / "record", runs, capsys=capsys)
+    assert code == 2 and "nothing to describe: say what this entry changes and why with --blurb TEXT" in err
 
 
 # ---------------------------------------------------------------------------------------------
