@@ -1296,9 +1296,9 @@ class GPT(nn.Module):
             return CAUSAL
         if self.fa3 and not eager:
             return AttentionMask("varlen", varlen_segments(input_ids))
-        doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)  # each token's document: BOSes up to it
         if eager:
-            return AttentionMask("dense", (doc[:, None, :, None] == doc[:, None, None, :]).tril())
+            return AttentionMask("dense", document_mask(input_ids))
+        doc, T = torch.cumsum(input_ids == BOS_ID, 1), input_ids.size(1)  # each token's document: BOSes up to it
 
         def same_document(b, h, q, k):
             return (q >= k) & (doc[b, q] == doc[b, k])
@@ -1356,6 +1356,12 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
         return self.head_loss(self.hidden(input_ids, plan), self.tok_emb.weight, target_ids, self.cfg.logit_softcap)
+
+
+def document_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """SDPA's boolean [B, 1, T, T] mask: each token sees earlier tokens of its own document (BOSes up to it)."""
+    doc = torch.cumsum(input_ids == BOS_ID, 1)
+    return (doc[:, None, :, None] == doc[:, None, None, :]).tril()
 
 
 def varlen_segments(input_ids: torch.Tensor) -> torch.Tensor:
@@ -2845,6 +2851,7 @@ def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
     fa3 = attention_backend_name(cfg, rt.device.type).startswith("fa3")
     with rt.device:  # initialized where it runs: CPU QR for the orthogonal init took minutes with 4 runs on one host
         base = GPT(cfg, torch.bfloat16 if cuda else torch.float32, cfg.compile and cuda, fa3)
+    use_flash_attention_if_sound(cfg, rt, base)
     model = base
     if rt.distributed:
         device_ids = [rt.local_rank] if cuda else None
@@ -2861,6 +2868,56 @@ def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
         f"micro_batch_seqs:{cfg.micro_batch_seqs}"
     )
     return base, model
+
+
+def flash_attention_fault(cfg: Config, fa3, device) -> str | None:
+    """None when FlashAttention 3 gives PyTorch's attention (output and gradients, to bf16 rounding) on random bf16
+    tokens of this run's shapes (dense, and with DOC_MASK its varlen kernel on documents of random lengths), else
+    what went wrong. A broken build or a kernel for another GPU then costs a slower run, not a wrong one."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    B, T, H, KV = 2, cfg.train_seq_len, cfg.num_heads, cfg.num_kv_heads
+    D = cfg.model_dim // H
+    fast, reference = (Attention(cfg.model_dim, H, KV, 1.0, False, module) for module in (fa3, None))
+    ids = torch.randint(2, cfg.vocab_size, (B, T), device=device, generator=generator)
+    ids[:, torch.randint(0, T, (8,), device=device, generator=generator)] = BOS_ID  # 8 document boundaries a row
+    masks = [(CAUSAL, CAUSAL)]
+    if cfg.doc_mask:
+        masks.append((AttentionMask("varlen", varlen_segments(ids)), AttentionMask("dense", document_mask(ids))))
+    for fast_mask, reference_mask in masks:
+        q, k, v = (
+            torch.randn(B, h, T, D, device=device, generator=generator, dtype=torch.bfloat16) for h in (H, KV, KV)
+        )
+        cotangent = torch.randn(B, H, T, D, device=device, generator=generator, dtype=torch.bfloat16)
+        results = []
+        for attention, mask in ((fast, fast_mask), (reference, reference_mask)):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            try:
+                out = attention.attend(*inputs, mask)
+                grads = torch.autograd.grad((out.float() * cotangent.float()).sum(), inputs)
+            except Exception as exc:  # any failure of the fast path: fall back
+                return f"{fast_mask.kind} attention raised {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            results.append([out, *grads])
+        for name, got, want in zip(("output", "dq", "dk", "dv"), *results):
+            got, want = got.detach().float(), want.detach().float()
+            error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            if not error <= 2e-2:  # bf16 kernels agree to ~5e-3; NaN fails too
+                return f"{fast_mask.kind} attention's {name} differs from PyTorch's by {error:.2e} (relative)"
+    return None
+
+
+def use_flash_attention_if_sound(cfg: Config, rt: Runtime, base: GPT) -> None:
+    """Check FlashAttention 3 against PyTorch's attention before any compile (every rank, agreed): on a fault, one
+    log line and the whole run uses SDPA / flex_attention instead."""
+    if not base.fa3:
+        return
+    fault = flash_attention_fault(cfg, base.blocks[0].attn.fa3, rt.device)
+    if rt.agree_max(float(fault is not None)) == 0:
+        rt.log("attention_check fa3: output and gradients match PyTorch's attention")
+        return
+    rt.log(f"attention_check fa3: {fault or 'failed on another rank'}; this run uses PyTorch's attention instead")
+    base.fa3 = False
+    for block in base.blocks:
+        block.attn.fa3 = None
 
 
 def check_free_space(rt: Runtime, base: GPT, out: Path) -> None:

@@ -288,3 +288,49 @@ def test_fa3_varlen_lets_nothing_cross_a_bos_and_a_cu_without_the_bos_would(monk
         assert len(calls) == 2 * cfg.num_layers and not torch.allclose(a[0, :12], b[0, :12])
         assert torch.equal(a[1], b[1])  # the other row
         assert torch.equal(a[0, 12:], b[0, 12:]) != rows_only
+
+
+def broken_stand_in(monkeypatch, fault: str) -> None:
+    """The stand-in above with one fault: its dense or its varlen kernel wrong (non-causal: later tokens leak), or
+    raising (as an FA3 build for another GPU does)."""
+    flash_attn_stand_in(monkeypatch)
+    good = sys.modules["flash_attn_interface"]
+
+    def leaky_dense(q, k, v, causal=False):
+        return good.flash_attn_func(q, k, v, causal=False)
+
+    def leaky_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+        return good.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, False)
+
+    def raising(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Hopper GPUs")
+
+    dense, varlen = {"dense": (leaky_dense, good.flash_attn_varlen_func),
+                     "varlen": (good.flash_attn_func, leaky_varlen), "raising": (raising, raising)}[fault]
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(
+        flash_attn_func=dense, flash_attn_varlen_func=varlen))
+
+
+@pytest.mark.parametrize("fault, doc_mask, expected", [
+    (None, 0, None), (None, 1, None),
+    ("dense", 0, "causal attention's output differs"), ("varlen", 1, "varlen attention's output differs"),
+    ("varlen", 0, None),  # without DOC_MASK the varlen kernel is never called: not checked, not needed
+    ("raising", 0, "causal attention raised RuntimeError: FlashAttention only supports Hopper GPUs"),
+])
+def test_flash_attention_is_checked_against_pytorch_before_the_run_uses_it(monkeypatch, capsys, fault, doc_mask,
+                                                                           expected):
+    """FA3 when it imports: right, it stays (one line says so); wrong or raising, one line says what and the run uses
+    PyTorch's attention (the model's blocks lose it before anything compiles)."""
+    if fault is None:
+        flash_attn_stand_in(monkeypatch)
+    else:
+        broken_stand_in(monkeypatch, fault)
+    cfg = cfg_of(DOC_MASK=doc_mask, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=128)
+    fault_found = train_gpt.flash_attention_fault(cfg, sys.modules["flash_attn_interface"], torch.device("cpu"))
+    assert fault_found == expected or (expected and fault_found.startswith(expected)), fault_found
+    model = GPT(cfg, torch.bfloat16, fa3=True)
+    train_gpt.use_flash_attention_if_sound(cfg, train_gpt.Runtime(0, 1, 0, torch.device("cpu")), model)
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("attention_check fa3:")]
+    assert len(line) == 1 and (expected is None) == model.fa3
+    assert all((block.attn.fa3 is None) == (expected is not None) for block in model.blocks)
+    assert ("uses PyTorch's attention instead" in line[0]) == (expected is not None)
