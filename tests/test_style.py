@@ -13,7 +13,7 @@ SOURCE = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
 
 def test_line_budget_is_stated_and_kept():
     budget = int(re.search(r"Line budget: ([\d,]+) lines", SOURCE)[1].replace(",", ""))
-    assert budget == 2400 and len(SOURCE.splitlines()) <= budget
+    assert budget == 2700 and len(SOURCE.splitlines()) <= budget
 
 
 def test_no_function_over_80_lines():
