@@ -1909,7 +1909,11 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                    f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms")
             clock = rt.clock()
-        if last:
+        if last:  # a signal from now on stops at once; one that came before (in the final validation) is polled here
+            TRAINING_LOOP[0] = False
+            if rt.agree_max(float(bool(STOP_SIGNALS))):
+                save_checkpoint(out / "checkpoint", cfg, rt, parts, state)
+                stop_for_signal(state, out)
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
         choose_depth(cfg, rt, state, t)
@@ -1938,9 +1942,14 @@ def train(model, base: GPT, cfg: Config, rt: Runtime, plans: dict[int, Plan], op
             save_checkpoint(out / "checkpoint", cfg, rt, parts, state)
             clock, checkpoint_ms = time.perf_counter(), elapsed_ms  # writing it is not training time
         if stop_asked:  # agreed across ranks, like every decision that stops training
-            SIGNAL_STATE["stopping"] = True  # the checkpoint is whole: a later signal has nothing left to stop
-            raise Interrupted(f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
-                              f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}")
+            stop_for_signal(state, out)
+
+
+def stop_for_signal(state: TrainState, out: Path) -> None:
+    """Training stops on a stop signal, agreed across ranks, once its checkpoint is written: exit code 5."""
+    SIGNAL_STATE["stopping"] = True  # the checkpoint is whole: a later signal has nothing left to stop
+    raise Interrupted(f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
+                      f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}")
 
 
 STOP_SIGNALS: list[str] = []  # one name per delivery (sort_stop_signal); the training loop polls it every step

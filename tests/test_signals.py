@@ -4,6 +4,7 @@ at the step's end and exit code 5, and RESUME then ends exactly as a run never s
 finds no training, stops at once."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,8 @@ import torch
 
 import train_gpt
 from conftest import ROOT, clean_environ, run_script, tiny_env, write_shard
-from train_gpt import Interrupted, map_shard
+from train_gpt import (GPT, Interrupted, Runtime, WeightAverages, build_config, build_optimizers, find_shards,
+                       make_train_loader, map_shard, plan_for, train, training_repeats)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,23 @@ def test_a_signal_outside_training_stops_at_once(watched):
     with pytest.raises(Interrupted, match="^SIGTERM received outside a training step: stopped"):
         os.kill(os.getpid(), signal.SIGTERM)
         settle()
+
+
+def test_a_signal_during_the_final_validation_writes_the_last_checkpoint(tiny_data, tmp_path, watched):
+    """No step follows the final validation to poll a signal that came during it: the loop asks once more, so the
+    run stops with a checkpoint of its last step (RESUME then validates and exports) rather than being killed."""
+    cfg, rt = build_config(tiny_env(tiny_data, ITERATIONS=3)), Runtime(0, 1, 0, torch.device("cpu"))
+    model = GPT(cfg)
+    loader = make_train_loader(cfg, find_shards(str(tiny_data), "train"), 0, 1, rt.device)
+
+    def validate():  # VAL_LOSS_EVERY=0: only the final one; a scheduler's SIGTERM arrives while it runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        settle()
+        return 5.0, 3.0
+    with pytest.raises(Interrupted, match="^SIGTERM received: training stopped after step 3, wrote a checkpoint"):
+        train(model, model, cfg, rt, {r: plan_for(cfg, r) for r in training_repeats(cfg)},
+              build_optimizers(cfg, model, 0, 1, fused=False), loader, validate, WeightAverages(cfg, model), tmp_path)
+    assert json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())["step"] == 3
 
 
 @pytest.mark.slow
