@@ -1957,7 +1957,7 @@ TRAINING_LOOP = [False]  # whether that loop is running (it then stops every ran
 # Signals that arrive within this many seconds of a delivery's first are copies of it. torchrun forwards a signal to
 # its workers within milliseconds (tenths of a second on a loaded host); a person's second Ctrl-C comes seconds later.
 SIGNAL_WINDOW_S = 1.0
-SIGNAL_STATE = dict(delivered_at=-math.inf, stop_now=False, stopping=False, pipe=-1)
+SIGNAL_STATE = dict(delivered_at=-math.inf, stop_now=False, stopping=False, pipe=-1, hint="")
 SIGNAL_LOCK = threading.RLock()  # the watcher thread and the handler read the pipe and sort what they read under it
 
 
@@ -1969,7 +1969,7 @@ def watch_stop_signals() -> None:
     the C-level handler writes to the wakeup pipe, takes the times; the handler sorts what the thread has not."""
     STOP_SIGNALS.clear()
     read_end, write_end = os.pipe()
-    SIGNAL_STATE.update(delivered_at=-math.inf, stop_now=False, stopping=False, pipe=read_end)
+    SIGNAL_STATE.update(delivered_at=-math.inf, stop_now=False, stopping=False, pipe=read_end, hint="")
     os.set_blocking(read_end, False)  # whichever of the two readers comes second finds it empty
     os.set_blocking(write_end, False)  # a signal handler must never wait on a full pipe
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -2014,7 +2014,8 @@ def on_stop_signal(number: int, frame) -> None:
         SIGNAL_STATE["stopping"] = True
         if len(STOP_SIGNALS) > 1:
             raise Interrupted(f"{STOP_SIGNALS[-1]} received again: stopped at once; the last whole checkpoint stays")
-        raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left")
+        raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left"
+                          f"{SIGNAL_STATE['hint']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2314,6 +2315,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     if rt.main:  # the float checkpoint replaces the resumable one
         write_whole(out / "final_model.float.pt", partial(torch.save, averages.checkpoint()))
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    SIGNAL_STATE["hint"] = f"; training had ended: EVAL_ONLY={out / 'final_model.float.pt'} exports and scores it"
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
     results = []
