@@ -2107,8 +2107,9 @@ def join_process_group(rank: int, world_size: int, backend: str, device) -> None
     """init_process_group. torchrun has started every rank and its agent holds the store: torch's own path. Ranks
     from another launcher (srun, mpirun), or WORLD_SIZE and RANK left in a plain `python train_gpt.py`'s environment,
     meet in a store made here: torch's env:// waits 30 minutes for peers that may never come. Launchers start every
-    rank within seconds, and a cold import of torch from a network filesystem takes up to about a minute: the peers
-    get JOIN_TIMEOUT_S, twice that, then the run is refused naming the variables. Ctrl-C works while it waits."""
+    rank within seconds, but a cold import of torch from a network filesystem can take tens of seconds (3 s from a
+    warm local disk here): the peers get JOIN_TIMEOUT_S, then the run is refused naming the variables. A person who
+    left WORLD_SIZE set waits two minutes, not thirty; Ctrl-C works while it waits."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return dist.init_process_group(backend, device_id=device)
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
