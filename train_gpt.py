@@ -16,6 +16,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import enum
 import hashlib
 import importlib
@@ -26,10 +27,12 @@ import math
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:
@@ -845,6 +849,9 @@ BOS_ID = 1  # every document starts with it (data/build_shards.py; the challenge
 
 def read_shard_header(path: Path) -> int:
     """Validate a shard's header and size; return its token count."""
+    require(
+        path.is_file(), f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not a token shard", DataError
+    )
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     require(
         header.size == HEADER_INTS,
@@ -877,6 +884,17 @@ def find_shards(data_path: str, split: str) -> list[Path]:
     for shard in shards:
         read_shard_header(shard)
     return shards
+
+
+def check_shard_tokens(path: Path, vocab_size: int) -> None:
+    """Refuse a shard holding a token id the model has no row for (built with another tokenizer) before training, not
+    when a batch happens to draw it: a vectorized max over the memory-mapped tokens, ~0.1 s per 100M tokens."""
+    top = int(map_shard(path).max())
+    require(
+        top < vocab_size,
+        f"{path}: token id {top} >= VOCAB_SIZE={vocab_size}; the shards were built with another tokenizer",
+        DataError,
+    )
 
 
 def map_shard(path: Path) -> np.ndarray:
@@ -1027,7 +1045,12 @@ def check_sidecars_match(cfg: Config, sp) -> None:
 def load_tokenizer(cfg: Config):
     import sentencepiece as spm
 
-    require(Path(cfg.tokenizer_path).is_file(), f"TOKENIZER_PATH={cfg.tokenizer_path}: file not found", DataError)
+    require(
+        Path(cfg.tokenizer_path).is_file(),
+        f"TOKENIZER_PATH={cfg.tokenizer_path}: "
+        f"{'a folder, not a SentencePiece .model file' if Path(cfg.tokenizer_path).is_dir() else 'file not found'}",
+        DataError,
+    )
     try:
         sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
     except Exception as exc:
@@ -1809,6 +1832,8 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
     evaluations would exceed EVAL_BUDGET_S here or at the competition's scale."""
     logits_fn = partial(eval_logits, base, plan_for(cfg, cfg.eval_passes), rt.autocast)
     num_targets, estimate = bounds[-1][1], {}
+    kinds = ", ".join(kind for kind, *_ in evaluation_windows(cfg))
+    rt.log(f"eval_budget: timing {kinds} on synthetic tokens (compiles their graphs: minutes on a cold cache)")
     for kind, window, stride, adapter in evaluation_windows(cfg):
         windows = math.ceil(len(plan_windows(num_targets, window, stride)[0]) / rt.world_size)  # this rank's
         rows = lora_rows(cfg, rt.world_size, window)
@@ -1826,7 +1851,8 @@ def check_eval_budget(base: GPT, cfg: Config, rt: Runtime, bounds: list) -> None
     scaled = competition_seconds(total, num_targets, rt.world_size, rt.device.type)
     parts = " ".join(f"{kind}:{seconds:.1f}s" for kind, seconds in estimate.items())
     rt.log(f"eval_budget_estimate {parts} total:{total:.1f}s budget:{cfg.eval_budget_s:g}s")
-    rt.log(f"eval_budget_competition total:{scaled:.1f}s (8 GPUs, 40,540,160 tokens, 50,000 documents; CUDA only)")
+    if rt.device.type == "cuda":  # a CPU's seconds say nothing of the competition's GPUs
+        rt.log(f"eval_budget_competition total:{scaled:.1f}s (8 GPUs, 40,540,160 tokens, 50,000 documents)")
     worst = max(total, scaled)
     if worst > cfg.eval_budget_s:
         ttt = sum(seconds for kind, seconds in estimate.items() if kind.startswith("ttt")) * worst / total
@@ -2578,9 +2604,14 @@ def log_phase_times(rt: Runtime, cfg: Config, state: TrainState) -> None:
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """Write under a temporary name, then rename: a kill leaves the previous file or the new one, never a part."""
+    """Write under a temporary name, then rename: a kill leaves the previous file or the new one, never a part. A write
+    that fails (a full disk, a file size limit) stops the run in one line naming the file, the previous one kept."""
     temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
+    try:
+        write(temporary)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise DataError(f"{path}: could not be written ({exc})") from None
     os.replace(temporary, path)
 
 
@@ -2604,6 +2635,8 @@ def save_checkpoint(folder: Path, cfg: Config, rt: Runtime, parts: dict, state: 
         write_whole(folder / "checkpoint.json", lambda p: p.write_text(manifest))
         for old in set(folder.glob("step*")) - set(folder.glob(f"step{state.step}.*")):
             old.unlink()
+    if rt.distributed:  # no rank exits on a stop before the checkpoint counts: torchrun would then kill rank 0
+        dist.barrier()
     rt.log(f"checkpoint step:{state.step} time:{time.perf_counter() - start:.2f}s folder:{folder}")
 
 
@@ -2658,7 +2691,11 @@ def train(
                 f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms"
             )
             clock = rt.clock()
-        if last:
+        if last:  # a signal from now on stops at once; one that came before (in the final validation) is polled here
+            TRAINING_LOOP[0] = False
+            if rt.agree_max(float(bool(STOP_SIGNALS))):
+                save_checkpoint(out / "checkpoint", cfg, rt, parts, state)
+                stop_for_signal(state, out)
             return state
         t = run_fraction(cfg, state.step, state.elapsed_ms / 1000)  # agreed across ranks
         choose_depth(cfg, rt, state, t)
@@ -2690,21 +2727,86 @@ def train(
             save_checkpoint(out / "checkpoint", cfg, rt, parts, state)
             clock, checkpoint_ms = time.perf_counter(), elapsed_ms  # writing it is not training time
         if stop_asked:  # agreed across ranks, like every decision that stops training
-            raise Interrupted(
-                f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
-                f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}"
-            )
+            stop_for_signal(state, out)
 
 
-STOP_SIGNALS: list[str] = []  # filled by main's signal handler; the training loop polls it every step
+def stop_for_signal(state: TrainState, out: Path) -> None:
+    """Training stops on a stop signal, agreed across ranks, once its checkpoint is written: exit code 5."""
+    SIGNAL_STATE["stopping"] = True  # the checkpoint is whole: a later signal has nothing left to stop
+    raise Interrupted(
+        f"{' and '.join(sorted(set(STOP_SIGNALS)))} received: training stopped after step "
+        f"{state.step}, wrote a checkpoint, exported nothing; continue with RESUME={out}"
+    )
+
+
+STOP_SIGNALS: list[str] = []  # one name per delivery (sort_stop_signal); the training loop polls it every step
 TRAINING_LOOP = [False]  # whether that loop is running (it then stops every rank on the same step)
+# Signals that arrive within this many seconds of a delivery's first are copies of it. torchrun's copy follows a job's
+# own signal by about a millisecond (docs/perf.md), a person's second Ctrl-C by seconds: 1 s leaves a loaded host,
+# slow to schedule torchrun, a thousand times that margin and still stops at once on a deliberate second signal.
+SIGNAL_WINDOW_S = 1.0
+SIGNAL_STATE = dict(delivered_at=-math.inf, stop_now=False, stopping=False, pipe=-1, hint="")
+SIGNAL_LOCK = threading.RLock()  # the watcher thread and the handler read the pipe and sort what they read under it
+
+
+def watch_stop_signals() -> None:
+    """SIGTERM and SIGINT as schedulers send them: to torchrun (which forwards them to every worker), to the workers,
+    or to every process of the job, when each worker gets two within milliseconds (its own and torchrun's copy).
+    sort_stop_signal counts signals by arrival time. Python runs a handler only between bytecodes of the main thread,
+    which may be seconds late (a CUDA sync, a collective, a checkpoint's write): so a thread, woken by the byte that
+    the C-level handler writes to the wakeup pipe, takes the times; the handler sorts what the thread has not."""
+    STOP_SIGNALS.clear()
+    read_end, write_end = os.pipe()
+    SIGNAL_STATE.update(delivered_at=-math.inf, stop_now=False, stopping=False, pipe=read_end, hint="")
+    os.set_blocking(read_end, False)  # whichever of the two readers comes second finds it empty
+    os.set_blocking(write_end, False)  # a signal handler must never wait on a full pipe
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop_signal)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:  # until the pipe's write end is closed
+        while select.select([read_end], [], [])[0] and read_stop_signals(read_end):
+            pass
+
+    threading.Thread(target=watch, name="stop_signals", daemon=True).start()
+
+
+def read_stop_signals(read_end: int) -> bool:
+    """Sort the signals whose bytes wait in the pipe as arriving now; False once its write end is closed."""
+    with SIGNAL_LOCK:
+        try:
+            arrived = os.read(read_end, 64)
+        except BlockingIOError:  # the other reader took them
+            return True
+        for number in arrived:
+            if number in (signal.SIGTERM, signal.SIGINT):
+                sort_stop_signal(number, time.monotonic())
+        return bool(arrived)
+
+
+def sort_stop_signal(number: int, now: float) -> None:
+    """Count a signal that arrived at `now` (time.monotonic()). A copy of the delivery under way, or any signal once
+    this process is stopping, counts for nothing. A new delivery during training is polled by the loop (every rank
+    finishes the step and writes a checkpoint); one elsewhere, or a second delivery (even while that checkpoint is
+    being written: the previous one stays), stops at once."""
+    if SIGNAL_STATE["stopping"] or now - SIGNAL_STATE["delivered_at"] < SIGNAL_WINDOW_S:
+        return
+    SIGNAL_STATE["delivered_at"] = now
+    STOP_SIGNALS.append(signal.Signals(number).name)
+    SIGNAL_STATE["stop_now"] = not TRAINING_LOOP[0] or len(STOP_SIGNALS) > 1
 
 
 def on_stop_signal(number: int, frame) -> None:
-    """During training, finish the step and stop together (polled); elsewhere, or on a second signal, at once."""
-    STOP_SIGNALS.append(signal.Signals(number).name)
-    if not TRAINING_LOOP[0] or len(STOP_SIGNALS) > 1:
-        raise Interrupted(f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left")
+    """Python's handler (main thread): sort what the watcher has not, then raise if the run stops at once."""
+    read_stop_signals(SIGNAL_STATE["pipe"])
+    if SIGNAL_STATE["stop_now"] and not SIGNAL_STATE["stopping"]:
+        SIGNAL_STATE["stopping"] = True
+        if len(STOP_SIGNALS) > 1:
+            raise Interrupted(f"{STOP_SIGNALS[-1]} received again: stopped at once; the last whole checkpoint stays")
+        raise Interrupted(
+            f"{STOP_SIGNALS[-1]} received outside a training step: stopped; no partial file is left"
+            f"{SIGNAL_STATE['hint']}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2720,21 +2822,40 @@ def resolve_out_dir(cfg: Config) -> Path | None:
     """The run's folder when it is fixed by RUN_ID/OUT_DIR (checked before any GPU work), else None
     (rank 0 then picks a fresh name). An existing non-empty folder is refused, never overwritten."""
     if cfg.resume:  # continued where it ran (check_inputs checks its checkpoint)
+        check_writable("RESUME", Path(cfg.resume))
         return Path(cfg.resume)
     if cfg.out_dir:
         out, name = Path(cfg.out_dir), "OUT_DIR"
     elif cfg.run_id:
         out, name = Path("runs") / cfg.run_id, "RUN_ID"
     else:
+        check_writable("RUN_ID", Path("runs"))
         return None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{name}: output folder {out} already exists and is not empty; choose another")
+        state = "and is not empty" if out.is_dir() else "as a file"
+        raise UserError(f"{name}: output folder {out} already exists {state}; choose another")
+    check_writable(name, out)
     return out
 
 
-def check_inputs(cfg: Config) -> None:
-    """Everything that can be wrong with the inputs, checked on the CPU before any GPU work."""
-    require(not cfg.eval_only or Path(cfg.eval_only).is_file(), f"EVAL_ONLY={cfg.eval_only}: file not found")
+def check_writable(name: str, folder: Path) -> None:
+    """Refuse a run folder that cannot be made or written (under a file, on a read-only filesystem), before any work:
+    its nearest existing ancestor must be a folder this process may write."""
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{name}: cannot make or write the run folder {folder}: {nearest} is "
+            f"{'not a folder' if not nearest.is_dir() else 'not writable'}"
+        )
+
+
+def check_inputs(cfg: Config, rank: int = 0) -> None:
+    """Everything that can be wrong with the inputs, checked on the CPU before any GPU work. Each rank reads the token
+    ids of its share of the shards (main agrees on what the ranks found)."""
+    require(
+        not cfg.eval_only or Path(cfg.eval_only).is_file(),
+        f"EVAL_ONLY={cfg.eval_only}: {'a folder, not a file' if Path(cfg.eval_only).is_dir() else 'file not found'}",
+    )
     find_shards(cfg.data_path, "train")
     total = sum(read_shard_header(p) for p in find_shards(cfg.data_path, "val"))
     check_sidecars_match(cfg, load_tokenizer(cfg))
@@ -2745,7 +2866,7 @@ def check_inputs(cfg: Config) -> None:
         DataError,
     )
     summary = Path(cfg.data_path) / "summary.json"  # data/build_shards.py writes it; downloaded folders have none
-    built_with = json.loads(summary.read_text())["tokenizer"] if summary.is_file() else {}
+    built_with = read_json(summary, "DATA_PATH").get("tokenizer", {}) if summary.is_file() else {}
     require(
         built_with.get("sha256") in (None, model_meta(cfg)["tokenizer_sha256"]),
         f"TOKENIZER_PATH={cfg.tokenizer_path}: not the tokenizer of DATA_PATH={cfg.data_path}, "
@@ -2757,6 +2878,19 @@ def check_inputs(cfg: Config) -> None:
         codec_installed(cfg.compressor),
         f"COMPRESSOR={cfg.compressor}: its package is missing: pip install -r requirements.txt",
     )
+    shards = find_shards(cfg.data_path, "train") + find_shards(cfg.data_path, "val")
+    for path in shards[rank :: cfg.world_size]:  # the longest check last
+        check_shard_tokens(path, cfg.vocab_size)
+    if cfg.eval_only:  # read whole now, so that every rank refuses a bad file together (eval_only reads it again)
+        read_eval_only(cfg)
+
+
+def read_json(path: Path, name: str) -> dict:
+    """A JSON object the run reads (a checkpoint's manifest, a data folder's summary), or one line naming it."""
+    with contextlib.suppress(ValueError):
+        if isinstance(found := json.loads(path.read_text()), dict):
+            return found
+    raise DataError(f"{name}: {path} is not a JSON object as this script writes it (damaged?)")
 
 
 # What RESUME may change: where the run writes, logs and compiles; every other setting is the interrupted run's.
@@ -2768,7 +2902,7 @@ def check_resumable(cfg: Config) -> None:
     """RESUME: a complete checkpoint, written with these settings."""
     manifest = Path(cfg.resume) / "checkpoint" / "checkpoint.json"
     require(manifest.is_file(), f"RESUME={cfg.resume}: no complete checkpoint there ({manifest} not found)")
-    saved = json.loads(manifest.read_text())["config"]
+    saved = read_json(manifest, "RESUME").get("config", {})
     ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
     differ = [k.upper() for k, v in saved.items() if k not in RESUME_FREE_KNOBS and ours.get(k, v) != v]
     require(not differ, f"RESUME={cfg.resume}: {', '.join(differ)} differ from the interrupted run's settings")
@@ -2783,8 +2917,53 @@ def setup_runtime() -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        join_process_group(rank, world_size, "nccl" if cuda else "gloo", device if cuda else None)
     return Runtime(rank, world_size, local_rank, device)
+
+
+JOIN_TIMEOUT_S = 120  # how long ranks started without torchrun wait for each other (join_process_group says why)
+
+
+def join_process_group(rank: int, world_size: int, backend: str, device) -> None:
+    """init_process_group. torchrun has started every rank and its agent holds the store: torch's own path. Ranks
+    from another launcher (srun, mpirun), or WORLD_SIZE and RANK left in a plain `python train_gpt.py`'s environment,
+    meet in a store made here: torch's env:// waits 30 minutes for peers that may never come. Launchers start every
+    rank within seconds, but a cold import of torch from a network filesystem can take tens of seconds (3 s from a
+    warm local disk here): the peers get JOIN_TIMEOUT_S, then the run is refused naming the variables. A person who
+    left WORLD_SIZE set waits two minutes, not thirty; Ctrl-C works while it waits."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.init_process_group(backend, device_id=device)
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    launch = f"WORLD_SIZE={world_size}, RANK={rank}, MASTER_ADDR={address!r}, MASTER_PORT={port!r}"
+    require(
+        bool(address) and port.isdecimal(),
+        f"{launch}: several processes need MASTER_ADDR and MASTER_PORT; "
+        "start them with torchrun, or unset WORLD_SIZE and RANK to run one",
+    )
+    stderr, joining = os.dup(2), ThreadPoolExecutor(1)  # the store's C++ client logs every retry on stderr
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        store = joining.submit(
+            dist.TCPStore,
+            address,
+            int(port),
+            world_size,
+            rank == 0,
+            multi_tenant=True,
+            timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S),
+        ).result()  # a signal interrupts it
+    except dist.DistError:
+        raise ConfigError(
+            f"{launch}: the other ranks did not join within {JOIN_TIMEOUT_S} s; start them with "
+            "torchrun, or unset WORLD_SIZE and RANK to run one process"
+        ) from None
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        joining.shutdown(wait=False)
+    store.set_timeout(default_pg_timeout)  # as torch's env:// store: the join's timeout was for the join only
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device)
 
 
 def open_run_folder(cfg: Config, rt: Runtime, out: Path | None) -> Path:
@@ -2958,6 +3137,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     if rt.main:  # the float checkpoint replaces the resumable one
         write_whole(out / "final_model.float.pt", partial(torch.save, averages.checkpoint()))
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    SIGNAL_STATE["hint"] = f"; training had ended: EVAL_ONLY={out / 'final_model.float.pt'} exports and scores it"
     exported = averages.export_into_model()
     rt.log(f"export_weights:{exported}")
     results = []
@@ -3002,8 +3182,10 @@ def log_training_end(cfg: Config, rt: Runtime, base: GPT, state: TrainState) -> 
         f"rank_param_checksum:{checksum!r} ranks_identical:{rt.all_equal(checksum)} "
         f"full_depth_from_step:{state.full_depth_from}"
     )
-    peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else 0.0
-    rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
+    peak_mib = 0.0
+    if rt.device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(rt.device) / 2**20
+        rt.log(f"peak memory allocated: {peak_mib:.0f} MiB")
     rt.log(compile_report())
     return peak_mib
 
@@ -3196,6 +3378,77 @@ def load_weights(model: GPT, state: dict, source: str) -> None:
         ) from None
 
 
+def read_eval_only(cfg: Config) -> dict | None:
+    """EVAL_ONLY's file, read and checked (every refusal one line): a float checkpoint's EXPORT_WEIGHTS state dict, or
+    None for an artifact, once its tokenizer and checksum are checked (eval_only unpacks it)."""
+    source = Path(cfg.eval_only)
+    if source.suffix != ".pt":
+        blob = source.read_bytes()
+        config_for_artifact(cfg, artifact_header(blob, f"EVAL_ONLY={source}")[0].get("meta", {}), str(source))
+        unpack_artifact(blob, f"EVAL_ONLY={source}")
+        return None
+    try:
+        saved = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one holding more than tensors
+        raise DataError(f"EVAL_ONLY={source}: not a float checkpoint of this script ({type(exc).__name__})") from None
+    require(
+        isinstance(saved, dict) and isinstance(saved.get("last"), dict),
+        f"EVAL_ONLY={source}: holds a "
+        f"{type(saved).__name__}, not a float checkpoint of this script (last, ema and swa weights)",
+        DataError,
+    )
+    require(
+        saved.get(cfg.export_weights) is not None,
+        f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)",
+    )
+    return saved[cfg.export_weights]
+
+
+def artifact_env(env: Mapping[str, str]) -> dict[str, str]:
+    """EVAL_ONLY of a .ptz: the environment with the settings the artifact was written with (its model's, its widths,
+    GPTQ and codec: they build its model and name its lines) and no PROG_DEPTH (a training schedule). A variable set
+    to another value than the artifact's would be ignored: it is refused, every such variable named in one line,
+    rather than a score under settings it does not have (or a refusal for a value the run would not even use)."""
+    source = env.get("EVAL_ONLY", "")
+    if Path(source).suffix == ".pt" or not Path(source).is_file():
+        return dict(env)
+    header, recipe, _ = artifact_header(Path(source).read_bytes(), f"EVAL_ONLY={source}")
+    meta = header.get("meta", {})
+    written = {
+        **(MODEL_KNOBS_ABSENT if "model" in meta else {}),
+        **meta.get("model", {}),
+        "compressor": recipe.compressor,
+        "gptq": any(getattr(recipe, g).gptq for g in GROUPS),
+        **{f"quant_bits_{g}": getattr(recipe, g).bits for g in GROUPS},
+    }
+    settings, conflicts = {}, []
+    for name, field in env_knobs().items():
+        if field.name not in written:
+            continue
+        value = written[field.name]
+        if name in env and parse_value(name, env[name], field.type, field.metadata["choices"]) != value:
+            conflicts.append(f"{name}={env[name]} (the artifact's: {value})")
+        settings[name] = str(int(value)) if isinstance(value, bool) else str(value)
+    require(
+        not conflicts,
+        f"EVAL_ONLY={source}: {', '.join(conflicts)}: not what the artifact holds; unset "
+        f"{'it' if len(conflicts) == 1 else 'them'} (the artifact's own settings are used)",
+    )
+    return {**env, **settings, "PROG_DEPTH": ""}
+
+
+# Export settings that a written artifact cannot check (the fit may have coarsened its clip sigmas): EVAL_ONLY of a
+# .ptz logs those set to other than the default as ignored.
+EXPORT_ONLY_KNOBS = (
+    "matrix_clip_sigmas",
+    "embed_clip_sigmas",
+    "target_bytes",
+    "gptq_batches",
+    "export_reserve_seconds",
+    "export_weights",
+)
+
+
 def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     """Evaluate a written artifact as is, or re-export a float checkpoint with this run's export
     settings (how exports of one trained model are compared) and evaluate the result."""
@@ -3207,9 +3460,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
     tables = val_byte_tables(cfg, rt, val_tokens)
     base = build_model(cfg, rt)[0]  # compiled as in a training run: its evaluations take as long
     if source.suffix == ".pt":
-        weights = torch.load(source, map_location="cpu", weights_only=True).get(cfg.export_weights)
-        require(weights is not None, f"EVAL_ONLY={source}: holds no {cfg.export_weights} weights (EXPORT_WEIGHTS)")
-        load_weights(base, weights, cfg.eval_only)
+        load_weights(base, read_eval_only(cfg), cfg.eval_only)
         code_bytes = ship_code(cfg, rt, out)
         full_share = -(-cfg.gptq_batches // rt.world_size)  # no training clock here: every batch
         model_bytes, artifact = export_and_reload(base, cfg, rt, out, code_bytes, full_share)
@@ -3218,6 +3469,13 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
         load_weights(base, dequantize_state(stored), cfg.eval_only)
         code_bytes, model_bytes, artifact = ship_code(cfg, rt, out), source.stat().st_size, source
         rt.log(f"eval_only artifact:{source} bytes:{model_bytes} (code {code_bytes}) recipe:{recipe.describe()}")
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        ignored = [f"{k.upper()}={getattr(cfg, k)}" for k in EXPORT_ONLY_KNOBS if getattr(cfg, k) != defaults[k]]
+        if ignored:
+            rt.log(
+                f"eval_only_ignored {' '.join(ignored)} (export settings: an artifact is scored as written; "
+                "EVAL_ONLY of its run's final_model.float.pt re-exports)"
+            )
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     results = final_evaluations(
         cfg,
@@ -3243,33 +3501,79 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def report(error: UserError, rank: int = 0) -> int:
+    """Print the run's one `error:` line (naming the rank that found it, when not rank 0); return its exit code."""
+    print(f"error: {f'[rank {rank}] ' if rank else ''}{error}", file=sys.stderr, flush=True)
+    return error.exit_code
+
+
+def agree_on_inputs(rt: Runtime, failure: UserError | None) -> None:
+    """Under torchrun every rank has checked its inputs (and its share of the shards) before the process group: here
+    each learns what the others found, and the lowest failing rank's error stops all of them together, one line
+    printed by rank 0 and one exit code. (A rank that failed alone used to exit first, and torchrun then killed
+    rank 0 before it printed.)"""
+    mine = (failure.exit_code, str(failure)) if failure else None
+    found = [mine] * rt.world_size
+    if rt.distributed:
+        dist.all_gather_object(found, mine)
+    failed = [(rank, finding) for rank, finding in enumerate(found) if finding]
+    if failed:
+        SIGNAL_STATE["stopping"] = True  # a signal now (torchrun's, as a peer exits) must not cut the line short
+        rank, (code, message) = failed[0]
+        error = UserError(f"[rank {rank}] {message}" if rank else message)
+        error.exit_code = code
+        raise error
+
+
+def as_user_error(exc: Exception) -> UserError | None:
+    """What main reports for an exception: a UserError as it is; a file that cannot be read or written as a DataError
+    naming it; anything else once a stop signal came (a peer stopped at once, in mid-collective) as Interrupted."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, OSError) and exc.filename:
+        return DataError(f"{exc.filename}: {exc.strerror}")
+    if STOP_SIGNALS:
+        return Interrupted(f"{STOP_SIGNALS[-1]} received: stopped at once ({type(exc).__name__} as a peer stopped)")
+    return None
+
+
 def main(phase: Callable[[Config, Runtime, Path | None], None] | None = None) -> int:
     env = dict(os.environ)
+    watch_stop_signals()  # from the start: a signal during the checks ends in one line and exit code 5 too
+    if not all(env.get(name, "0").isdecimal() for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return report(ConfigError("RANK, WORLD_SIZE and LOCAL_RANK: must be whole numbers (torchrun sets them)"))
+    rank, world_size, failure = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), None
     try:
-        cfg = build_config(env, int(env.get("WORLD_SIZE", 1)))
+        cfg = build_config(artifact_env(env), world_size)
         out = resolve_out_dir(cfg)
-        check_inputs(cfg)
-    except UserError as exc:
-        if int(env.get("RANK", 0)) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    rt = setup_runtime()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_stop_signal)
+        check_inputs(cfg, rank)
+    except Exception as exc:
+        if (failure := as_user_error(exc)) is None:
+            raise
+    if failure and not (world_size > 1 and "TORCHELASTIC_RUN_ID" in env):  # no launcher that started every rank
+        return report(failure, rank)
     try:
+        rt = setup_runtime()
+    except UserError as exc:  # the peers did not join
+        return report(failure or exc, rank)
+    try:
+        agree_on_inputs(rt, failure)
         if phase is None:  # a run; a tool's phase in its place (scripts/dry_run.py) has no folder and no log file
             out = open_run_folder(cfg, rt, out)
             log_header(cfg, rt)
         (phase or (eval_only if cfg.eval_only else run))(cfg, rt, out)
         if rt.distributed:  # no rank tears the group down while another still uses it
             dist.barrier()
-    except UserError as exc:
-        if rt.main or isinstance(exc, DataError):  # a loader's data error may be seen by one rank only
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            rt.log(f"error: {exc}", console=False)
-        if isinstance(exc, Refused) and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
+    except Exception as exc:
+        SIGNAL_STATE["stopping"] = True  # on its way out: torchrun's signal, once a peer has exited, must wait
+        if (error := as_user_error(exc)) is None:
+            raise
+        if rt.main or isinstance(error, DataError):  # a data error may be one rank's alone
+            report(error, rt.rank)
+            rt.log(f"error: {error}\nexit_code:{error.exit_code}", console=False)
+        if isinstance(error, Refused) and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
             shutil.rmtree(rt.log_path.parent)  # a refused run leaves no folder behind: its log was all there was
-        return exc.exit_code
+        return error.exit_code
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()

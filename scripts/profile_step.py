@@ -133,12 +133,58 @@ def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> dict[str, 
     return {name: us / 2 / 1000 for name, us in totals.items()}
 
 
+def attention_backends(cfg: tg.Config, device) -> None:
+    """Forward + backward of one layer's attention at the run's shape (a micro-batch of TRAIN_SEQ_LEN rows; GQA; bf16),
+    through each kernel PyTorch offers: SDPA's cuDNN, flash and memory-efficient backends, and flex_attention causal
+    and with a document mask (documents of ~400 tokens, as FineWeb's pages)."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, H, KV = cfg.micro_batch_seqs, cfg.train_seq_len, cfg.num_heads, cfg.num_kv_heads
+    D = cfg.model_dim // H
+    q = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, KV, T, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    cotangent = torch.randn_like(q)
+    ids = torch.randint(2, cfg.vocab_size, (B, T), device=device)
+    ids[:, ::400] = tg.BOS_ID
+    doc = torch.cumsum(ids == tg.BOS_ID, 1)
+    flex = torch.compile(flex_attention, dynamic=False)
+    causal = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T, device=device)
+    documents = create_block_mask(lambda b, h, i, j: (i >= j) & (doc[b, i] == doc[b, j]), B, None, T, T, device=device)
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+            y.backward(cotangent)
+        return run
+
+    def flex_run(mask):
+        def run():
+            flex(q, k, v, block_mask=mask, enable_gqa=KV != H).backward(cotangent)
+        return run
+
+    cases = [("sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION)),
+             ("sdpa efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION)), ("sdpa (PyTorch's choice)", sdpa(list(SDPBackend))),
+             ("flex causal", flex_run(causal)), ("flex documents", flex_run(documents))]
+    flops = 4 * B * H * T * T * D / 2 * 3.5  # QK^T and AV, causal half, forward + backward (2.5x)
+    print(f"\n== attention, fwd+bwd of one layer: B={B} T={T} H={H} KV={KV} D={D} bf16")
+    for name, run in cases:
+        try:
+            ms = triton.testing.do_bench(run, warmup=200, rep=600, return_mode="median")
+            print(f"{name:>24}: {ms:7.2f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
+        except Exception as exc:  # a backend that does not support this shape or GPU
+            print(f"{name:>24}: unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per pass count (after 3 warmup steps)")
     parser.add_argument("--passes", default="", help="core passes to profile, e.g. '1,3' (default: 1 and R)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's measured bf16 matmul rate")
     parser.add_argument("--no-kernels", action="store_true", help="skip the profiler pass")
+    parser.add_argument("--attention", action="store_true", help="also time each attention kernel at this shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: profile_step.py needs a CUDA GPU")
@@ -178,6 +224,8 @@ def main() -> None:
             for name, ms in breakdown.items():
                 print(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
     print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if args.attention:
+        attention_backends(cfg, rt.device)
 
 
 if __name__ == "__main__":

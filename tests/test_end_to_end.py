@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, final_summary, logged_losses, run_script, tiny_env
+from conftest import PLAIN_SHAPE, ROOT, final_summary, logged_losses, run_script, tiny_env
 from train_gpt import PACKED_HEADER, readable_source, unpack_artifact, weight_group
 
 
@@ -108,9 +108,16 @@ def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
 def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path):
     cwd, out = single_run
     artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
-    # shape variables unlike the run's: the artifact's own model settings are used (no retyping)
-    result = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact, MODEL_DIM=32, NUM_LAYERS=4,
-                                 MLP_MULT=3), tmp_path, timeout=120)
+    # shape variables unlike the artifact's are refused, each named: they would be ignored
+    refused = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact, MODEL_DIM=32, NUM_LAYERS=4,
+                                  MLP_MULT=3), tmp_path, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert refused.stderr.startswith(f"error: EVAL_ONLY={artifact}: NUM_LAYERS=4 (the artifact's: 2), MODEL_DIM=32 "
+                                     "(the artifact's: 64), MLP_MULT=3 (the artifact's: 4.0): not what the artifact")
+    # none set: the artifact's own model settings are used (no retyping)
+    shape = ("MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "NUM_LAYERS", *PLAIN_SHAPE)
+    env = {k: v for k, v in tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact).items() if k not in shape}
+    result = run_script(env, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     again, original = final_summary(result.stdout), final_summary(out)
     assert again["val_bpb"] == original["val_bpb"] and again["bytes_model"] == original["bytes_model"]
