@@ -12,6 +12,7 @@ line on average, no function over 80 lines, no line over 120 characters; the pac
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import copy
@@ -2417,7 +2418,8 @@ def model_meta(cfg: Config) -> dict:
 
 
 # The code a run ships. Its bytes count toward the artifact, so the run writes the packed, self-extracting copy of
-# this file (xz + base85: a third of the readable file's bytes) beside the artifact and counts that file.
+# this file beside the artifact and counts that file: the same program without its comments and docstrings (the
+# syntax tree unparsed), xz-compressed and base85-encoded, about a quarter of the readable file's bytes.
 
 
 def code_file() -> Path:
@@ -2425,23 +2427,40 @@ def code_file() -> Path:
     return Path(getattr(sys.modules.get("__main__"), "__file__", None) or __file__)
 
 
-PACKED_HEADER = (
-    "# Parameter Golf train_gpt.py, packed (xz + base85) by the run; the readable source is in the repository\n"
-)
+PACKED_HEADER = "# Parameter Golf train_gpt.py, packed by the run; the readable source is in the repository\n"
 PACKED_TEMPLATE = (
     'import lzma as L,base64 as B;exec(compile(L.decompress(B.b85decode("{payload}")).decode(),__file__,"exec"))\n'
 )
 
 
+def code_only(source: bytes) -> bytes:
+    """The program of `source` without comments and docstrings: its syntax tree, docstrings removed, unparsed (and
+    checked to parse back to that tree). Applied twice it gives the same bytes."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = node.body[1:] or [ast.Pass()]
+    code = ast.unparse(tree)
+    if ast.dump(ast.parse(code)) != ast.dump(tree):  # never ship a program other than this one
+        raise RuntimeError("ast.unparse did not round-trip this source; run with SHIP_CODE=readable")
+    return code.encode()
+
+
 def pack_code(source: bytes) -> str:
-    """A two-line script that decompresses `source` (xz, base85) and runs it as the main module: the code file a
-    run ships by default (ship_code writes it; readable_source is its inverse)."""
-    payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    """A two-line script that decompresses the program of `source` (code_only; xz, base85) and runs it as the main
+    module: the code file a run ships by default (ship_code writes it; unpack_code gives the program back)."""
+    payload = base64.b85encode(lzma.compress(code_only(source), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
     return PACKED_HEADER + PACKED_TEMPLATE.format(payload=payload)
 
 
-def readable_source(code: bytes) -> bytes:
-    """The readable source of a code file: itself, or what a packed file (pack_code) unpacks to."""
+def unpack_code(code: bytes) -> bytes:
+    """The source a code file runs: itself, or the program a packed file (pack_code) holds."""
     if not code.startswith(PACKED_HEADER.encode()):
         return code
     payload = re.search(rb'b85decode\("([^"]*)"\)', code)[1]
@@ -3199,10 +3218,10 @@ def artifact_name(cfg: Config) -> str:
 
 
 def shipped_code(cfg: Config) -> bytes:
-    """The code file a record ships: with SHIP_CODE=packed the packed copy of this source, else the readable source
-    (a packed file run as itself ships the same packed bytes: packing is deterministic)."""
-    readable = readable_source(code_file().read_bytes())
-    return pack_code(readable).encode() if cfg.ship_code == "packed" else readable
+    """The code file a record ships: with SHIP_CODE=packed the packed copy of the program run, else the source run (a
+    packed file run as itself ships the same packed bytes: packing is deterministic and code_only idempotent)."""
+    source = unpack_code(code_file().read_bytes())
+    return pack_code(source).encode() if cfg.ship_code == "packed" else source
 
 
 def ship_code(cfg: Config, rt: Runtime, out: Path) -> int:
@@ -3212,8 +3231,8 @@ def ship_code(cfg: Config, rt: Runtime, out: Path) -> int:
     if rt.main:
         write_whole(path, lambda p: p.write_bytes(shipped))
     code_bytes = path.stat().st_size if rt.main else len(shipped)  # rank 0 logs the size on disk
-    readable_bytes = len(readable_source(code_file().read_bytes()))
-    rt.log(f"shipped_code:{path} bytes:{code_bytes} ({cfg.ship_code}; the readable source is {readable_bytes} bytes)")
+    source_bytes = len(unpack_code(code_file().read_bytes()))
+    rt.log(f"shipped_code:{path} bytes:{code_bytes} ({cfg.ship_code}; the source run is {source_bytes} bytes)")
     return code_bytes
 
 

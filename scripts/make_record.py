@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_probes  # noqa: E402
 import welch  # noqa: E402
-from train_gpt import readable_source  # noqa: E402  (the packed format lives with the code that writes it)
+from train_gpt import code_only, unpack_code  # noqa: E402  (the packed format lives with the code that writes it)
 from runlog import PER_RUN_SETTINGS, LogError, RunLog, config_differences, env_text, read_log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def run_problems(run: RunLog, track: str) -> list[str]:
         if s["bytes_code"] != len(shipped):
             problems.append(f"{run.path}: final_summary counts {s['bytes_code']} code bytes, "
                             f"but the file it shipped, {run.shipped_code}, has {len(shipped)}")
-        elif hashlib.sha256(readable_source(shipped)).hexdigest() != run.code_sha256:
-            problems.append(f"{run.shipped_code}: does not unpack to the code the run ran (code_sha256)")
+        elif not same_program(shipped, run):
+            problems.append(f"{run.shipped_code}: does not hold the program the run ran (the source in its log)")
     if s["bytes_total"] != s["bytes_code"] + s["bytes_model"]:
         problems.append(f"{run.path}: bytes_total {s['bytes_total']} is not bytes_code + bytes_model")
     if s["bytes_total"] > LIMIT_BYTES:
@@ -116,10 +116,15 @@ def check_runs(runs: list[RunLog], track: str) -> None:
         raise Refusal("; ".join(problems))
 
 
+def same_program(code: bytes, run: RunLog) -> bool:
+    """Whether a code file (packed or not) runs the program whose source the run's log embeds (checked against its
+    code_sha256 by runlog): the same syntax tree once comments and docstrings are set aside."""
+    return run.source is not None and code_only(unpack_code(code)) == code_only(unpack_code(run.source))
+
+
 def shipped_code(runs: list[RunLog], code: Path | None) -> bytes:
     """The code file the record ships: the one every seed shipped and counted (the run wrote it beside its log), or
-    --code FILE; either way it must unpack to the code the seeds ran (their code_sha256)."""
-    expected = runs[0].code_sha256
+    --code FILE; either way it must hold the program the seeds ran (the source their logs embed)."""
     if code is not None:
         if not code.is_file():
             raise Refusal(f"--code {code}: file not found")
@@ -129,9 +134,8 @@ def shipped_code(runs: list[RunLog], code: Path | None) -> bytes:
         if len(files) > 1:
             raise Refusal("the seeds shipped different code files: " + ", ".join(str(r.shipped_code) for r in runs))
         data, what = files.pop(), str(runs[0].shipped_code)
-    digest = hashlib.sha256(readable_source(data)).hexdigest()
-    if digest != expected:
-        raise Refusal(f"{what}: unpacks to sha256 {digest[:12]}..., not the {expected[:12]}... the seeds ran")
+    if not same_program(data, runs[0]):
+        raise Refusal(f"{what}: does not hold the program the seeds ran (the source their logs embed)")
     return data
 
 

@@ -118,7 +118,7 @@ def test_a_packed_wrapper_run_ships_the_wrapper(seed_runs, tmp_path):
     assert result.returncode == 0, result.stderr
     shipped = (out / "train_gpt.py").read_bytes()
     assert shipped == (seed_runs / "packed" / "train_gpt.py").read_bytes()
-    assert train_gpt.readable_source(shipped) == (ROOT / "train_gpt.py").read_bytes()
+    assert train_gpt.unpack_code(shipped) == train_gpt.code_only((ROOT / "train_gpt.py").read_bytes())
     assert json.loads((out / "submission.json").read_text())["bytes_code"] == len(shipped)
 
 
