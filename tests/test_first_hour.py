@@ -2,6 +2,9 @@
 and an evaluation-budget refusal that names the part that does not fit."""
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -36,5 +39,26 @@ def test_eval_budget_refusal_names_what_dominates(env, hint):
     assert ("TTT_EPOCHS" in message) == (env["TTT_LR"] != "0")
 
 
-def test_attention_backend_is_named_by_a_function_the_model_can_extend():
-    assert train_gpt.attention_backend_name(build_config(TINY), "cpu") == "sdpa"
+# The kernel each combination gets (COMPILE, DOC_MASK, ATTN_BACKEND, device, flash_attn_interface importable):
+# FA3 only where a compiled CUDA run may use it; flex_attention for documents on compiled CUDA without it; else SDPA.
+NOT_SDPA = {
+    (1, 0, "auto", "cuda", True): "fa3",
+    (1, 1, "auto", "cuda", True): "fa3_varlen",
+    (1, 1, "auto", "cuda", False): "flex_attention",
+    (1, 1, "sdpa", "cuda", True): "flex_attention",
+    (1, 1, "sdpa", "cuda", False): "flex_attention",
+}
+COMBINATIONS = [(c, d, b, device, fa3) for c in (0, 1) for d in (0, 1) for b in ("auto", "sdpa")
+                for device in ("cpu", "cuda") for fa3 in (True, False)]
+
+
+@pytest.mark.parametrize("compile_, doc_mask, backend, device, fa3", COMBINATIONS)
+def test_attention_backend_is_named_by_a_function_the_model_can_extend(monkeypatch, compile_, doc_mask, backend,
+                                                                       device, fa3):
+    """Every combination against the table above (32 of them): the name the log header prints, and from which
+    build_model decides whether the blocks get FA3 (a name starting with fa3)."""
+    # an importable stand-in, or None in sys.modules: `import` then raises ImportError, as when FA3 is not installed
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace() if fa3 else None)
+    cfg = build_config(dict(TINY, COMPILE=str(compile_), DOC_MASK=str(doc_mask), ATTN_BACKEND=backend))
+    expected = NOT_SDPA.get((compile_, doc_mask, backend, device, fa3), "sdpa")
+    assert train_gpt.attention_backend_name(cfg, device) == expected
