@@ -2350,11 +2350,32 @@ def coarsen(state, hessians, recipe: ExportRecipe, initial: ExportRecipe, saving
     return recipe.with_sigmas(sigmas), saved
 
 
+def check_reachable(state, recipe: ExportRecipe, budget: int) -> None:
+    """ArtifactTooLarge in seconds, before any try, when none can fit (one try of a 139.5M-parameter model took 158 s):
+    even the coarsest recipe fit_artifact may reach, every std-clipped group at FIT_MAX_COARSENING times its clip
+    sigmas, is over `budget` by the fitter's own estimate (rounding_cost) less 10%, leaving out the float tensors and
+    the header. A floor, not a forecast: brotli packed Gaussian and heavy-tailed codes 1-13% above the estimate; only
+    contrived codes (half the rows near zero) 2% below it."""
+    quantized = quantized_names(state)
+    coarsest = recipe.with_sigmas({g: getattr(recipe, g).clip_sigmas * FIT_MAX_COARSENING for g in GROUPS})
+    floor = 0.9 * sum(
+        rounding_cost(state, [n for n in quantized if weight_group(n) == g], getattr(coarsest, g), {})[0]
+        for g in GROUPS
+    )
+    require(
+        floor <= budget,
+        f"TARGET_BYTES: the model file needs at least {floor:.0f} bytes and {budget} remain after the code, even "
+        f"with steps {FIT_MAX_COARSENING:g}x coarser (no export tried); lower QUANT_BITS_* or the model size",
+        ArtifactTooLarge,
+    )
+
+
 def fit_artifact(
     state, hessians, recipe: ExportRecipe, budget: int, log, meta: dict | None = None
 ) -> tuple[bytes, ExportRecipe]:
     """The artifact of `recipe` if it fits in `budget` bytes, else of a coarsened recipe a little under it; each try is
     real and logged, its real saving per estimated byte calibrates the next. ArtifactTooLarge when coarsening ends."""
+    check_reachable(state, recipe, budget)
     initial, slope, last = recipe, 1.0, None  # slope: artifact bytes saved per estimated byte saved
     for attempt in range(1, FIT_MAX_TRIES + 1):
         start, times = time.perf_counter(), {}

@@ -3,13 +3,20 @@
 Usage (the same variables and launcher as the run it stands for):
     NUM_UNIQUE_LAYERS=3 python scripts/dry_run.py
     torchrun --standalone --nproc_per_node=8 scripts/dry_run.py
+    python scripts/dry_run.py --export-bench        # the export's bytes and seconds per codec, no steps
 
 It makes a run's checks (the settings, the output folder, the data and the tokenizer), then prints the
-resolved config, the depth plan and parameter count, `dry_run estimated_artifact_bytes:` (train_gpt.py's
-bytes plus the artifact of Gaussian weights of the model's shapes by the run's export recipe, without GPTQ),
-four timed training steps (the first compiles) and `dry_run step_ms:` with the steps that time projects
-inside MAX_WALLCLOCK_SECONDS (or the time ITERATIONS take). It trains nothing and writes no folder.
-Exit status: 0; 2 on bad input, in one line naming the variable or file at fault.
+resolved config, the depth plan and parameter count, and `dry_run estimated_artifact_bytes:` (train_gpt.py's
+bytes plus the artifact of Gaussian weights of the model's shapes by the run's export recipe, without GPTQ:
+std-based steps make it independent of the weights' scale; trained, heavier-tailed rows pack smaller). A model
+that no export can fit in TARGET_BYTES, even at the coarsest steps the export may try, stops here as the run
+would stop before its first export try: one `error: TARGET_BYTES: ...` line, exit status 3 (train_gpt's
+check_reachable on the Gaussian weights). Then four timed training steps (the first compiles) and
+`dry_run step_ms:` with the steps that time projects inside MAX_WALLCLOCK_SECONDS (or the time ITERATIONS take).
+`--export-bench` instead exports the Gaussian weights with each codec (brotli, zstd) and prints a line per codec
+with its bytes and the seconds of each part (quantize, serialize, compress: wall time, the streams in threads).
+It trains nothing and writes no folder.
+Exit status: 0; 2 on bad input, in one line naming the variable or file at fault; 3 when no export can fit.
 """
 from __future__ import annotations
 
@@ -28,18 +35,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
+def gaussian_state(base: tg.GPT) -> dict[str, torch.Tensor]:
+    """The model's tensors with every float one replaced by standard Gaussian noise, on the CPU."""
+    return {k: torch.randn(v.shape) if v.is_floating_point() else v.cpu() for k, v in base.state_dict().items()}
+
+
 def estimated_artifact_bytes(cfg: tg.Config, base: tg.GPT) -> int:
-    """train_gpt.py's bytes (the shipped code, not this script's) plus the export of Gaussian weights: std-based steps
-    make it independent of the weights' scale; heavier-tailed trained rows pack smaller."""
-    state = {k: torch.randn(v.shape) if v.is_floating_point() else v.cpu() for k, v in base.state_dict().items()}
+    """train_gpt.py's bytes (the shipped code, not this script's) plus the export of Gaussian weights."""
     recipe = tg.export_recipe(cfg)
-    return Path(tg.__file__).stat().st_size + len(tg.pack_artifact(tg.quantize_state(state, recipe), recipe))
+    artifact = tg.pack_artifact(tg.quantize_state(gaussian_state(base), recipe), recipe)
+    return Path(tg.__file__).stat().st_size + len(artifact)
 
 
-def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None) -> None:
+def export_bench(cfg: tg.Config, rt: tg.Runtime, base: tg.GPT) -> None:
+    """One line per codec: the artifact's bytes and each part's seconds (rounding: no GPTQ without a Hessian)."""
+    state, recipe = gaussian_state(base), tg.export_recipe(cfg)
+    rounded = {g: dataclasses.replace(getattr(recipe, g), gptq=False) for g in tg.GROUPS}
+    for codec in tg.CODECS:
+        recipe, times = dataclasses.replace(recipe, compressor=codec, **rounded), {}
+        start = time.perf_counter()
+        stored = tg.quantize_state(state, recipe)
+        times["quantize"] = time.perf_counter() - start
+        blob = tg.pack_artifact(stored, recipe, times)
+        parts = " ".join(f"{k}:{v:.1f}s" for k, v in times.items())
+        rt.log(f"dry_run export_bench {recipe.describe()} bytes:{len(blob)} {parts}")
+
+
+def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None, bench: bool = False) -> None:
     """In place of train_gpt's run, after its checks; `out`, the run's folder, is neither made nor written."""
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     base, model = tg.build_model(cfg, rt)
+    # what fit_artifact checks before its first try, with the run's budget (TARGET_BYTES less the shipped code)
+    tg.check_reachable(gaussian_state(base), tg.export_recipe(cfg), cfg.target_bytes - len(tg.shipped_code(cfg)))
+    if bench:
+        return export_bench(cfg, rt, base)
     estimate = estimated_artifact_bytes(cfg, base)
     verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
     rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
@@ -61,8 +90,12 @@ def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None) -> None:
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    return tg.main(dry_run)  # a run's checks, runtime, errors and teardown, with dry_run in place of the run
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export-bench", action="store_true",
+                        help="export Gaussian weights with each codec (bytes, seconds per part), no timed steps")
+    bench = parser.parse_args().export_bench
+    # a run's checks, runtime, errors and teardown, with the dry run in place of the run
+    return tg.main(lambda cfg, rt, out: dry_run(cfg, rt, out, bench))
 
 
 if __name__ == "__main__":

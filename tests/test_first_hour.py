@@ -1,16 +1,22 @@
-"""What a new user meets first on a machine without a GPU: a warning before hours of CPU training,
-and an evaluation-budget refusal that names the part that does not fit."""
+"""What a new user meets first on a machine without a GPU: a warning before hours of CPU training, an
+evaluation-budget refusal that names the part that does not fit, and an export that cannot fit refused in seconds,
+before any try, by the run and by the dry run alike (whose export bench gives each codec's bytes)."""
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import time
 import types
 
 import pytest
 import torch
 
 import train_gpt
-from conftest import PLAIN_SHAPE
-from train_gpt import GPT, Runtime, UserError, build_config, build_model, check_eval_budget
+from conftest import PLAIN_SHAPE, ROOT, clean_environ, run_script, tiny_env
+from train_gpt import (GPT, ArtifactTooLarge, Runtime, UserError, build_config, build_model, check_eval_budget,
+                       check_reachable, export_recipe, fit_artifact, pack_artifact, quantize_state,
+                       quantized_names)
 
 CPU = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = dict(PLAIN_SHAPE, VOCAB_SIZE="1024", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", NUM_LAYERS="2", TRAIN_SEQ_LEN="64",
@@ -62,3 +68,52 @@ def test_attention_backend_is_named_by_a_function_the_model_can_extend(monkeypat
     cfg = build_config(dict(TINY, COMPILE=str(compile_), DOC_MASK=str(doc_mask), ATTN_BACKEND=backend))
     expected = NOT_SDPA.get((compile_, doc_mask, backend, device, fa3), "sdpa")
     assert train_gpt.attention_backend_name(cfg, device) == expected
+
+
+# A model with quantized matrices (the MLP's 128 x 576 and the tied embedding's 1024 x 128 exceed 65,536 weights)
+UNFIT = dict(TINY, MODEL_DIM="128", MLP_MULT="4.5")
+
+
+def test_an_export_that_cannot_fit_is_refused_before_any_try():
+    """fit_artifact's first step: the smallest artifact it could reach (every std-clipped group at 4x its sigmas)
+    estimated from the codes' entropy, a floor under what that recipe really packs to, so a model it cannot fit
+    ends in one line at once instead of minutes of tries."""
+    cfg = build_config(UNFIT)
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in GPT(cfg).state_dict().items()}
+    recipe = export_recipe(cfg)
+    coarsest = recipe.with_sigmas({g: 4 * getattr(recipe, g).clip_sigmas for g in ("attn", "mlp", "embed")})
+    smallest = len(pack_artifact(quantize_state(state, coarsest), coarsest))
+    check_reachable(state, recipe, smallest)  # what the coarsest recipe packs to is never refused
+    codes = {n: state[n] for n in quantized_names(state)}  # what the floor counts: the quantized matrices
+    smallest_codes = len(pack_artifact(quantize_state(codes, coarsest), coarsest))
+    tries, start = [], time.perf_counter()
+    with pytest.raises(ArtifactTooLarge) as refused:
+        fit_artifact(state, None, recipe, 20_000, tries.append)
+    assert tries == [] and time.perf_counter() - start < 5  # no export tried
+    floor = re.fullmatch(r"TARGET_BYTES: the model file needs at least (\d+) bytes and 20000 remain after the code, "
+                         r"even with steps 4x coarser \(no export tried\); lower QUANT_BITS_\* or the model size",
+                         str(refused.value))
+    assert floor and 0.7 * smallest_codes < int(floor[1]) < smallest_codes, (str(refused.value), smallest_codes)
+
+
+def test_the_dry_run_refuses_it_alike(tiny_data, tmp_path):
+    """scripts/dry_run.py makes the same check on Gaussian weights: exit 3, the run's line, no steps timed."""
+    env = tiny_env(tiny_data, **{k: v for k, v in UNFIT.items() if k not in PLAIN_SHAPE}, TARGET_BYTES=60_000)
+    result = run_script(env, tmp_path, timeout=120, script=ROOT / "scripts" / "dry_run.py")
+    assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert re.fullmatch(r"error: TARGET_BYTES: the model file needs at least \d+ bytes and \d+ remain after the code, "
+                        r"even with steps 4x coarser \(no export tried\); lower QUANT_BITS_\* or the model size\n",
+                        result.stderr)
+    assert "dry_run step:" not in result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_the_dry_run_s_export_bench_gives_each_codec_s_bytes_and_seconds(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, **{k: v for k, v in UNFIT.items() if k not in PLAIN_SHAPE})
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "dry_run.py"), "--export-bench"], cwd=tmp_path,
+                            env={**clean_environ(), **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = re.findall(r"^dry_run export_bench attn:int8/k12.85 mlp:int8/k12.85 embed:int8/k20 codec:(\w+)x16 "
+                       r"bytes:(\d+) quantize:[\d.]+s serialize:[\d.]+s compress:[\d.]+s$", result.stdout, re.M)
+    assert [codec for codec, _ in lines] == ["brotli", "zstd"], result.stdout[-2000:]
+    assert "dry_run step:" not in result.stdout and not (tmp_path / "runs").exists()
