@@ -23,6 +23,12 @@ import train_gpt  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: launches real runs in subprocesses (skip with -m 'not slow')")
+    # One intra-op thread in this process, as clean_environ gives the runs it launches: the tensors here are tiny, and
+    # two OpenMP threads on two cores that anything else also uses (a launched run, another job) spin against it:
+    # tests/test_lora.py took 100 s with two threads on a loaded 2-core machine, 17 s with one.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def tokenizer_path(vocab: int) -> Path:
@@ -73,6 +79,18 @@ def tiny_data(tmp_path_factory, sp1024) -> Path:
     write_shard(folder / "fineweb_train_000000.bin", train[: len(train) // 2])
     write_shard(folder / "fineweb_train_000001.bin", train[len(train) // 2:])
     write_shard(folder / "fineweb_val_000000.bin", encode_docs(sp1024, read_docs("fineweb_sample/val.jsonl.zst")))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_data(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data with its validation cut to 3,000 tokens (5 documents): for runs whose point is not the score of the
+    whole sample, since every run evaluates its validation split several times (budget estimate, round trip, sliding
+    window). The training shards are tiny_data's."""
+    folder = tmp_path_factory.mktemp("small")
+    for shard in tiny_data.glob("fineweb_train_*.bin"):
+        (folder / shard.name).write_bytes(shard.read_bytes())
+    write_shard(folder / "fineweb_val_000000.bin", train_gpt.map_shard(tiny_data / "fineweb_val_000000.bin")[:3000])
     return folder
 
 
@@ -128,6 +146,26 @@ def run_script(env: dict[str, str], cwd: Path, nproc: int = 0, timeout: int = 24
         cmd = [sys.executable, str(script)]
     return subprocess.run(cmd, cwd=cwd, env={**clean_environ(), **env}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture
+def main_with(monkeypatch, capsys):
+    """train_gpt.main() in this process, with `env` on top of a clean environment and `cwd` as its folder:
+    (exit code, stderr lines). Its signal watch is taken down afterwards. Cheaper than run_script by a launch (torch's
+    import) where the shell adds nothing to what a test checks."""
+    import signal
+
+    def call(env: dict, cwd: Path) -> tuple[int, list[str]]:
+        monkeypatch.setattr(os, "environ", {**clean_environ(), **{k: str(v) for k, v in env.items()}})
+        monkeypatch.chdir(cwd)
+        try:
+            code = train_gpt.main()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.close(signal.set_wakeup_fd(-1))
+        return code, capsys.readouterr().err.splitlines()
+    return call
 
 
 def final_summary(output: str) -> dict:

@@ -151,7 +151,9 @@ def test_readme_documents_every_knob_with_its_default():
 
 
 def test_config_is_frozen():
+    import dataclasses
+
     cfg = build_config({})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 1  # type: ignore[misc]
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, Config) and cfg.seed == build_config({}).seed

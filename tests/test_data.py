@@ -1,11 +1,11 @@
-"""Shard reading, rank-disjoint loading, and one-line errors for bad inputs (run as users run it)."""
+"""Shard reading, rank-disjoint loading, and one-line errors for bad inputs."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, tiny_env, tokenizer_path, write_shard
+from conftest import tiny_env, tokenizer_path, write_shard
 from train_gpt import DataError, ShuffledLoader, map_shard, read_shard_header
 
 
@@ -74,13 +74,12 @@ def bad_input_cases(tiny_data, tmp_path):
     ]
 
 
-def test_bad_inputs_give_one_line_and_exit_2(tiny_data, tmp_path):
+def test_bad_inputs_give_one_line_and_exit_2(tiny_data, tmp_path, main_with):
+    """main() as the script runs it, in this process (test_faults launches a few such runs as users do)."""
     for overrides, culprit in bad_input_cases(tiny_data, tmp_path):
-        result = run_script(tiny_env(tiny_data, **overrides), tmp_path, timeout=60)
-        assert result.returncode == 2, (overrides, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
+        code, lines = main_with(tiny_env(tiny_data, **overrides), tmp_path)
+        assert code == 2, (overrides, lines)
         assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (overrides, lines)
-        assert "Traceback" not in result.stdout + result.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
     assert list((tmp_path / "taken").iterdir()) == [tmp_path / "taken" / "keep.txt"]
 

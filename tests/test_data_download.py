@@ -315,9 +315,16 @@ def test_default_takes_all_shards_when_fewer_than_80(hub, tmp_path):
 
 
 def test_the_default_variant_is_the_training_default(tmp_path):
-    """train_gpt.py reads sp8192 shards by default, so the downloader fetches sp8192 by default."""
+    """The downloader fetches by default the variant train_gpt.py reads by default: its shards' folder under data/
+    is DATA_PATH's default, its tokenizer TOKENIZER_PATH's, its vocabulary VOCAB_SIZE's."""
+    from train_gpt import build_config
+
     result = subprocess.run([sys.executable, str(DOWNLOAD), "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "(default sp8192" in " ".join(result.stdout.split())
+    default = re.search(r"\(default sp(\d+)", " ".join(result.stdout.split()))
+    assert result.returncode == 0 and default, result.stdout[-2000:]
+    cfg, vocab = build_config({}), int(default[1])
+    assert (cfg.data_path, cfg.tokenizer_path, cfg.vocab_size) == (
+        f"./data/datasets/fineweb10B_sp{vocab}", f"./data/tokenizers/fineweb_{vocab}_bpe.model", vocab)
 
 
 @pytest.mark.parametrize("variant, repo", [("sp8192", "kevclark/parameter-golf"),

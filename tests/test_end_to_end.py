@@ -20,9 +20,9 @@ def stored_matrices(artifact) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def single_run(tiny_data, tmp_path_factory):
+def single_run(small_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("single")
-    result = run_script(tiny_env(tiny_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd)
+    result = run_script(tiny_env(small_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -68,19 +68,19 @@ def test_final_lines_have_the_documented_format(single_run):
     assert re.search(r"^Total submission size int8\+brotli: \d+ bytes$", out, re.M)
 
 
-def test_existing_run_folder_is_refused(single_run, tiny_data):
+def test_existing_run_folder_is_refused(single_run, small_data):
     cwd, _ = single_run
     before = (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes()
-    result = run_script(tiny_env(tiny_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd, timeout=60)
+    result = run_script(tiny_env(small_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd, timeout=60)
     assert result.returncode == 2 and "RUN_ID" in result.stderr and "already exists" in result.stderr
     assert (cwd / "runs" / "single" / "final_model.int8_brotli.ptz").read_bytes() == before
 
 
-def test_two_process_torchrun_matches_one_process(single_run, tiny_data, tmp_path):
+def test_two_process_torchrun_matches_one_process(single_run, small_data, tmp_path):
     """Same global batch: 2 ranks x 4 micro-steps see the same sequences as 1 rank x 8, so the
     runs agree up to float reduction order."""
     _, single = single_run
-    result = run_script(tiny_env(tiny_data, RUN_ID="ddp", MICRO_BATCH_TOKENS=256), tmp_path, nproc=2, timeout=300)
+    result = run_script(tiny_env(small_data, RUN_ID="ddp", MICRO_BATCH_TOKENS=256), tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final_summary ") == 1  # rank 0 logs alone
     multi = final_summary(result.stdout)
@@ -105,18 +105,18 @@ def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
     assert not (tmp_path / "runs").exists() and "final_summary" not in result.stdout
 
 
-def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path):
+def test_eval_only_reproduces_the_artifact_score(single_run, small_data, tmp_path):
     cwd, out = single_run
     artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
     # shape variables unlike the artifact's are refused, each named: they would be ignored
-    refused = run_script(tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact, MODEL_DIM=32, NUM_LAYERS=4,
+    refused = run_script(tiny_env(small_data, RUN_ID="again", EVAL_ONLY=artifact, MODEL_DIM=32, NUM_LAYERS=4,
                                   MLP_MULT=3), tmp_path, timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
     assert refused.stderr.startswith(f"error: EVAL_ONLY={artifact}: NUM_LAYERS=4 (the artifact's: 2), MODEL_DIM=32 "
                                      "(the artifact's: 64), MLP_MULT=3 (the artifact's: 4.0): not what the artifact")
     # none set: the artifact's own model settings are used (no retyping)
     shape = ("MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "NUM_LAYERS", *PLAIN_SHAPE)
-    env = {k: v for k, v in tiny_env(tiny_data, RUN_ID="again", EVAL_ONLY=artifact).items() if k not in shape}
+    env = {k: v for k, v in tiny_env(small_data, RUN_ID="again", EVAL_ONLY=artifact).items() if k not in shape}
     result = run_script(env, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     again, original = final_summary(result.stdout), final_summary(out)
@@ -124,12 +124,12 @@ def test_eval_only_reproduces_the_artifact_score(single_run, tiny_data, tmp_path
     assert "step:" not in result.stdout  # no training
 
 
-def test_eval_only_reexports_the_float_checkpoint(single_run, tiny_data, tmp_path):
+def test_eval_only_reexports_the_float_checkpoint(single_run, small_data, tmp_path):
     """The tiny model's matrices are all under KEEP_FLOAT_MAX_NUMEL: 'int6' changes only the name, the
     artifact keeps them in float16, and the re-export scores exactly as the run's artifact (the same weights)."""
     cwd, out = single_run
     checkpoint = cwd / "runs" / "single" / "final_model.float.pt"
-    env = tiny_env(tiny_data, RUN_ID="int6", EVAL_ONLY=checkpoint, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6,
+    env = tiny_env(small_data, RUN_ID="int6", EVAL_ONLY=checkpoint, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6,
                    QUANT_BITS_EMBED=6, COMPRESSOR="zstd")
     result = run_script(env, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -141,17 +141,17 @@ def test_eval_only_reexports_the_float_checkpoint(single_run, tiny_data, tmp_pat
 
 
 @pytest.mark.parametrize("overrides, culprit", [(dict(MODEL_DIM=32), "does not fit"), (dict(), "file not found")])
-def test_eval_only_errors_name_the_variable(single_run, tiny_data, tmp_path, overrides, culprit):
+def test_eval_only_errors_name_the_variable(single_run, small_data, tmp_path, overrides, culprit):
     cwd, _ = single_run
     source = cwd / "runs" / "single" / ("final_model.float.pt" if overrides else "missing.ptz")
-    result = run_script(tiny_env(tiny_data, EVAL_ONLY=source, **overrides), tmp_path, timeout=120)
+    result = run_script(tiny_env(small_data, EVAL_ONLY=source, **overrides), tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "EVAL_ONLY=" in result.stderr and culprit in result.stderr
 
 
-def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
+def test_gptq_export_of_the_float_checkpoint(single_run, small_data, tmp_path):
     cwd, _ = single_run
-    env = tiny_env(tiny_data, RUN_ID="gptq", EVAL_ONLY=cwd / "runs" / "single" / "final_model.float.pt", GPTQ=1,
+    env = tiny_env(small_data, RUN_ID="gptq", EVAL_ONLY=cwd / "runs" / "single" / "final_model.float.pt", GPTQ=1,
                    GPTQ_BATCHES=2, QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=6)
     result = run_script(env, tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -160,11 +160,11 @@ def test_gptq_export_of_the_float_checkpoint(single_run, tiny_data, tmp_path):
     assert "final_int6gptq_brotli_sliding" in final_summary(result.stdout)["evals"]
 
 
-def test_eval_budget_is_estimated_and_enforced(tiny_data, tmp_path):
-    ok = run_script(tiny_env(tiny_data, RUN_ID="budget", ITERATIONS=2), tmp_path, timeout=120)
+def test_eval_budget_is_estimated_and_enforced(small_data, tmp_path):
+    ok = run_script(tiny_env(small_data, RUN_ID="budget", ITERATIONS=2), tmp_path, timeout=120)
     assert ok.returncode == 0 and re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding:[\d.]+s total:[\d.]+s "
                                             r"budget:600s$", ok.stdout, re.M), ok.stdout[-2000:]
-    refused = run_script(tiny_env(tiny_data, RUN_ID="over", EVAL_BUDGET_S="0.000001"), tmp_path, timeout=120)
+    refused = run_script(tiny_env(small_data, RUN_ID="over", EVAL_BUDGET_S="0.000001"), tmp_path, timeout=120)
     assert refused.returncode == 2 and "EVAL_BUDGET_S=" in refused.stderr and "step:" not in refused.stdout
     assert not (tmp_path / "runs" / "over").exists()  # a refused run leaves no folder behind
 
@@ -200,8 +200,8 @@ def test_the_default_export_and_evaluation_end_to_end(tiny_data, tmp_path):
     assert averaged and abs(roundtrip - float(averaged[1])) < 0.02  # what quantization cost
 
 
-def test_an_export_that_cannot_fit_exits_3_keeping_the_float_checkpoint(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, RUN_ID="over", ITERATIONS=2, TARGET_BYTES=150_000), tmp_path)
+def test_an_export_that_cannot_fit_exits_3_keeping_the_float_checkpoint(small_data, tmp_path):
+    result = run_script(tiny_env(small_data, RUN_ID="over", ITERATIONS=2, TARGET_BYTES=150_000), tmp_path)
     assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert result.stderr.startswith("error: TARGET_BYTES: the model file needs ")
     run_dir = tmp_path / "runs" / "over"
@@ -209,14 +209,14 @@ def test_an_export_that_cannot_fit_exits_3_keeping_the_float_checkpoint(tiny_dat
     assert "export_try:1 " in result.stdout and "final_summary" not in result.stdout
 
 
-def test_ttt_on_two_ranks_matches_one(single_run, tiny_data, tmp_path):
+def test_ttt_on_two_ranks_matches_one(single_run, small_data, tmp_path):
     """TTT's gradients are summed over ranks and each rank scores a share of every chunk: two
     processes must adapt and score like one, up to float reduction order."""
     cwd, out = single_run
     artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
     scores = {}
     for nproc in (1, 2):
-        env = tiny_env(tiny_data, RUN_ID=f"ttt{nproc}", EVAL_ONLY=artifact, TTT_LR=0.05, TTT_CHUNK=2048)
+        env = tiny_env(small_data, RUN_ID=f"ttt{nproc}", EVAL_ONLY=artifact, TTT_LR=0.05, TTT_CHUNK=1024)
         result = run_script(env, tmp_path, nproc=nproc, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         scores[nproc] = final_summary(result.stdout)["evals"]
@@ -227,8 +227,8 @@ def test_ttt_on_two_ranks_matches_one(single_run, tiny_data, tmp_path):
     assert abs(one - two) < 1e-4, (one, two)
 
 
-def test_train_only_stops_after_the_pre_export_score(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, RUN_ID="trainonly", TRAIN_ONLY=1, EMA_HORIZON="0.2", EXPORT_WEIGHTS="ema"),
+def test_train_only_stops_after_the_pre_export_score(small_data, tmp_path):
+    result = run_script(tiny_env(small_data, RUN_ID="trainonly", TRAIN_ONLY=1, EMA_HORIZON="0.2", EXPORT_WEIGHTS="ema"),
                         tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = final_summary(result.stdout)
@@ -240,15 +240,16 @@ def test_train_only_stops_after_the_pre_export_score(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_only_scores_an_artifact_with_phased_lora_ttt(single_run, tiny_data, tmp_path):
+def test_eval_only_scores_an_artifact_with_phased_lora_ttt(single_run, small_data, tmp_path):
     """EVAL_ONLY with TTT_ADAPTER=lora: the score is the per-document LoRA TTT line, logged with its exact twin;
     the artifact's sliding score is as in its run, and a global phase (TTT_PHASES) moves the LoRA score."""
     cwd, out = single_run
     artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
     scores = {}
-    for phases in ("5", ""):
-        env = tiny_env(tiny_data, RUN_ID=f"lora{phases}", EVAL_ONLY=artifact, TTT_ADAPTER="lora", TTT_LR=0.05,
-                       TTT_LORA_LR=0.01, TTT_LORA_RANK=4, TTT_PHASES=phases, VAL_BATCH_SIZE=1024)  # 16 rows
+    for phases in ("2", ""):
+        env = tiny_env(small_data, RUN_ID=f"lora{phases}", EVAL_ONLY=artifact, TTT_ADAPTER="lora", TTT_LR=0.05,
+                       TTT_LORA_LR=0.01, TTT_LORA_RANK=4, TTT_PHASES=phases, VAL_BATCH_SIZE=1024,  # 16 rows
+                       TTT_CHUNK=1024)  # the phase's SGD steps (the budget check primes them at TTT_CHUNK tokens)
         result = run_script(env, tmp_path, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         line = re.search(r"^final_int8_brotli_ttt_lora val_loss:[\d.]+ val_bpb:([\d.]+) eval_time:\d+ms$",
@@ -263,18 +264,19 @@ def test_eval_only_scores_an_artifact_with_phased_lora_ttt(single_run, tiny_data
         sliding = summary["evals"]["final_int8_brotli_sliding"]["val_bpb"]
         assert abs(sliding - final_summary(out)["val_bpb"]) < 1e-6  # as in its run (smaller batches)
         scores[phases] = float(exact[1])
-    assert scores["5"] != scores[""]  # the phase's SGD steps on documents 0..4 changed the later documents' scores
+    assert scores["2"] != scores[""]  # the phase's SGD steps on documents 0..1 changed the later documents' scores
 
 
 @pytest.mark.slow
-def test_mixer_on_an_artifact_names_its_line_and_scores_alike_on_two_ranks(single_run, tiny_data, tmp_path):
+def test_mixer_on_an_artifact_names_its_line_and_scores_alike_on_two_ranks(single_run, small_data, tmp_path):
     """EVAL_ONLY with MIX_ETA: the score is final_..._sliding_mix, its weights are logged, and two ranks (each
     counting every chunk itself, gradients summed) score as one."""
     cwd, out = single_run
     artifact = cwd / "runs" / "single" / "final_model.int8_brotli.ptz"
     scores = {}
     for nproc in (1, 2):
-        env = tiny_env(tiny_data, RUN_ID=f"mix{nproc}", EVAL_ONLY=artifact, MIX_ETA=1, MIX_BUCKETS=4096, TTT_CHUNK=2048)
+        env = tiny_env(small_data, RUN_ID=f"mix{nproc}", EVAL_ONLY=artifact, MIX_ETA=1, MIX_BUCKETS=4096,
+                       TTT_CHUNK=1024)
         result = run_script(env, tmp_path, nproc=nproc, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         summary = final_summary(result.stdout)

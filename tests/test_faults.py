@@ -2,7 +2,6 @@
 lost, on one process and under torchrun, whichever rank finds them; no traceback, no hang."""
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import socket
@@ -15,26 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import train_gpt
 from conftest import ROOT, clean_environ, run_script, tiny_env, trained_like, write_shard
 from train_gpt import build_config, export_recipe, map_shard, model_meta, pack_artifact, quantize_state
-
-
-@pytest.fixture
-def main_with(monkeypatch, capsys):
-    """train_gpt.main() in this process, with `env` on top of a clean environment and `cwd` as its folder:
-    (exit code, stderr lines). Its signal watch is taken down afterwards."""
-    def call(env: dict, cwd: Path) -> tuple[int, list[str]]:
-        monkeypatch.setattr(os, "environ", {**clean_environ(), **{k: str(v) for k, v in env.items()}})
-        monkeypatch.chdir(cwd)
-        try:
-            code = train_gpt.main()
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            os.close(signal.set_wakeup_fd(-1))
-        return code, capsys.readouterr().err.splitlines()
-    return call
 
 
 def copy_data(tiny_data: Path, folder: Path) -> Path:

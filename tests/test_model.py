@@ -52,8 +52,8 @@ def test_unet_pairs_mirror_and_precede(depth):
 
 def tiny_cfg(**env):
     """A tiny plain stack, 2 layers unless NUM_LAYERS says otherwise (the default's 17 cost the tests minutes)."""
-    base = {**PLAIN_SHAPE, "VOCAB_SIZE": "256", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_LAYERS": "2",
-            "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128"}
+    base = {**PLAIN_SHAPE, "VOCAB_SIZE": "256", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+            "NUM_LAYERS": "2", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128"}
     return build_config({**base, **{k: str(v) for k, v in env.items()}})
 
 

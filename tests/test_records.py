@@ -31,20 +31,20 @@ FAST = dict(ITERATIONS=6, TRAIN_LOG_EVERY=2, EVAL_STRIDE=32, MIX_ETA=1, MIX_BUCK
 
 
 @pytest.fixture(scope="module")
-def seed_runs(tiny_data, tmp_path_factory) -> Path:
+def seed_runs(small_data, tmp_path_factory) -> Path:
     """Three seeds of one tiny setting, an EVAL_ONLY rescoring of the first, and a seed run by the
     packed wrapper that pack_record.py writes: runs/<RUN_ID>/ under the returned folder."""
     cwd = tmp_path_factory.mktemp("seeds")
     for seed in SEEDS:
-        result = run_script(tiny_env(tiny_data, RUN_ID=f"seed{seed}", SEED=seed, **FAST), cwd)
+        result = run_script(tiny_env(small_data, RUN_ID=f"seed{seed}", SEED=seed, **FAST), cwd)
         assert result.returncode == 0, result.stderr[-3000:]
     artifact = next((cwd / "runs" / "seed1").glob("final_model.*.ptz"))
-    result = run_script(tiny_env(tiny_data, RUN_ID="rescore", EVAL_ONLY=artifact, **FAST), cwd)
+    result = run_script(tiny_env(small_data, RUN_ID="rescore", EVAL_ONLY=artifact, **FAST), cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     wrapper = cwd / "packed" / "train_gpt.py"
     wrapper.parent.mkdir()
     wrapper.write_text(train_gpt.pack_code((ROOT / "train_gpt.py").read_bytes()), encoding="utf-8")
-    result = run_script(tiny_env(tiny_data, RUN_ID="packed", SEED=4, **FAST), cwd, script=wrapper)
+    result = run_script(tiny_env(small_data, RUN_ID="packed", SEED=4, **FAST), cwd, script=wrapper)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
 
@@ -60,13 +60,13 @@ def make(cwd: Path, out: Path, *runs, extra=()) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_log_header_names_what_reviewers_ask_for(seed_runs, tiny_data):
+def test_the_log_header_names_what_reviewers_ask_for(seed_runs, small_data):
     run = read_log(seed_runs / "runs" / "seed1")
     code = (ROOT / "train_gpt.py").read_bytes()
     assert (run.code_sha256, run.code_bytes, run.code_file) == (hashlib.sha256(code).hexdigest(), len(code),
                                                                  "train_gpt.py")
     assert run.source == code  # the embedded source, byte for byte
-    tokens = sum(int.from_bytes(p.read_bytes()[8:12], "little") for p in tiny_data.glob("fineweb_train_*.bin"))
+    tokens = sum(int.from_bytes(p.read_bytes()[8:12], "little") for p in small_data.glob("fineweb_train_*.bin"))
     assert run.header == dict(torch_version=torch.__version__, cuda_version=str(torch.version.cuda),
                               attention_backend="sdpa", world_size="1", gpu_count="0", gpu="none", train_shards="2",
                               train_shard_tokens=str(tokens))

@@ -85,12 +85,12 @@ def test_readme_has_the_six_recipes():
 
 
 @pytest.mark.parametrize("index", range(6))
-def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
+def test_readme_recipe_runs_at_tiny_width(index, small_data, tmp_path):
     recipe = readme_recipes()[index]
     heads = int(recipe.get("NUM_HEADS", 8))
     shrink = dict(MODEL_DIM=8 * heads, ITERATIONS=6, WARMUP_STEPS=1, TRAIN_LOG_EVERY=3, TRAIN_SEQ_LEN=64,
                   TRAIN_BATCH_TOKENS=2048, TTT_LR=0)
-    result = run_script({**tiny_env(tiny_data), **recipe, **{k: str(v) for k, v in shrink.items()}}, tmp_path,
+    result = run_script({**tiny_env(small_data), **recipe, **{k: str(v) for k, v in shrink.items()}}, tmp_path,
                         timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = final_summary(result.stdout)
@@ -99,8 +99,8 @@ def test_readme_recipe_runs_at_tiny_width(index, tiny_data, tmp_path):
     assert result.stdout.count("depth_switch step:") == switches
 
 
-def test_two_ranks_switch_depth_together_and_stay_identical(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6, PROG_DEPTH="0.3:1,0.6:2,1.0:3",
+def test_two_ranks_switch_depth_together_and_stay_identical(small_data, tmp_path):
+    env = tiny_env(small_data, NUM_UNIQUE_LAYERS=2, NUM_LAYERS=6, PROG_DEPTH="0.3:1,0.6:2,1.0:3",
                    LOOP_EMBED=1, MICRO_BATCH_TOKENS=512, PARALLEL_LANES_START=0)  # two lanes from block 0, all-reduced
     result = run_script(env, tmp_path, nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -59,10 +59,10 @@ def final_scores(output: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [0, 2])
-def test_a_resumed_run_with_other_logging_ends_exactly_as_an_uninterrupted_one(tiny_data, tmp_path, nproc):
+def test_a_resumed_run_with_other_logging_ends_exactly_as_an_uninterrupted_one(small_data, tmp_path, nproc):
     """The resumed part logs, validates and checkpoints on other schedules (all RESUME accepts): it ends bit for bit
     as the run never stopped, so none of them touches what training computes."""
-    env = tiny_env(tiny_data, **RESUMABLE)
+    env = tiny_env(small_data, **RESUMABLE)
     whole = run_script({**env, "RUN_ID": "whole"}, tmp_path, nproc=nproc)
     assert whole.returncode == 0, whole.stderr[-3000:]
 

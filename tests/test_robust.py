@@ -31,7 +31,7 @@ def test_second_run_with_the_same_folder_is_refused(tmp_path, monkeypatch):
     cfg = build_config({"RUN_ID": "twin"})
     first = Runtime(0, 1, 0, torch.device("cpu"))
     open_run_folder(cfg, first, tmp_path / "runs" / "twin")
-    with pytest.raises(Exception, match="another run is already writing"):
+    with pytest.raises(ConfigError, match="^RUN_ID=twin: another run is already writing"):
         open_run_folder(cfg, Runtime(0, 1, 0, torch.device("cpu")), tmp_path / "runs" / "twin")
     assert first.log_path.exists()
 

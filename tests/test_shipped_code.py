@@ -27,9 +27,9 @@ def test_packing_keeps_the_program_and_a_quarter_of_the_bytes():
 
 
 @pytest.fixture(scope="module")
-def readable_run(tiny_data, tmp_path_factory):
+def readable_run(small_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("readable")
-    result = run_script(tiny_env(tiny_data, RUN_ID="r", ITERATIONS=6, EVAL_STRIDE=32), cwd, timeout=180)
+    result = run_script(tiny_env(small_data, RUN_ID="r", ITERATIONS=6, EVAL_STRIDE=32), cwd, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     return cwd / "runs" / "r", result.stdout
 
@@ -49,12 +49,12 @@ def test_the_run_ships_the_packed_file_and_counts_it(readable_run):
     assert summary["bytes_total"] == summary["bytes_code"] + summary["bytes_model"]
 
 
-def test_the_packed_file_scores_an_artifact_as_the_readable_one_and_ships_itself(readable_run, tiny_data, tmp_path):
+def test_the_packed_file_scores_an_artifact_as_the_readable_one_and_ships_itself(readable_run, small_data, tmp_path):
     """EVAL_ONLY through the packed file prints the same score lines as through the readable one; it ships a copy of
     itself (packing its own unpacked source gives the same bytes) and counts that."""
     folder, _ = readable_run
     artifact = next(folder.glob("*.ptz"))
-    env = tiny_env(tiny_data, EVAL_ONLY=artifact, EVAL_STRIDE=32)
+    env = tiny_env(small_data, EVAL_ONLY=artifact, EVAL_STRIDE=32)
     lines = {}
     for name, script in (("readable", ROOT / "train_gpt.py"), ("packed", folder / "train_gpt.py")):
         result = run_script({**env, "RUN_ID": name}, tmp_path, script=script, timeout=180)
@@ -66,8 +66,8 @@ def test_the_packed_file_scores_an_artifact_as_the_readable_one_and_ships_itself
     assert lines["packed"] == lines["readable"] and len(lines["packed"]) == 2  # round trip and sliding
 
 
-def test_ship_code_readable_ships_and_counts_the_readable_file(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, RUN_ID="plain", ITERATIONS=2, SHIP_CODE="readable", EVAL_STRIDE=0),
+def test_ship_code_readable_ships_and_counts_the_readable_file(small_data, tmp_path):
+    result = run_script(tiny_env(small_data, RUN_ID="plain", ITERATIONS=2, SHIP_CODE="readable", EVAL_STRIDE=0),
                         tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     shipped = tmp_path / "runs" / "plain" / "train_gpt.py"

@@ -18,19 +18,9 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, clean_environ, run_script, tiny_env, write_shard
+from conftest import ROOT, clean_environ, run_script, tiny_env
 from train_gpt import (GPT, Interrupted, Runtime, WeightAverages, build_config, build_optimizers, find_shards,
-                       make_train_loader, map_shard, plan_for, train, training_repeats)
-
-
-@pytest.fixture(scope="module")
-def small_data(tiny_data, tmp_path_factory) -> Path:
-    """tiny_data with its validation cut to 3,000 tokens: every run below evaluates it, and they are many."""
-    folder = tmp_path_factory.mktemp("small")
-    for shard in tiny_data.glob("fineweb_train_*.bin"):
-        (folder / shard.name).write_bytes(shard.read_bytes())
-    write_shard(folder / "fineweb_val_000000.bin", map_shard(tiny_data / "fineweb_val_000000.bin")[:3000])
-    return folder
+                       make_train_loader, plan_for, train, training_repeats)
 
 
 # Two micro-steps a step on one rank (one on two), the EMA carried by the checkpoint and exported; no sliding window.

@@ -33,9 +33,9 @@ def run_sweep(data: Path, out: Path, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def swept(tiny_data, tmp_path_factory):
+def swept(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "lr"
-    result = run_sweep(tiny_data, out, *GRID)
+    result = run_sweep(small_data, out, *GRID)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out, result.stdout
 
@@ -62,17 +62,17 @@ def test_table_sorted_by_score_and_plots(swept):
 
 
 @pytest.mark.slow
-def test_finished_runs_are_not_rerun_and_unfinished_ones_restart(swept, tiny_data):
+def test_finished_runs_are_not_rerun_and_unfinished_ones_restart(swept, small_data):
     out, _ = swept
     finished = log_of(out, RUNS[0]).read_bytes()
     before = log_of(out, RUNS[0]).stat().st_mtime_ns
-    again = run_sweep(tiny_data, out, *GRID)
+    again = run_sweep(small_data, out, *GRID)
     assert again.returncode == 0 and again.stdout.count(": already finished") == 2, again.stdout[-2000:]
     assert "running" not in again.stdout and log_of(out, RUNS[0]).stat().st_mtime_ns == before
     # an interrupted run: its log stops before the final_summary line
     text = log_of(out, RUNS[1]).read_text()
     log_of(out, RUNS[1]).write_text(text[:text.index("\nfinal_summary ")])
-    resumed = run_sweep(tiny_data, out, *GRID)
+    resumed = run_sweep(small_data, out, *GRID)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"{RUNS[0]}: already finished" in resumed.stdout and f"{RUNS[1]}: unfinished folder moved" in resumed.stdout
     assert read_log(out / "runs" / RUNS[1]).finished and log_of(out, RUNS[0]).read_bytes() == finished
