@@ -94,6 +94,17 @@ def small_data(tiny_data, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def single_run(small_data, tmp_path_factory) -> tuple[Path, str]:
+    """One tiny run of tiny_env's settings (30 steps of 8 micro-steps) on small_data: (its folder, its stdout).
+    runs/single/ there holds its log, artifact, float checkpoint and shipped code, which tests read and rescore
+    (test_end_to_end, test_shipped_code) but never change."""
+    cwd = tmp_path_factory.mktemp("single")
+    result = run_script(tiny_env(small_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result.stdout
+
+
 # The default is the frontier shape (11 blocks, core 3..5 looped, partial RoPE over 16 dims); tiny test
 # models set these so NUM_LAYERS alone gives a plain, unshared stack with full RoPE.
 PLAIN_SHAPE = {"NUM_UNIQUE_LAYERS": "0", "LOOP_START": "0", "LOOP_END": "-1", "PROG_DEPTH": "", "ROPE_DIMS": "0",

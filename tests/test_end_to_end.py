@@ -19,14 +19,6 @@ def stored_matrices(artifact) -> dict[str, str]:
     return {group: f"{n}x{kind}" for (group, kind), n in counts.items()}
 
 
-@pytest.fixture(scope="module")
-def single_run(small_data, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("single")
-    result = run_script(tiny_env(small_data, RUN_ID="single", MICRO_BATCH_TOKENS=256), cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd, result.stdout
-
-
 def test_loss_falls_and_artifact_is_written(single_run):
     cwd, out = single_run
     losses = logged_losses(out)
@@ -160,10 +152,10 @@ def test_gptq_export_of_the_float_checkpoint(single_run, small_data, tmp_path):
     assert "final_int6gptq_brotli_sliding" in final_summary(result.stdout)["evals"]
 
 
-def test_eval_budget_is_estimated_and_enforced(small_data, tmp_path):
-    ok = run_script(tiny_env(small_data, RUN_ID="budget", ITERATIONS=2), tmp_path, timeout=120)
-    assert ok.returncode == 0 and re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding:[\d.]+s total:[\d.]+s "
-                                            r"budget:600s$", ok.stdout, re.M), ok.stdout[-2000:]
+def test_eval_budget_is_estimated_and_enforced(single_run, small_data, tmp_path):
+    _, out = single_run
+    assert re.search(r"^eval_budget_estimate roundtrip:[\d.]+s sliding:[\d.]+s total:[\d.]+s budget:600s$", out,
+                     re.M), out[-2000:]
     refused = run_script(tiny_env(small_data, RUN_ID="over", EVAL_BUDGET_S="0.000001"), tmp_path, timeout=120)
     assert refused.returncode == 2 and "EVAL_BUDGET_S=" in refused.stderr and "step:" not in refused.stdout
     assert not (tmp_path / "runs" / "over").exists()  # a refused run leaves no folder behind

@@ -26,12 +26,11 @@ def test_packing_keeps_the_program_and_a_quarter_of_the_bytes():
     assert len(packed) < len(READABLE) / 3
 
 
-@pytest.fixture(scope="module")
-def readable_run(small_data, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("readable")
-    result = run_script(tiny_env(small_data, RUN_ID="r", ITERATIONS=6, EVAL_STRIDE=32), cwd, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return cwd / "runs" / "r", result.stdout
+@pytest.fixture
+def readable_run(single_run):
+    """conftest's tiny run of the readable train_gpt.py: (its run folder, its stdout)."""
+    cwd, output = single_run
+    return cwd / "runs" / "single", output
 
 
 def score_lines(output: str) -> list[str]:
