@@ -36,6 +36,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import lzma
 import os
 import re
 import shlex
@@ -75,6 +76,8 @@ def run_problems(run: RunLog, track: str) -> list[str]:
     s, problems = run.summary, []
     if run.code_sha256 is None or run.shipped_code is None:
         problems.append(f"{run.path}: no code_sha256 or shipped_code line (an older train_gpt.py); rerun with this one")
+    elif run.source is None:
+        problems.append(f"{run.path}: the source it embeds does not hash to its code_sha256 (an edited log?)")
     elif not run.shipped_code.is_file():
         problems.append(f"{run.shipped_code}: the code file the run shipped is missing")
     else:
@@ -119,7 +122,12 @@ def check_runs(runs: list[RunLog], track: str) -> None:
 def same_program(code: bytes, run: RunLog) -> bool:
     """Whether a code file (packed or not) runs the program whose source the run's log embeds (checked against its
     code_sha256 by runlog): the same syntax tree once comments and docstrings are set aside."""
-    return run.source is not None and code_only(unpack_code(code)) == code_only(unpack_code(run.source))
+    if run.source is None:
+        return False
+    try:
+        return code_only(unpack_code(code)) == code_only(unpack_code(run.source))
+    except (SyntaxError, ValueError, lzma.LZMAError):  # not Python, or a damaged packed file
+        return False
 
 
 def shipped_code(runs: list[RunLog], code: Path | None) -> bytes:

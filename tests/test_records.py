@@ -85,7 +85,8 @@ def test_record_from_three_seeds(seed_runs, tmp_path):
     assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(scores), abs=1e-8)
     assert sub["val_loss"] == pytest.approx(statistics.mean(s["val_loss"] for s in runs), abs=1e-8)
     assert sub["bytes_total"] == max(s["bytes_total"] for s in runs)
-    assert sub["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
+    shipped = (seed_runs / "runs" / "seed1" / "train_gpt.py").read_bytes()  # the packed file each seed shipped
+    assert sub["bytes_code"] == len(shipped) == runs[0]["bytes_code"] < (ROOT / "train_gpt.py").stat().st_size / 3
     assert sub["seeds"] == list(SEEDS) and list(sub["seed_results"]) == ["1", "2", "3"]
     assert sub["seed_results"]["2"]["val_bpb"] == runs[1]["val_bpb"] and sub["seed_results"]["2"]["steps"] == 6
     assert (sub["hardware"], sub["pytorch_version"], sub["train_shards"]) == ("CPU (1 process)", torch.__version__, 2)
@@ -93,8 +94,10 @@ def test_record_from_three_seeds(seed_runs, tmp_path):
     assert sub["statistics"]["previous_val_bpb"] == [3.9, 3.95, 3.92] and sub["statistics"]["p"] < 0.25
     ratio = statistics.mean(s["val_loss"] / s["val_bpb"] for s in runs)  # nats per bpb = ln 2 x bytes/token
     assert sub["statistics"]["nats_per_bpb"] == pytest.approx(ratio) == welch.nats_per_bpb(str(out))
-    # the shipped code and logs (named as upstream names them), byte for byte
-    assert (out / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    # the shipped code (the packed file the seeds shipped, holding this repository's program) and logs (named as
+    # upstream names them), byte for byte
+    assert (out / "train_gpt.py").read_bytes() == shipped
+    assert train_gpt.unpack_code(shipped) == train_gpt.code_only((ROOT / "train_gpt.py").read_bytes())
     for s in SEEDS:
         log = seed_runs / "runs" / f"seed{s}" / f"seed{s}.txt"
         assert (out / f"train_seed{s}.log").read_bytes() == log.read_bytes()
@@ -128,6 +131,7 @@ def altered_log(cwd: Path, tmp_path: Path, change) -> Path:
     folder = tmp_path / "altered"
     folder.mkdir()
     (folder / "altered.txt").write_text(change(text), encoding="utf-8")
+    (folder / "train_gpt.py").write_bytes((cwd / "runs" / "seed2" / "train_gpt.py").read_bytes())  # what it shipped
     return folder
 
 
@@ -143,7 +147,7 @@ def with_summary(**fields):
     (lambda t: t.replace('"matrix_lr": 0.026', '"matrix_lr": 0.03', 1), "non_record_16mb",
      "the logs differ in MATRIX_LR: 0.026 (seed1.txt), 0.03 (altered.txt)"),
     (lambda t: re.sub(r"(?m)^code_sha256:[0-9a-f]{64}", "code_sha256:" + "0" * 64, t), "non_record_16mb",
-     "the logs ran different code"),
+     "altered.txt: the source it embeds does not hash to its code_sha256"),
     (lambda t: t[:t.index("\nfinal_summary ")], "non_record_16mb", "altered.txt: not a finished run"),
     (with_summary(bytes_model=16_000_000, bytes_total=16_000_000 + (ROOT / "train_gpt.py").stat().st_size),
      "non_record_16mb", "over the 16,000,000 byte cap"),
@@ -161,7 +165,7 @@ def test_refusals_name_the_file_and_the_reason(seed_runs, tmp_path, change, trac
 @pytest.mark.slow
 def test_other_refusals(seed_runs, tmp_path):
     wrong_code = make(seed_runs, tmp_path / "a", "seed1", "seed2", extra=("--code", str(ROOT / "README.md")))
-    assert wrong_code.returncode == 2 and "--code" in wrong_code.stderr and "is not the" in wrong_code.stderr
+    assert wrong_code.returncode == 2 and "--code" in wrong_code.stderr and "does not hold the program" in wrong_code.stderr
     eval_only = make(seed_runs, tmp_path / "b", "seed1", "rescore")
     assert eval_only.returncode == 2 and "rescore.txt: an EVAL_ONLY run" in eval_only.stderr
     missing = make(seed_runs, tmp_path / "c", "seed1", "nope")
@@ -275,18 +279,22 @@ def write_log(folder: Path, source: bytes, settings: dict, seed: int, bpb: float
     cfg = train_gpt.build_config({**settings, "SEED": str(seed), "RUN_ID": f"seed{seed}"})
     kinds = [kind for kind, *_ in train_gpt.evaluation_windows(cfg)]
     evals = {f"final_int8_brotli_{k}": dict(val_loss=1.5 * bpb, val_bpb=bpb, eval_time_ms=900) for k in kinds}
-    summary = dict(val_bpb=bpb, val_loss=1.5 * bpb, evals=evals, bytes_code=len(source), bytes_model=250_000,
-                   bytes_total=len(source) + 250_000, steps=6, train_time_ms=600, seed=seed, world_size=1,
+    shipped = train_gpt.pack_code(source).encode()  # the packed file the run ships, beside its log
+    summary = dict(val_bpb=bpb, val_loss=1.5 * bpb, evals=evals, bytes_code=len(shipped), bytes_model=250_000,
+                   bytes_total=len(shipped) + 250_000, steps=6, train_time_ms=600, seed=seed, world_size=1,
                    score_line=f"final_int8_brotli_{kinds[-1]} val_loss:{1.5 * bpb:.4f} val_bpb:{bpb:.4f} "
                               "eval_time:900ms")
     lines = ["=" * 100, f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)} "
              "code_file:train_gpt.py", f"torch_version:{torch.__version__} cuda_version:None attention_backend:sdpa "
              "world_size:1 gpu_count:0 gpu:none", "train_shards:2 train_shard_tokens:347565",
+             f"shipped_code:runs/seed{seed}/train_gpt.py bytes:{len(shipped)} (packed; the source run is "
+             f"{len(source)} bytes)",
              "final_summary " + json.dumps(summary, sort_keys=True)]
     path = folder / f"seed{seed}" / f"seed{seed}.txt"
     path.parent.mkdir(parents=True)
     config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     path.write_bytes(f"config {config}\n".encode() + source + ("\n" + "\n".join(lines) + "\n").encode())
+    (path.parent / "train_gpt.py").write_bytes(shipped)
     return path.parent
 
 
