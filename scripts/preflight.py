@@ -331,7 +331,7 @@ def reference_entries(data: Path, tokenizer: Path) -> tuple[str, dict[Path, dict
     if summary.is_file():
         s = json.loads(summary.read_text(encoding="utf-8"))
         entries = {data / shard["file"]: shard for split in s.get("splits", {}).values()
-                   for shard in split.get("shards", [])}
+                   for shard in split.get("shards", []) + split.get("byte_shards", [])}
         if s.get("tokenizer", {}).get("sha256"):
             entries[tokenizer] = dict(sha256=s["tokenizer"]["sha256"], what="the tokenizer summary.json names")
         return str(summary), entries
@@ -353,14 +353,20 @@ def reference_entries(data: Path, tokenizer: Path) -> tuple[str, dict[Path, dict
     return str(manifest), entries
 
 
+def data_files(data: Path, split: str) -> list[Path]:
+    """fineweb_<split>_NNNNNN.bin in `data`, as train_gpt.py finds them: `val` does not take the val_bytes sidecars."""
+    return sorted(p for p in data.glob(f"fineweb_{split}_*.bin") if re.fullmatch(rf"fineweb_{split}_\d+\.bin", p.name))
+
+
 def check_data(cfg, hash_files: bool = True) -> Result:
     data, tokenizer, problems = Path(cfg.data_path), Path(cfg.tokenizer_path), []
     if not data.is_dir():
         return Result("FAIL", "data", f"DATA_PATH={cfg.data_path}: folder not found")
-    shards = {split: sorted(data.glob(f"fineweb_{split}_*.bin")) for split in ("train", "val")}
+    shards = {split: data_files(data, split) for split in ("train", "val")}
     problems += [f"no fineweb_{split}_*.bin in DATA_PATH={data}" for split, paths in shards.items() if not paths]
+    sidecars = data_files(data, "val_bytes")  # CaseOps: per-token byte counts, checked and hashed like the shards
     counts = {}
-    for path in shards["train"] + shards["val"]:
+    for path in shards["train"] + shards["val"] + sidecars:
         counts[path], problem = shard_tokens(path)
         if problem:
             problems.append(f"{path.name}: {problem}")
@@ -381,7 +387,7 @@ def check_data(cfg, hash_files: bool = True) -> Result:
         if sum(counts[p] for p in val) < window + 1:
             problems.append(f"validation split shorter than one window ({window} + 1 tokens)")
     source, entries = reference_entries(data, tokenizer)
-    local = [*shards["train"], *shards["val"]] + ([tokenizer] if tokenizer.is_file() else [])
+    local = [*shards["train"], *shards["val"], *sidecars] + ([tokenizer] if tokenizer.is_file() else [])
     hashed, start = [p for p in local if entries.get(p, {}).get("sha256")] if hash_files else [], time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
         digests = dict(zip(hashed, pool.map(sha256_of, hashed)))
@@ -399,7 +405,8 @@ def check_data(cfg, hash_files: bool = True) -> Result:
                and (e.get("file") or p.name.startswith("fineweb_val_"))]  # summary.json: all; manifest: the val split
     problems += [f"{name}: listed in {source}, not in DATA_PATH" for name in missing]
     gb = sum(p.stat().st_size for p in local) / 1e9
-    figure = (f"{len(shards['train'])} train + {len(shards['val'])} val shards ({gb:.1f} GB) in {data}, "
+    figure = (f"{len(shards['train'])} train + {len(shards['val'])} val shards"
+              f"{f' + {len(sidecars)} byte sidecar(s)' if sidecars else ''} ({gb:.1f} GB) in {data}, "
               f"tokenizer {tokenizer.name}")
     if problems:
         return Result("FAIL", "data", f"{figure}: " + "; ".join(problems[:4]) +

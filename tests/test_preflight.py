@@ -88,6 +88,34 @@ def test_a_built_folder_passes_by_sha256_and_each_kind_of_damage_fails(built, tm
     assert missing.status == "FAIL" and "folder not found" in missing.figure
 
 
+def test_a_caseops_folder_passes_with_its_byte_sidecars_hashed_and_checked(tmp_path):
+    """data/build_shards.py --transform caseops writes fineweb_val_bytes_*.bin beside the val shards and lists them
+    in summary.json: they are not val shards (the first GPU preflight counted one as a shard missing from
+    summary.json and failed), but they are checked like shards, since val_bpb divides by them."""
+    tokenizer = tokenizer_path(8192).with_name("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+    if not tokenizer.is_file():
+        pytest.skip(f"CaseOps tokenizer not found: {tokenizer.name}")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(read_docs("fineweb_sample/val.jsonl.zst")[:8]):
+        (docs / f"{i:02d}.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "caseops"
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "build_shards.py"), "--input", str(docs),
+                             "--val-fraction", "0.25", "--tokenizer", str(tokenizer), "--transform", "caseops",
+                             "--out", str(out), "--workers", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    sidecars = sorted(out.glob("fineweb_val_bytes_*.bin"))
+    assert sidecars
+    cfg = cfg_for(out, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=8192)
+    good = preflight.check_data(cfg)
+    files = len(list(out.glob("*.bin"))) + 1  # the shards, the sidecars and the tokenizer
+    assert good.status == "PASS" and f"+ {len(sidecars)} byte sidecar(s)" in good.figure, good
+    assert f"sha256 of {files} files matches" in good.figure, good
+    flip_a_token(sidecars[0])
+    bad = preflight.check_data(cfg)
+    assert bad.status == "FAIL" and f"{sidecars[0].name}: sha256 " in bad.figure, bad
+
+
 def test_a_downloaded_folder_is_checked_by_size_unless_its_manifest_lists_hashes(built, tmp_path):
     """The downloader's layout: <root>/manifest.json and <root>/datasets/fineweb10B_sp1024/ (no summary.json)."""
     data = tmp_path / "datasets" / "fineweb10B_sp1024"
