@@ -25,17 +25,22 @@ import train_gpt  # noqa: E402
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A data folder as data/build_shards.py writes it (summary.json with each shard's sha256): 3 train shards."""
-    folder = tmp_path_factory.mktemp("preflight")
+    out = build_shards(tmp_path_factory.mktemp("preflight"), 12, tokenizer_path(1024), "--shard-tokens", "3000")
+    assert len(list(out.glob("fineweb_train_*.bin"))) >= 2
+    return out
+
+
+def build_shards(folder: Path, documents: int, tokenizer: Path, *args: str) -> Path:
+    """data/build_shards.py on the first `documents` of the FineWeb sample, a quarter of them for validation."""
     docs = folder / "docs"
     docs.mkdir()
-    for i, text in enumerate(read_docs("fineweb_sample/val.jsonl.zst")[:12]):
+    for i, text in enumerate(read_docs("fineweb_sample/val.jsonl.zst")[:documents]):
         (docs / f"{i:02d}.txt").write_text(text, encoding="utf-8")
-    out = folder / "sp1024"
+    out = folder / "shards"
     result = subprocess.run([sys.executable, str(ROOT / "data" / "build_shards.py"), "--input", str(docs),
-                             "--val-fraction", "0.25", "--tokenizer", str(tokenizer_path(1024)), "--out", str(out),
-                             "--shard-tokens", "3000", "--workers", "1"], capture_output=True, text=True, timeout=60)
+                             "--val-fraction", "0.25", "--tokenizer", str(tokenizer), "--out", str(out),
+                             "--workers", "1", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert len(list(out.glob("fineweb_train_*.bin"))) >= 2
     return out
 
 
@@ -95,15 +100,7 @@ def test_a_caseops_folder_passes_with_its_byte_sidecars_hashed_and_checked(tmp_p
     tokenizer = tokenizer_path(8192).with_name("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
     if not tokenizer.is_file():
         pytest.skip(f"CaseOps tokenizer not found: {tokenizer.name}")
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i, text in enumerate(read_docs("fineweb_sample/val.jsonl.zst")[:8]):
-        (docs / f"{i:02d}.txt").write_text(text, encoding="utf-8")
-    out = tmp_path / "caseops"
-    result = subprocess.run([sys.executable, str(ROOT / "data" / "build_shards.py"), "--input", str(docs),
-                             "--val-fraction", "0.25", "--tokenizer", str(tokenizer), "--transform", "caseops",
-                             "--out", str(out), "--workers", "1"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    out = build_shards(tmp_path, 8, tokenizer, "--transform", "caseops")
     sidecars = sorted(out.glob("fineweb_val_bytes_*.bin"))
     assert sidecars
     cfg = cfg_for(out, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=8192)
