@@ -201,8 +201,8 @@ class Config:
     gptq_batches: int = knob(64, "GPTQ calibration micro-batches of training data, shared out over ranks")
     export_reserve_seconds: float = knob(
         12.0,
-        "with GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for its calibration "
-        "(a capped run calibrates on as many GPTQ_BATCHES as fit in it)",
+        "with GPTQ: the most seconds of MAX_WALLCLOCK_SECONDS kept for its calibration (a capped run calibrates on "
+        "as many GPTQ_BATCHES as fit in it, and keeps only the time they need)",
     )
     target_bytes: int = knob(16_000_000, "cap on code + model bytes: a larger export coarsens its steps, else exits 3")
     eval_budget_s: float = knob(600.0, "refuse to train when the estimated final evaluations exceed this many seconds")
@@ -2934,8 +2934,9 @@ def read_json(path: Path, name: str) -> dict:
 
 
 # What RESUME may change: where the run writes, logs and compiles; every other setting is the interrupted run's.
+# Knobs a resumed run may change (EXPORT_RESERVE_SECONDS: the checkpoint holds the reserve measured, not the knob's).
 RESUME_FREE_KNOBS = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile",
-                     "attn_backend")  # fmt: skip
+                     "attn_backend", "export_reserve_seconds")  # fmt: skip
 
 
 def check_resumable(cfg: Config) -> None:
@@ -3166,7 +3167,8 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     check_free_space(rt, base, out)
     warmup_s = warmup(model, base, cfg, rt, plans, optimizers, make_loader)
     rt.log(f"warmup_time:{warmup_s:.1f}s (compile and priming; not counted as training time)")
-    calibration_per_rank = calibration_batches(cfg, rt, base, make_loader)
+    calibration_per_rank, reserve_s = calibration_batches(cfg, rt, base, make_loader)
+    cfg = dataclasses.replace(cfg, export_reserve_seconds=reserve_s)  # the training clock stops at what it needs
     averages = WeightAverages(cfg, base)
     TRAINING_LOOP[0] = True  # a stop signal now waits for the end of the step in flight
     try:
@@ -3257,24 +3259,27 @@ def ship_code(cfg: Config, rt: Runtime, out: Path) -> int:
     return code_bytes
 
 
-def calibration_batches(cfg: Config, rt: Runtime, base: GPT, make_loader) -> int:
-    """GPTQ calibration micro-batches per rank: this rank's share of GPTQ_BATCHES, or fewer when a wallclock-capped run
-    would not calibrate them within EXPORT_RESERVE_SECONDS (timed here, in warmup, on one batch after one that warms
-    the eager path; the slowest rank decides, with a tenth kept for the all-reduce and the loader)."""
+def calibration_batches(cfg: Config, rt: Runtime, base: GPT, make_loader) -> tuple[int, float]:
+    """(GPTQ calibration micro-batches per rank, seconds to reserve for them). The batches: this rank's share of
+    GPTQ_BATCHES, or fewer when a wallclock-capped run would not calibrate them within EXPORT_RESERVE_SECONDS (timed
+    here, in warmup, on one batch after one that warms the eager path; the slowest rank decides, with a tenth kept for
+    the all-reduce and the loader). The reserve: what those batches need, plus a second, at most EXPORT_RESERVE_SECONDS
+    (on 8 GPUs 64 batches take ~3 s of the 12: the rest trains)."""
     per_rank = -(-cfg.gptq_batches // rt.world_size)
     if not cfg.gptq or cfg.max_wallclock_seconds == 0:
-        return per_rank
+        return per_rank, cfg.export_reserve_seconds
     loader, plan = make_loader(), plan_for(cfg, cfg.repeats)
     batches = [loader.next_batch()[0] for _ in range(2)]
     collect_hessians(base, plan, batches[:1], rt.autocast)
     seconds = rt.agree_max(timed(rt, collect_hessians, base, plan, batches[1:], rt.autocast))
     fitting = max(1, int(0.9 * cfg.export_reserve_seconds / seconds))
     chosen = min(per_rank, fitting)
+    reserve = min(cfg.export_reserve_seconds, chosen * seconds / 0.9 + 1.0)
     rt.log(
         f"gptq_calibration_plan batches_per_rank:{chosen} of {per_rank} batch_time:{seconds:.3f}s "
-        f"reserve:{cfg.export_reserve_seconds:g}s"
+        f"reserve:{reserve:.1f}s of EXPORT_RESERVE_SECONDS={cfg.export_reserve_seconds:g}"
     )
-    return chosen
+    return chosen, reserve
 
 
 def gptq_hessians(cfg: Config, rt: Runtime, base: GPT, per_rank: int) -> dict[str, torch.Tensor] | None:
@@ -3293,7 +3298,7 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT, per_rank: int) -> dict[st
     rt.log(
         f"gptq_calibration hessians:{len(hessians)} batches:{total} "
         f"tokens:{total * cfg.micro_batch_seqs * cfg.train_seq_len} "
-        f"time:{seconds:.1f}s reserve:{cfg.export_reserve_seconds:g}s"
+        f"time:{seconds:.1f}s reserve:{cfg.export_reserve_seconds:.1f}s"
     )
     return hessians
 

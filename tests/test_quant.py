@@ -314,7 +314,8 @@ def test_brotli_missing_is_a_one_line_error(tiny_data, monkeypatch):
 @pytest.mark.parametrize("cap, reserve, expected", [(0, 12, 8), (600, 12, 8), (600, 1e-9, 1)])
 def test_calibration_fits_its_reserve(capsys, cap, reserve, expected):
     """A wallclock-capped run calibrates on as many of its GPTQ_BATCHES as the reserve holds at the speed measured in
-    warmup (at least one); an ITERATIONS-bounded run, or one whose reserve holds them all, takes every batch."""
+    warmup (at least one); an ITERATIONS-bounded run, or one whose reserve holds them all, takes every batch. The
+    training clock keeps only what those batches need (+1 s), at most EXPORT_RESERVE_SECONDS."""
     import train_gpt
 
     cfg = build_config({**PLAIN_SHAPE, "VOCAB_SIZE": "64", "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
@@ -327,5 +328,14 @@ def test_calibration_fits_its_reserve(capsys, cap, reserve, expected):
             x = torch.randint(0, 64, (4, 8))
             return x, x
 
-    assert train_gpt.calibration_batches(cfg, rt, train_gpt.GPT(cfg), Loader) == expected
-    assert ("gptq_calibration_plan" in capsys.readouterr().out) == (cap > 0)
+    batches, kept = train_gpt.calibration_batches(cfg, rt, train_gpt.GPT(cfg), Loader)
+    line = capsys.readouterr().out
+    assert batches == expected and ("gptq_calibration_plan" in line) == (cap > 0)
+    if cap == 0 or reserve < 1:
+        assert kept == reserve  # no clock to stop; a reserve too short for one batch stays as set
+    else:
+        batch_time = float(re.search(r"batch_time:([0-9.]+)s", line)[1])
+        assert kept == pytest.approx(min(reserve, expected * batch_time / 0.9 + 1.0), abs=0.005)  # the line rounds to ms
+        assert 1.0 < kept < reserve and f"reserve:{kept:.1f}s of EXPORT_RESERVE_SECONDS=12" in line
+        cfg = dataclasses.replace(cfg, export_reserve_seconds=kept)
+        assert train_gpt.training_seconds(cfg) == pytest.approx(cap - kept)  # the clock trains the rest

@@ -136,7 +136,7 @@ def test_resume_accepts_other_logging_and_checkpointing(tiny_data, tmp_path):
     is named (the manifest was read, the others are left out on purpose). The slow test above resumes a real run
     with them changed and ends bit for bit as the run never stopped."""
     fake_checkpoint(tmp_path, build_config(tiny_env(tiny_data)))
-    free = dict(OTHER_LOGGING, CHECKPOINT_EVERY=60, OUT_DIR=tmp_path / "elsewhere")
+    free = dict(OTHER_LOGGING, CHECKPOINT_EVERY=60, OUT_DIR=tmp_path / "elsewhere", EXPORT_RESERVE_SECONDS=5)
     assert {k.lower() for k in free} | {"resume"} == set(RESUME_FREE_KNOBS)  # a new free knob is added here too
     check_inputs(build_config(tiny_env(tiny_data, RESUME=tmp_path, **free)))
     with pytest.raises(ConfigError, match=f"^RESUME={tmp_path}: MATRIX_LR differ from the interrupted run's"):
