@@ -353,18 +353,13 @@ def reference_entries(data: Path, tokenizer: Path) -> tuple[str, dict[Path, dict
     return str(manifest), entries
 
 
-def data_files(data: Path, split: str) -> list[Path]:
-    """fineweb_<split>_NNNNNN.bin in `data`, as train_gpt.py finds them: `val` does not take the val_bytes sidecars."""
-    return sorted(p for p in data.glob(f"fineweb_{split}_*.bin") if re.fullmatch(rf"fineweb_{split}_\d+\.bin", p.name))
-
-
 def check_data(cfg, hash_files: bool = True) -> Result:
     data, tokenizer, problems = Path(cfg.data_path), Path(cfg.tokenizer_path), []
     if not data.is_dir():
         return Result("FAIL", "data", f"DATA_PATH={cfg.data_path}: folder not found")
-    shards = {split: data_files(data, split) for split in ("train", "val")}
+    shards = {split: sorted(data.glob(f"fineweb_{split}_[0-9]*.bin")) for split in ("train", "val")}  # no sidecars
     problems += [f"no fineweb_{split}_*.bin in DATA_PATH={data}" for split, paths in shards.items() if not paths]
-    sidecars = data_files(data, "val_bytes")  # CaseOps: per-token byte counts, checked and hashed like the shards
+    sidecars = sorted(data.glob("fineweb_val_bytes_[0-9]*.bin"))  # CaseOps' byte counts: checked like the shards
     counts = {}
     for path in shards["train"] + shards["val"] + sidecars:
         counts[path], problem = shard_tokens(path)
