@@ -3159,9 +3159,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     make_loader = partial(
         make_train_loader, cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device
     )
-    evaluate_with = partial(
-        evaluate, base, plan_for(cfg, cfg.eval_passes), val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast
-    )
+    evaluate_with = evaluator(cfg, rt, base, val_tokens, tables)
     round_trip_score = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # the score during training
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
     check_free_space(rt, base, out)
@@ -3213,6 +3211,12 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     )
 
 
+def evaluator(cfg: Config, rt: Runtime, base: GPT, val_tokens: torch.Tensor, tables: ByteTables) -> Callable:
+    """evaluate(window, stride, ...) of `base` on the validation tokens at the evaluation's depth, over the ranks."""
+    plan = plan_for(cfg, cfg.eval_passes)
+    return partial(evaluate, base, plan, val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast)
+
+
 def log_training_end(cfg: Config, rt: Runtime, base: GPT, state: TrainState) -> float:
     """Step times per depth phase, whether the ranks hold identical weights, peak memory (returned, MiB), compiles."""
     log_phase_times(rt, cfg, state)
@@ -3240,22 +3244,23 @@ def artifact_name(cfg: Config) -> str:
     return f"{label}{'gptq' if cfg.gptq else ''}_{cfg.compressor}"
 
 
-def shipped_code(cfg: Config) -> bytes:
-    """The code file a record ships: with SHIP_CODE=packed the packed copy of the program run, else the source run (a
-    packed file run as itself ships the same packed bytes: packing is deterministic and code_only idempotent)."""
-    source = unpack_code(code_file().read_bytes())
+def shipped_code(cfg: Config, source: bytes | None = None) -> bytes:
+    """The code file a record ships: with SHIP_CODE=packed the packed copy of `source` (the program run, read when not
+    given), else the source itself (a packed file run as itself ships the same packed bytes: packing is deterministic
+    and code_only idempotent)."""
+    source = unpack_code(code_file().read_bytes()) if source is None else source
     return pack_code(source).encode() if cfg.ship_code == "packed" else source
 
 
 def ship_code(cfg: Config, rt: Runtime, out: Path) -> int:
     """Write the code file a record ships, train_gpt.py in the run folder (rank 0); returns its size on disk: the
     code bytes the run counts."""
-    shipped, path = shipped_code(cfg), out / "train_gpt.py"
+    source = unpack_code(code_file().read_bytes())
+    shipped, path = shipped_code(cfg, source), out / "train_gpt.py"
     if rt.main:
         write_whole(path, lambda p: p.write_bytes(shipped))
     code_bytes = path.stat().st_size if rt.main else len(shipped)  # rank 0 logs the size on disk
-    source_bytes = len(unpack_code(code_file().read_bytes()))
-    rt.log(f"shipped_code:{path} bytes:{code_bytes} ({cfg.ship_code}; the source run is {source_bytes} bytes)")
+    rt.log(f"shipped_code:{path} bytes:{code_bytes} ({cfg.ship_code}; the source run is {len(source)} bytes)")
     return code_bytes
 
 
@@ -3522,13 +3527,7 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
                 "EVAL_ONLY of its run's final_model.float.pt re-exports)"
             )
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
-    results = final_evaluations(
-        cfg,
-        rt,
-        partial(
-            evaluate, base, plan_for(cfg, cfg.eval_passes), val_tokens, cfg, rt.rank, rt.world_size, tables, rt.autocast
-        ),
-    )
+    results = final_evaluations(cfg, rt, evaluator(cfg, rt, base, val_tokens, tables))
     rt.log(compile_report())  # the budget check's priming and the evaluations'
     return log_summary(
         rt,
