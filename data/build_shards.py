@@ -535,7 +535,8 @@ def describe_transform(transform: str) -> dict:
         return {"name": "none"}
     return {
         "name": caseops.NAME,
-        "operators": {"TITLE": "U+E001", "ALLCAPS": "U+E002", "CAPNEXT": "U+E003", "ESC": "U+E004"},
+        "operators": dict(zip(("TITLE", "ALLCAPS", "CAPNEXT", "ESC"),
+                              (f"U+{ord(op):04X}" for op in caseops.OPERATORS))),
         "val_byte_sidecars": "fineweb_val_bytes_NNNNNN.bin beside each fineweb_val_NNNNNN.bin, same header and "
         "count: per token (uint16) the bytes of original text it stands for, as val_bpb counts the normalized "
         "text (BOS and operators 0); split val's original_bytes is their total",
