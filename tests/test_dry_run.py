@@ -13,11 +13,15 @@ import train_gpt  # noqa: E402
 SCRIPT = ROOT / "scripts" / "dry_run.py"
 
 
-def test_the_estimate_counts_train_gpt_s_bytes_not_the_dry_run_script_s(monkeypatch):
-    cfg = tiny_cfg()
+def test_the_estimate_counts_the_code_train_gpt_ships_not_the_dry_run_script(monkeypatch):
     monkeypatch.setattr(train_gpt, "pack_artifact", lambda stored, recipe: b"\0" * 7)
-    estimate = dry_run.estimated_artifact_bytes(cfg, train_gpt.GPT(cfg))
-    assert estimate == (ROOT / "train_gpt.py").stat().st_size + 7 != SCRIPT.stat().st_size + 7
+    source = (ROOT / "train_gpt.py").read_bytes()
+    for ship, code in (("packed", train_gpt.pack_code(source).encode()), ("readable", source)):
+        cfg = tiny_cfg(SHIP_CODE=ship)
+        estimate = dry_run.estimated_artifact_bytes(cfg, train_gpt.GPT(cfg))
+        assert estimate == len(code) + 7 == dry_run.shipped_code_bytes(cfg) + 7, ship
+        assert estimate != len(train_gpt.shipped_code(cfg, SCRIPT.read_bytes())) + 7
+    assert len(train_gpt.pack_code(source)) < len(source) // 2  # the packed file is what the default counts
 
 
 def test_bad_input_exits_2_in_one_line_naming_it_before_any_work(tmp_path, tiny_data):
