@@ -2727,7 +2727,7 @@ def train(
             state.elapsed_ms = rt.agree_max(state.elapsed_ms + 1000 * (rt.clock() - clock))
             val_loss, val_bpb = score()
             rt.log(
-                f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"step:{state.step}/{cfg.iterations or '?'} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{state.elapsed_ms:.0f}ms step_avg:{state.elapsed_ms / max(state.step, 1):.2f}ms"
             )
             clock = rt.clock()
