@@ -6,13 +6,14 @@ Usage (the same variables and launcher as the run it stands for):
     python scripts/dry_run.py --export-bench        # the export's bytes and seconds per codec, no steps
 
 It makes a run's checks (the settings, the output folder, the data and the tokenizer), then prints the
-resolved config, the depth plan and parameter count, and `dry_run estimated_artifact_bytes:` (train_gpt.py's
-bytes plus the artifact of Gaussian weights of the model's shapes by the run's export recipe, without GPTQ:
+resolved config, the depth plan and parameter count, and `dry_run estimated_artifact_bytes:` (the code file the
+run would ship, made from train_gpt.py, plus the artifact of Gaussian weights of the model's shapes by the run's export recipe, without GPTQ:
 std-based steps make it independent of the weights' scale; trained, heavier-tailed rows pack smaller). A model
 that no export can fit in TARGET_BYTES, even at the coarsest steps the export may try, stops here as the run
 would stop before its first export try: one `error: TARGET_BYTES: ...` line, exit status 3 (train_gpt's
 check_reachable on the Gaussian weights). Then four timed training steps (the first compiles) and
-`dry_run step_ms:` with the steps that time projects inside MAX_WALLCLOCK_SECONDS (or the time ITERATIONS take).
+`dry_run step_ms:` with the steps that time projects inside MAX_WALLCLOCK_SECONDS less the calibration reserve,
+timed and sized as the run does it (its `gptq_calibration_plan` line), or the time ITERATIONS take.
 `--export-bench` instead exports the Gaussian weights with each codec (brotli, zstd) and prints a line per codec
 with its bytes and the seconds of each part (quantize, serialize, compress: wall time, the streams in threads).
 It trains nothing and writes no folder.
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,7 +81,9 @@ def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None, bench: bool
     verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
     rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
     optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    loader = tg.make_train_loader(cfg, tg.find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device)
+    make_loader = partial(tg.make_train_loader, cfg, tg.find_shards(cfg.data_path, "train"), rt.rank, rt.world_size,
+                          rt.device)
+    loader = make_loader()
     plan, times = tg.plan_for(cfg, cfg.repeats), []
     for i in range(4):  # the first step compiles; the next three are timed
         rt.synchronize()
@@ -89,6 +93,8 @@ def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None, bench: bool
         times.append(time.perf_counter() - start)
         rt.log(f"dry_run step:{i + 1} time:{1000 * times[-1]:.1f}ms" + (" (compile)" if i == 0 else ""))
     step_ms = 1000 * rt.agree_max(sorted(times[1:])[1])
+    # the training clock the run would have: its calibration reserve is timed and sized as the run does it
+    cfg = dataclasses.replace(cfg, export_reserve_seconds=tg.calibration_batches(cfg, rt, base, make_loader)[1])
     projected = (f"projected_steps:{int(tg.training_seconds(cfg) * 1000 / step_ms)} in MAX_WALLCLOCK_SECONDS="
                  f"{cfg.max_wallclock_seconds:g}" if cfg.max_wallclock_seconds > 0 else
                  f"projected_time:{cfg.iterations * step_ms / 1000:.0f}s for ITERATIONS={cfg.iterations}")

@@ -84,15 +84,19 @@ def test_two_process_torchrun_matches_one_process(single_run, small_data, tmp_pa
 
 
 def test_dry_run_estimates_and_exits_without_training(tiny_data, tmp_path):
-    result = run_script(tiny_env(tiny_data, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4, NUM_UNIQUE_LAYERS=2), tmp_path,
-                        timeout=120, script=ROOT / "scripts" / "dry_run.py")
+    env = tiny_env(tiny_data, MAX_WALLCLOCK_SECONDS=300, NUM_LAYERS=4, NUM_UNIQUE_LAYERS=2, GPTQ=1, GPTQ_BATCHES=4)
+    result = run_script(env, tmp_path, timeout=120, script=ROOT / "scripts" / "dry_run.py")
     assert result.returncode == 0, result.stderr[-2000:]
     estimate = re.search(r"dry_run estimated_artifact_bytes:(\d+) \(fits", result.stdout)
     projected = re.search(r"dry_run step_ms:([\d.]+) tok/s:\d+ projected_steps:(\d+) in MAX_WALLCLOCK_SECONDS=300",
                           result.stdout)
-    assert estimate and projected, result.stdout[-2000:]
-    steps, step_ms = int(projected[2]), float(projected[1])  # step_ms is printed to 0.1 ms
-    assert abs(steps - 300_000 / step_ms) <= 1 + 300_000 / step_ms * 0.05 / step_ms
+    # the clock the run would have: 300 s less the calibration reserve timed as the run times it (not all 12 s)
+    plan = re.search(r"gptq_calibration_plan batches_per_rank:4 of 4 batch_time:\S+ reserve:([\d.]+)s", result.stdout)
+    assert estimate and projected and plan, result.stdout[-2000:]
+    steps, step_ms, reserve = int(projected[2]), float(projected[1]), float(plan[1])
+    assert reserve < 12
+    clock_ms = 1000 * (300 - reserve)  # reserve is printed to 0.1 s, step_ms to 0.1 ms
+    assert abs(steps - clock_ms / step_ms) <= 1 + (50 + clock_ms * 0.05 / step_ms) / step_ms
     assert "plan:[0, 1, 0, 1]" in result.stdout
     assert not (tmp_path / "runs").exists() and "final_summary" not in result.stdout
 
