@@ -979,9 +979,10 @@ class ShuffledLoader:
         return np.concatenate(parts)
 
 
-def make_train_loader(cfg: Config, paths: list[Path], rank: int, world_size: int, device) -> ShuffledLoader:
-    shape = (rank, world_size, cfg.micro_batch_seqs, cfg.train_seq_len, device)
-    return ShuffledLoader(paths, *shape, cfg.seed, vocab_size=cfg.vocab_size)
+def make_train_loader(cfg: Config, rt: Runtime) -> ShuffledLoader:
+    """This rank's training batches from DATA_PATH's train shards."""
+    shape = (rt.rank, rt.world_size, cfg.micro_batch_seqs, cfg.train_seq_len, rt.device)
+    return ShuffledLoader(find_shards(cfg.data_path, "train"), *shape, cfg.seed, vocab_size=cfg.vocab_size)
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
@@ -2933,8 +2934,8 @@ def read_json(path: Path, name: str) -> dict:
     raise DataError(f"{name}: {path} is not a JSON object as this script writes it (damaged?)")
 
 
-# What RESUME may change: where the run writes, logs and compiles; every other setting is the interrupted run's.
-# Knobs a resumed run may change (EXPORT_RESERVE_SECONDS: the checkpoint holds the reserve measured, not the knob's).
+# What RESUME may change: where the run writes, logs and compiles, and EXPORT_RESERVE_SECONDS (the run measures its
+# reserve again); every other setting is the interrupted run's.
 RESUME_FREE_KNOBS = ("out_dir", "resume", "checkpoint_every", "train_log_every", "val_loss_every", "compile",
                      "attn_backend", "export_reserve_seconds")  # fmt: skip
 
@@ -3156,9 +3157,7 @@ def run(cfg: Config, rt: Runtime, out: Path) -> dict:
     base, model = build_model(cfg, rt)
     optimizers = build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
     plans = {passes: plan_for(cfg, passes) for passes in training_repeats(cfg)}
-    make_loader = partial(
-        make_train_loader, cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device
-    )
+    make_loader = partial(make_train_loader, cfg, rt)
     evaluate_with = evaluator(cfg, rt, base, val_tokens, tables)
     round_trip_score = partial(evaluate_with, cfg.train_seq_len, cfg.train_seq_len)  # the score during training
     check_eval_budget(base, cfg, rt, document_bounds(val_tokens))
@@ -3293,7 +3292,7 @@ def gptq_hessians(cfg: Config, rt: Runtime, base: GPT, per_rank: int) -> dict[st
     if not cfg.gptq:
         return None
     start = time.perf_counter()
-    loader = make_train_loader(cfg, find_shards(cfg.data_path, "train"), rt.rank, rt.world_size, rt.device)
+    loader = make_train_loader(cfg, rt)
     batches = (loader.next_batch()[0] for _ in range(per_rank))
     hessians = collect_hessians(base, plan_for(cfg, cfg.repeats), batches, rt.autocast)
     for key in sorted(hessians) if rt.distributed else ():

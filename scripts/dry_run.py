@@ -81,8 +81,7 @@ def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None, bench: bool
     verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
     rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
     optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
-    make_loader = partial(tg.make_train_loader, cfg, tg.find_shards(cfg.data_path, "train"), rt.rank, rt.world_size,
-                          rt.device)
+    make_loader = partial(tg.make_train_loader, cfg, rt)
     loader = make_loader()
     plan, times = tg.plan_for(cfg, cfg.repeats), []
     for i in range(4):  # the first step compiles; the next three are timed

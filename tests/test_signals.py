@@ -19,7 +19,7 @@ import torch
 
 import train_gpt
 from conftest import ROOT, clean_environ, run_script, tiny_env
-from train_gpt import (GPT, Interrupted, Runtime, WeightAverages, build_config, build_optimizers, find_shards,
+from train_gpt import (GPT, Interrupted, Runtime, WeightAverages, build_config, build_optimizers,
                        make_train_loader, plan_for, train, training_repeats)
 
 
@@ -176,7 +176,7 @@ def test_a_signal_during_the_final_validation_writes_the_last_checkpoint(tiny_da
     run stops with a checkpoint of its last step (RESUME then validates and exports) rather than being killed."""
     cfg, rt = build_config(tiny_env(tiny_data, ITERATIONS=3)), Runtime(0, 1, 0, torch.device("cpu"))
     model = GPT(cfg)
-    loader = make_train_loader(cfg, find_shards(str(tiny_data), "train"), 0, 1, rt.device)
+    loader = make_train_loader(cfg, rt)
 
     def validate():  # VAL_LOSS_EVERY=0: only the final one; a scheduler's SIGTERM arrives while it runs
         os.kill(os.getpid(), signal.SIGTERM)
