@@ -48,16 +48,15 @@ def shipped_code_bytes(cfg: tg.Config) -> int:
     return len(tg.shipped_code(cfg, tg.unpack_code(Path(tg.__file__).read_bytes())))
 
 
-def estimated_artifact_bytes(cfg: tg.Config, base: tg.GPT) -> int:
-    """The shipped code's bytes plus the export of Gaussian weights."""
+def estimated_artifact_bytes(cfg: tg.Config, state: dict[str, torch.Tensor], code_bytes: int) -> int:
+    """The shipped code's bytes plus the export of these (Gaussian) weights by the run's recipe, without GPTQ."""
     recipe = tg.export_recipe(cfg)
-    artifact = tg.pack_artifact(tg.quantize_state(gaussian_state(base), recipe), recipe)
-    return shipped_code_bytes(cfg) + len(artifact)
+    return code_bytes + len(tg.pack_artifact(tg.quantize_state(state, recipe), recipe))
 
 
-def export_bench(cfg: tg.Config, rt: tg.Runtime, base: tg.GPT) -> None:
+def export_bench(cfg: tg.Config, rt: tg.Runtime, state: dict[str, torch.Tensor]) -> None:
     """One line per codec: the artifact's bytes and each part's seconds (rounding: no GPTQ without a Hessian)."""
-    state, recipe = gaussian_state(base), tg.export_recipe(cfg)
+    recipe = tg.export_recipe(cfg)
     rounded = {g: dataclasses.replace(getattr(recipe, g), gptq=False) for g in tg.GROUPS}
     for codec in tg.CODECS:
         recipe, times = dataclasses.replace(recipe, compressor=codec, **rounded), {}
@@ -73,11 +72,12 @@ def dry_run(cfg: tg.Config, rt: tg.Runtime, out: Path | None = None, bench: bool
     """In place of train_gpt's run, after its checks; `out`, the run's folder, is neither made nor written."""
     rt.log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     base, model = tg.build_model(cfg, rt)
+    state, code_bytes = gaussian_state(base), shipped_code_bytes(cfg)  # each made once
     # what fit_artifact checks before its first try, with the run's budget (TARGET_BYTES less the shipped code)
-    tg.check_reachable(gaussian_state(base), tg.export_recipe(cfg), cfg.target_bytes - shipped_code_bytes(cfg))
+    tg.check_reachable(state, tg.export_recipe(cfg), cfg.target_bytes - code_bytes)
     if bench:
-        return export_bench(cfg, rt, base)
-    estimate = estimated_artifact_bytes(cfg, base)
+        return export_bench(cfg, rt, state)
+    estimate = estimated_artifact_bytes(cfg, state, code_bytes)
     verdict = "fits" if estimate <= cfg.target_bytes else "over: the export will coarsen its steps to fit"
     rt.log(f"dry_run estimated_artifact_bytes:{estimate} ({verdict} in TARGET_BYTES={cfg.target_bytes})")
     optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=rt.device.type == "cuda")
