@@ -165,7 +165,7 @@ class Config:
     tied_embed_lr: float = knob(0.03, "Adam LR of the token embedding (tied to the output head)")
     matrix_lr: float = knob(0.026, "Muon LR of block matrices")
     scalar_lr: float = knob(0.02, "Adam LR of vectors, scales and per-layer rows")
-    muon_momentum: float = knob(0.99, "Muon momentum (Nesterov)")
+    muon_momentum: float = knob(0.97, "Muon momentum (Nesterov)")
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
     muon_ns: str = knob(
         "polar",
