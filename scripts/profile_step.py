@@ -2,7 +2,7 @@
 
 Usage (same variables as train_gpt.py; the tokens are random, so no DATA_PATH is needed):
     python scripts/profile_step.py                      # the default shape at 1 and at 3 core passes
-    python scripts/profile_step.py --passes 3 --steps 8 --peak-tflops 790
+    python scripts/profile_step.py --passes 3 --steps 8 --peak-tflops 790 --top 25
 
 For each pass count: the training FLOPs per token (counted as printed), the median time of the
 step's parts measured with CUDA events (forward and backward per micro-batch; Muon, Adam,
@@ -91,9 +91,10 @@ def measure_parts(model, x, y, plan, optimizers, cfg, rt, steps: int) -> dict[st
     return {name: statistics.median(s.elapsed_time(e) for s, e in events) for name, events in parts.items()}
 
 
-def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> dict[str, float]:
-    """CUDA milliseconds per step of each part, from the profiler's kernels over two steps; the loss head's kernels
-    are those launched inside its compiled function (a record_function range around it)."""
+def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> tuple[dict[str, float], list]:
+    """CUDA milliseconds per step of each part, from the profiler's kernels over two steps (the loss head's kernels
+    are those launched inside its compiled function: a record_function range around it), and every kernel as
+    (milliseconds per step, part, name), costliest first."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     head_loss = base.head_loss
@@ -120,7 +121,7 @@ def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> dict[str, 
     base.head_loss = head_loss
     totals = {name: 0.0 for name, _ in KERNEL_PARTS}
     totals["other"] = 0.0
-    head_us = 0.0
+    head_us, kernels = 0.0, []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
         if event.key == "loss_head":
@@ -130,8 +131,9 @@ def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> dict[str, 
             continue
         part = next((name for name, pattern in KERNEL_PARTS if pattern.search(event.key)), "other")
         totals[part] += device_us
+        kernels.append((device_us / 2 / 1000, part, event.key))
     totals["loss head (forward, within the above)"] = head_us
-    return {name: us / 2 / 1000 for name, us in totals.items()}
+    return {name: us / 2 / 1000 for name, us in totals.items()}, sorted(kernels, reverse=True)
 
 
 def attention_backends(cfg: tg.Config, device) -> None:
@@ -186,6 +188,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's measured bf16 matmul rate")
     parser.add_argument("--no-kernels", action="store_true", help="skip the profiler pass")
     parser.add_argument("--attention", action="store_true", help="also time each attention kernel at this shape")
+    parser.add_argument("--top", type=int, default=0, help="list the N costliest kernels a step (name, part, ms)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: profile_step.py needs a CUDA GPU")
@@ -219,11 +222,13 @@ def main() -> None:
         print(f"step: {parts['step']:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M  "
               f"MFU: {mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
         if not args.no_kernels:
-            breakdown = kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt)
+            breakdown, kernels = kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt)
             kernel_ms = sum(v for k, v in breakdown.items() if not k.startswith("loss head"))
             print(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
             for name, ms in breakdown.items():
                 print(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
+            for ms, part, name in kernels[: args.top]:
+                print(f"  {ms:7.2f} ms {100 * ms / kernel_ms:5.1f}% {part:>17}  {name[:110]}")
     print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.attention:
         attention_backends(cfg, rt.device)
