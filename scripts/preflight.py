@@ -19,6 +19,10 @@ its figure, then a summary line. The checks:
                 per GPU, T = TRAIN_SEQ_LEN, NUM_HEADS / NUM_KV_HEADS, head dim): the relative error of the
                 output and of the gradients of q, k and v against a float32 reference must be at most twice
                 SDPA's own in bf16, plus 1e-3 (FlashAttention's own tests' rule)
+  doc mask numerics  (DOC_MASK=1 only; a GPU) the run's document-masked attention, made as its compiled
+                blocks make it (FA3's varlen kernel when it imports, else flex_attention under a compiled block
+                mask), on up to 4 sequences of the run's shapes with a BOS every ~400 tokens, against SDPA with
+                the boolean mask of the same documents: output and gradients, the fa3 rule
   data          DATA_PATH's shards (headers, sizes, validation ids < VOCAB_SIZE) and TOKENIZER_PATH (loads,
                 VOCAB_SIZE pieces), each file against DATA_PATH/summary.json (data/build_shards.py: each
                 shard's bytes and sha256, the tokenizer's sha256) or else the downloader's manifest.json
@@ -45,6 +49,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -57,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -236,6 +242,26 @@ def relative_error(a: torch.Tensor, reference: torch.Tensor) -> float:
     return ((a - reference).norm() / reference.norm().clamp(min=1e-30)).item()
 
 
+def numerics(name: str, what: str, kernel, reference, q, k, v, grad_out, shape_text: str) -> Result:
+    """`kernel`'s output and q, k, v gradients against `reference` run in float32: each relative error must be at most
+    twice `reference`'s own in bf16, plus 1e-3 (FlashAttention's own tests' rule). `what` names the kernel."""
+    exact = output_and_grads(reference, q.float(), k.float(), v.float(), grad_out.float())
+    pytorch = output_and_grads(reference, q, k, v, grad_out)
+    try:
+        got = output_and_grads(kernel, q, k, v, grad_out)
+    except Exception as exc:  # noqa: BLE001
+        return Result("FAIL", name, f"{what} raised {type(exc).__name__}: "
+                                    f"{str(exc).strip().splitlines()[0] if str(exc) else ''}")
+    parts, bad = [], []
+    for part, ours, theirs, ref in zip(("out", "dq", "dk", "dv"), got, pytorch, exact):
+        err, limit = relative_error(ours, ref), 2 * relative_error(theirs, ref) + 1e-3
+        parts.append(f"{part} {err:.1e} (limit {limit:.1e})")
+        if not err <= limit:  # NaN fails too
+            bad.append(part)
+    figure = f"{shape_text}, relative error vs float32: " + ", ".join(parts)
+    return Result("FAIL" if bad else "PASS", name, figure + (f": {', '.join(bad)} off" if bad else ""))
+
+
 def check_fa3(shape: tuple[int, int, int, int, int], device: torch.device | None) -> list[Result]:
     """shape = (B, T, heads, kv_heads, head_dim). `device` None: the import alone (no GPU to run on)."""
     try:
@@ -253,22 +279,51 @@ def check_fa3(shape: tuple[int, int, int, int, int], device: torch.device | None
     g = torch.Generator(device).manual_seed(0)
     q, grad_out = (torch.randn(B, T, H, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(B, T, KV, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
-    reference = output_and_grads(sdpa_attention, q.float(), k.float(), v.float(), grad_out.float())
-    pytorch = output_and_grads(sdpa_attention, q, k, v, grad_out)
+    return [found, numerics("fa3 numerics", "flash_attn_func", lambda *qkv: kernel(*qkv, causal=True), sdpa_attention,
+                            q, k, v, grad_out, f"B={B} T={T} heads={H}/{KV} dim={D}")]
+
+
+def run_doc_attention(tg, cfg, ids: torch.Tensor):
+    """(kernel, its name): train_gpt's document-masked attention for the batch `ids`, made as its compiled run makes it
+    (GPT.attention_mask outside the blocks, Attention.attend compiled inside them): FA3's varlen kernel over the
+    batch's segments when it imports, else flex_attention under a compiled block mask. q, k, v: (B, heads, T, dim)."""
+    backend = tg.attention_backend_name(cfg, "cuda")
+    fa3 = importlib.import_module("flash_attn_interface") if backend.startswith("fa3") else None
+    model = types.SimpleNamespace(cfg=cfg, fa3=fa3 is not None, block_mask=torch.compile(tg.create_block_mask))
+    mask = tg.GPT.attention_mask(model, ids, False, None)
+    layer = types.SimpleNamespace(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, fa3=fa3)
+    attend = torch.compile(functools.partial(tg.Attention.attend, layer), fullgraph=True)
+    return (lambda q, k, v: attend(q, k, v, mask)), backend
+
+
+def check_doc_mask(tg, cfg, device: torch.device | None, make_kernel=run_doc_attention) -> list[Result]:
+    """DOC_MASK=1: the run's document-masked attention (make_kernel(tg, cfg, ids): (kernel, name)) against SDPA
+    with the boolean mask of the same documents, on up to 4 sequences of the run's shapes with a BOS every ~400
+    tokens at random places (one sequence one document). Nothing when DOC_MASK is off."""
+    if not cfg.doc_mask:
+        return []
+    if device is None:
+        return [Result("SKIP", "doc mask numerics", "no GPU to run the document-masked kernel on")]
+    B, T, H, KV = min(cfg.micro_batch_seqs, 4), cfg.train_seq_len, cfg.num_heads, cfg.num_kv_heads
+    D = cfg.model_dim // H
+    g = torch.Generator(device).manual_seed(0)
+    ids = torch.randint(2, cfg.vocab_size, (B, T), generator=g, device=device)
+    ids[:, 0] = tg.BOS_ID
+    ids[:-1].scatter_(1, torch.randint(1, T, (B - 1, max(1, T // 400)), generator=g, device=device), tg.BOS_ID)
+    q, grad_out = (torch.randn(B, H, T, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, KV, T, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    allowed = tg.document_mask(ids)
+
+    def reference(q, k, v):
+        k, v = (t.repeat_interleave(H // KV, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
     try:
-        fa3 = output_and_grads(lambda *qkv: kernel(*qkv, causal=True), q, k, v, grad_out)
+        kernel, what = make_kernel(tg, cfg, ids)
     except Exception as exc:  # noqa: BLE001
-        return [found, Result("FAIL", "fa3 numerics", f"flash_attn_func raised {type(exc).__name__}: "
-                                                       f"{str(exc).strip().splitlines()[0] if str(exc) else ''}")]
-    parts, bad = [], []
-    for name, ours, theirs, ref in zip(("out", "dq", "dk", "dv"), fa3, pytorch, reference):
-        err, limit = relative_error(ours, ref), 2 * relative_error(theirs, ref) + 1e-3
-        parts.append(f"{name} {err:.1e} (limit {limit:.1e})")
-        if not err <= limit:  # NaN fails too
-            bad.append(name)
-    figure = f"B={B} T={T} heads={H}/{KV} dim={D}, relative error vs float32: " + ", ".join(parts)
-    return [found, Result("FAIL" if bad else "PASS", "fa3 numerics",
-                          figure + (f": {', '.join(bad)} off" if bad else ""))]
+        return [Result("FAIL", "doc mask numerics", f"building the document mask raised {type(exc).__name__}: {exc}")]
+    return [numerics("doc mask numerics", what, kernel, reference, q, k, v, grad_out,
+                     f"{what} B={B} T={T} heads={H}/{KV} dim={D} documents={int((ids == tg.BOS_ID).sum())}")]
 
 
 def fa3_device() -> torch.device | None:
@@ -556,6 +611,8 @@ def run_checks(args, env: dict, say=print) -> list[Result]:
     shape = (cfg.micro_batch_seqs, cfg.train_seq_len, cfg.num_heads, cfg.num_kv_heads,
              cfg.model_dim // cfg.num_heads) if cfg is not None and config.status == "PASS" else (1, 2048, 8, 4, 64)
     add(*check_fa3(shape, fa3_device()))
+    if cfg is not None and config.status == "PASS":
+        add(*check_doc_mask(tg, cfg, fa3_device()))
     if cfg is None:
         add(Result("SKIP", "data", "the settings do not parse"), Result("SKIP", "disk", "the settings do not parse"))
         return results

@@ -245,6 +245,60 @@ def test_fa3_missing_or_broken(monkeypatch):
     assert (found.status, skipped.status) == ("PASS", "SKIP")
 
 
+DOC_CFG = dict(DOC_MASK=1, NUM_HEADS=4, NUM_KV_HEADS=2, MODEL_DIM=64, TRAIN_SEQ_LEN=512, TRAIN_BATCH_TOKENS=4 * 512)
+
+
+def document_sdpa(masked=True, gradient=1.0):
+    """A stand-in maker for check_doc_mask: SDPA in float32 over the batch's documents (or merely causal)."""
+    def make(tg, cfg, ids):
+        allowed = tg.document_mask(ids)
+
+        def kernel(q, k, v):
+            k, v = (t.float().repeat_interleave(2, dim=1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=allowed if masked else None,
+                                                 is_causal=not masked)
+            return (out + (gradient - 1.0) * (q - q.detach())).bfloat16()
+        return kernel, "stand-in"
+    return make
+
+
+def raising(tg, cfg, ids):
+    raise RuntimeError("Triton compile failed")
+
+
+@pytest.mark.parametrize("make, status, message", [
+    (document_sdpa(), "PASS", "documents=7"),  # a BOS every ~400 tokens in 3 rows, the 4th one document
+    (document_sdpa(masked=False), "FAIL", ": out, dq, dk, dv off"),  # attends across documents
+    (document_sdpa(gradient=1.05), "FAIL", ": dq off"),  # the same output, dq off by 0.05 grad_out
+    (raising, "FAIL", "building the document mask raised RuntimeError: Triton compile failed"),
+])
+def test_doc_mask_kernel_against_the_boolean_mask(built, make, status, message):
+    cfg = cfg_for(built, **DOC_CFG)
+    [result] = preflight.check_doc_mask(train_gpt, cfg, torch.device("cpu"), make)
+    assert result.name == "doc mask numerics" and result.status == status and message in result.figure, result
+    assert make is raising or "stand-in B=4 T=512 heads=4/2 dim=16" in result.figure
+
+
+def test_the_runs_own_document_attention_matches_the_boolean_mask_forward(built):
+    """run_doc_attention builds the kernel the compiled run uses (here flex_attention: no FA3); its forward, on the
+    CPU, agrees with the boolean mask (flex has no CPU backward: the gradients are checked on the GPU box)."""
+    cfg = cfg_for(built, **DOC_CFG)
+    ids = torch.randint(2, cfg.vocab_size, (2, 512))
+    ids[:, [0, 100, 333]] = train_gpt.BOS_ID
+    kernel, name = preflight.run_doc_attention(train_gpt, cfg, ids)
+    want, _ = document_sdpa()(train_gpt, cfg, ids)
+    q, k, v = torch.randn(2, 4, 512, 16), torch.randn(2, 2, 512, 16), torch.randn(2, 2, 512, 16)
+    with torch.no_grad():
+        assert torch.allclose(kernel(q, k, v), want(q, k, v).float(), atol=2e-2)
+    assert name == "flex_attention"
+
+
+def test_doc_mask_check_only_with_doc_mask_and_a_gpu(built):
+    assert preflight.check_doc_mask(train_gpt, cfg_for(built), torch.device("cpu")) == []  # DOC_MASK=0: causal
+    [skipped] = preflight.check_doc_mask(train_gpt, cfg_for(built, **DOC_CFG), None)
+    assert skipped.status == "SKIP"
+
+
 # ---------------------------------------------------------------------------------------------
 # NCCL (gloo here), the warm compile, the whole script
 # ---------------------------------------------------------------------------------------------
