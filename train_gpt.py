@@ -147,7 +147,8 @@ class Config:
     loop_embed: bool = knob(False, "a learned, zero-init embedding added at every virtual layer")
     ortho_init: bool = knob(True, "orthogonal init of the block matrices (zero-init output projections stay zero)")
     smear_gate: bool = knob(True, "add the previous token's embedding through a learned gate (zero-init); not at BOS")
-    gate_window: int = knob(12, "channels of the embedding read by SMEAR_GATE")
+    gate_window: int = knob(12, "channels read by SMEAR_GATE (of the embedding) and ATTN_GATE (of a layer's input)")
+    attn_gate: float = knob(0.0, "s > 0: heads' outputs times sigmoid(s * w_h . input[:GATE_WINDOW]), w zero-init")
     doc_mask: bool = knob(False, "attention stays inside documents (each starts with a BOS): FA3 varlen or flex")
     # batch and schedule
     train_seq_len: int = knob(2048, "training sequence length (also the evaluation window)")
@@ -286,7 +287,7 @@ NON_NEGATIVE_KNOBS = (
     "num_unique_layers", "iterations", "warmup_steps", "val_loss_every", "eval_repeats", "matrix_clip_sigmas",
     "embed_clip_sigmas", "ttt_lora_lr", "eval_stride", "max_wallclock_seconds", "grad_clip_norm",
     "muon_weight_decay", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std", "ttt_lr", "embed_wd",
-    "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta", "export_reserve_seconds",
+    "adam_wd", "rope_dims", "ttt_grad_clip", "checkpoint_every", "mix_eta", "export_reserve_seconds", "attn_gate",
 )  # fmt: skip
 FRACTION_KNOBS = (
     "warmdown_frac", "muon_momentum_warmup_frac", "beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start",
@@ -811,7 +812,7 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
     """Muon for the blocks' matrices; AdamW (decoupled decay, p *= 1 - lr * weight_decay) for the tied embedding and
     every other parameter (vectors, scales, per-layer rows, gates)."""
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not n.endswith("gate")]
     embed = [model.tok_emb.weight]
     named = {id(p) for p in matrices + embed}
     scalars = [p for p in model.parameters() if id(p) not in named]
@@ -1162,6 +1163,7 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
+        self.gate_scale, self.gate = 0.0, None  # ATTN_GATE's, set by Block
 
     def forward(self, x, rope, xsa: torch.Tensor, mask: AttentionMask = CAUSAL, adapter: dict | None = None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
@@ -1177,6 +1179,9 @@ class Attention(nn.Module):
             own = F.normalize(v, dim=-1)[:, :, None]
             y = y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own
             y = y.view(B, self.heads, T, self.head_dim)
+        if self.gate is not None:  # ATTN_GATE: a per-head gate read from this token's input alone
+            g = torch.sigmoid(self.gate_scale * x[..., : self.gate.size(1)] @ self.gate.to(x.dtype).T)
+            y = y * g.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, -1), lora_pair(adapter, "attn.proj"))
 
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
@@ -1221,6 +1226,8 @@ class Block(nn.Module):
         super().__init__()
         any_xsa = cfg.xsa_last_n != 0
         self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, any_xsa, fa3)
+        self.attn.gate_scale = cfg.attn_gate  # ATTN_GATE (the 2026-04-27 record's 0.5): a per-head output gate
+        self.attn.gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) if cfg.attn_gate else None
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, rows: tuple, rope, consts, mask: AttentionMask = CAUSAL, adapter=None, lanes=None):
@@ -2425,11 +2432,12 @@ MODEL_KNOBS = (
     "loop_embed",
     "smear_gate",
     "gate_window",
+    "attn_gate",
     "doc_mask",
     "parallel_lanes_start",
 )
 # Model knobs younger than the artifact format: an artifact written before them holds a model without them
-MODEL_KNOBS_ABSENT = dict(smear_gate=False, doc_mask=False, parallel_lanes_start=-1)
+MODEL_KNOBS_ABSENT = dict(smear_gate=False, doc_mask=False, parallel_lanes_start=-1, attn_gate=0.0)
 
 
 def model_meta(cfg: Config) -> dict:

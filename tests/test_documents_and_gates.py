@@ -66,7 +66,8 @@ def test_doc_mask_off_lets_documents_see_each_other():
     assert not torch.allclose(together, alone, atol=1e-3)  # the check above is not vacuous
 
 
-@pytest.mark.parametrize("env", [dict(DOC_MASK=1, SMEAR_GATE=1), dict(DOC_MASK=1, SMEAR_GATE=1, NUM_LAYERS=4)])
+@pytest.mark.parametrize("env", [dict(DOC_MASK=1, SMEAR_GATE=1), dict(DOC_MASK=1, SMEAR_GATE=1, NUM_LAYERS=4),
+                                 dict(DOC_MASK=1, SMEAR_GATE=1, ATTN_GATE=0.5)])
 def test_nothing_crosses_a_bos_forward_or_backward(env):
     """Changing the previous document (its last token included) leaves every output of the next one unchanged,
     and a loss on the next document sends no gradient to the previous one's embedded tokens (the lookups: the
@@ -115,19 +116,41 @@ def test_smear_gate_at_init_is_off_and_learns():
 
 def test_new_parameters_go_to_adam_stay_float_in_the_artifact_and_travel_with_it():
     shape = dict(MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, TOKENIZER_PATH=tokenizer_path(1024))
-    cfg = cfg_of(SMEAR_GATE=1, DOC_MASK=1, GATE_WINDOW=12, **shape)
+    cfg = cfg_of(SMEAR_GATE=1, DOC_MASK=1, GATE_WINDOW=12, ATTN_GATE=0.5, **shape)
     model = GPT(cfg)
     adam, muon = build_optimizers(cfg, model, 0, 1, fused=False)  # asserts every parameter is in a group
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     scalars = {id(p) for p in adam.param_groups[1]["params"]}
-    assert id(model.smear) in scalars and id(model.smear) not in in_muon
+    gates = [model.smear] + [b.attn.gate for b in model.blocks]  # the attention gates are 2-D: not Muon's
+    assert all(id(g) in scalars and id(g) not in in_muon for g in gates)
+    assert len(in_muon) == 6 * len(model.blocks)  # the blocks' six matrices each
     stored = quantize_state(model.state_dict(), export_recipe(cfg))
-    assert stored["smear"].bits == 0
+    assert stored["smear"].bits == 0 and stored["blocks.0.attn.gate"].bits == 0
     assert stored["blocks.0.attn.c_q.weight"].bits > 0  # the matrices beside them are still quantized
     meta = model_meta(cfg)["model"]
-    assert (meta["smear_gate"], meta["gate_window"], meta["doc_mask"]) == (True, 12, True)
+    assert (meta["smear_gate"], meta["gate_window"], meta["attn_gate"], meta["doc_mask"]) == (True, 12, 0.5, True)
     back = config_for_artifact(cfg_of(**shape), model_meta(cfg), "a.ptz")
-    assert (back.smear_gate, back.gate_window, back.doc_mask) == (True, 12, True)
+    assert (back.smear_gate, back.gate_window, back.attn_gate, back.doc_mask) == (True, 12, 0.5, True)
+    older = model_meta(cfg)
+    del older["model"]["attn_gate"]  # an artifact written before the knob: a model without the gate
+    assert config_for_artifact(cfg_of(ATTN_GATE=0.5, **shape), older, "a.ptz").attn_gate == 0.0
+
+
+def test_attention_gate_at_init_halves_each_head_and_learns():
+    """ATTN_GATE=s: sigmoid(s * w_h . x[:GATE_WINDOW]) times each head's output before the projection; w starts at
+    zero, so the layer's attention output starts at half, and w gets gradient at once."""
+    torch.manual_seed(4)
+    gated, plain = GPT(cfg_of(ATTN_GATE=0.5, NUM_LAYERS=1)), GPT(cfg_of(NUM_LAYERS=1))
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.endswith("attn.gate")})
+    attn_g, attn_p = gated.blocks[0].attn, plain.blocks[0].attn
+    attn_p.proj.weight.data.normal_()
+    attn_g.proj.weight.data.copy_(attn_p.proj.weight)
+    x = torch.randn(2, 48, 32)
+    rope = train_gpt.rotary_tables(48, 4, 10000.0, "cpu")
+    out_g, out_p = (a(x, rope, torch.tensor(1.0)) for a in (attn_g, attn_p))
+    assert torch.allclose(out_g, 0.5 * out_p, atol=1e-6)
+    out_g.square().sum().backward()
+    assert attn_g.gate.grad.abs().sum() > 0
 
 
 def test_compiled_blocks_mask_through_flex_attention_equal_to_eager_and_compile_once():
