@@ -810,9 +810,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(cfg: Config, model: "GPT", rank: int, world_size: int, fused: bool) -> list[torch.optim.Optimizer]:
-    """Muon for the blocks' matrices; AdamW (decoupled decay, p *= 1 - lr * weight_decay) for the tied embedding and
-    every other parameter (vectors, scales, per-layer rows, gates)."""
-    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not n.endswith("gate")]
+    """Muon for the blocks' linear maps; AdamW (decoupled decay, p *= 1 - lr * weight_decay) for the tied embedding
+    and every other parameter (vectors, scales, per-layer rows, gates)."""
+    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear)]
     embed = [model.tok_emb.weight]
     named = {id(p) for p in matrices + embed}
     scalars = [p for p in model.parameters() if id(p) not in named]
@@ -877,11 +877,16 @@ def read_shard_header(path: Path) -> int:
     return count
 
 
+def shard_files(folder: Path, split: str) -> list[Path]:
+    """fineweb_<split>_N.bin in `folder`, sorted; split "val" does not take the byte sidecars (split "val_bytes")."""
+    named = folder.glob(f"fineweb_{split}_*.bin")
+    return sorted(p for p in named if re.fullmatch(rf"fineweb_{split}_\d+\.bin", p.name))
+
+
 def find_shards(data_path: str, split: str) -> list[Path]:
     folder = Path(data_path)
     require(folder.is_dir(), f"DATA_PATH={data_path}: folder not found", DataError)
-    named = sorted(folder.glob(f"fineweb_{split}_*.bin"))
-    shards = [p for p in named if re.fullmatch(rf"fineweb_{split}_\d+\.bin", p.name)]  # not the byte sidecars
+    shards = shard_files(folder, split)
     require(len(shards) > 0, f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in it", DataError)
     for shard in shards:
         read_shard_header(shard)
@@ -1154,7 +1159,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool, fa3=None):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, any_xsa: bool, fa3=None, gate=(0, 0)):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.any_xsa = heads, kv_heads, dim // heads, any_xsa
         self.fa3 = fa3  # FlashAttention 3's module (flash_attn_func, flash_attn_varlen_func), or None: PyTorch's
@@ -1163,7 +1168,8 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
-        self.gate_scale, self.gate = 0.0, None  # ATTN_GATE's, set by Block
+        # ATTN_GATE: gate = (scale s, window); s > 0 gives each head a zero-init gate (the 2026-04-27 record's s = 0.5)
+        self.gate_scale, self.gate = gate[0], nn.Parameter(torch.zeros(heads, gate[1])) if gate[0] else None
 
     def forward(self, x, rope, xsa: torch.Tensor, mask: AttentionMask = CAUSAL, adapter: dict | None = None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
@@ -1224,10 +1230,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config, fa3=None):
         super().__init__()
-        any_xsa = cfg.xsa_last_n != 0
-        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, any_xsa, fa3)
-        self.attn.gate_scale = cfg.attn_gate  # ATTN_GATE (the 2026-04-27 record's 0.5): a per-head output gate
-        self.attn.gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) if cfg.attn_gate else None
+        any_xsa, gate = cfg.xsa_last_n != 0, (cfg.attn_gate, cfg.gate_window)
+        self.attn = Attention(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init, any_xsa, fa3, gate)
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, rows: tuple, rope, consts, mask: AttentionMask = CAUSAL, adapter=None, lanes=None):

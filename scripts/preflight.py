@@ -49,7 +49,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import importlib
 import importlib.util
@@ -62,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -288,11 +286,9 @@ def run_doc_attention(tg, cfg, ids: torch.Tensor):
     (GPT.attention_mask outside the blocks, Attention.attend compiled inside them): FA3's varlen kernel over the
     batch's segments when it imports, else flex_attention under a compiled block mask. q, k, v: (B, heads, T, dim)."""
     backend = tg.attention_backend_name(cfg, "cuda")
-    fa3 = importlib.import_module("flash_attn_interface") if backend.startswith("fa3") else None
-    model = types.SimpleNamespace(cfg=cfg, fa3=fa3 is not None, block_mask=torch.compile(tg.create_block_mask))
-    mask = tg.GPT.attention_mask(model, ids, False, None)
-    layer = types.SimpleNamespace(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, fa3=fa3)
-    attend = torch.compile(functools.partial(tg.Attention.attend, layer), fullgraph=True)
+    model = tg.GPT(cfg, compile=True, fa3=backend.startswith("fa3"))  # on the CPU: its weights are not used
+    mask = model.attention_mask(ids, False, None)
+    attend = torch.compile(model.blocks[0].attn.attend, fullgraph=True)
     return (lambda q, k, v: attend(q, k, v, mask)), backend
 
 
@@ -408,13 +404,13 @@ def reference_entries(data: Path, tokenizer: Path) -> tuple[str, dict[Path, dict
     return str(manifest), entries
 
 
-def check_data(cfg, hash_files: bool = True) -> Result:
+def check_data(tg, cfg, hash_files: bool = True) -> Result:
     data, tokenizer, problems = Path(cfg.data_path), Path(cfg.tokenizer_path), []
     if not data.is_dir():
         return Result("FAIL", "data", f"DATA_PATH={cfg.data_path}: folder not found")
-    shards = {split: sorted(data.glob(f"fineweb_{split}_[0-9]*.bin")) for split in ("train", "val")}  # no sidecars
+    shards = {split: tg.shard_files(data, split) for split in ("train", "val")}  # as the run finds them
     problems += [f"no fineweb_{split}_*.bin in DATA_PATH={data}" for split, paths in shards.items() if not paths]
-    sidecars = sorted(data.glob("fineweb_val_bytes_[0-9]*.bin"))  # CaseOps' byte counts: checked like the shards
+    sidecars = tg.shard_files(data, "val_bytes")  # CaseOps' byte counts: checked like the shards
     counts = {}
     for path in shards["train"] + shards["val"] + sidecars:
         counts[path], problem = shard_tokens(path)
@@ -616,7 +612,7 @@ def run_checks(args, env: dict, say=print) -> list[Result]:
     if cfg is None:
         add(Result("SKIP", "data", "the settings do not parse"), Result("SKIP", "disk", "the settings do not parse"))
         return results
-    add(check_data(cfg, not args.no_hash))
+    add(check_data(tg, cfg, not args.no_hash))
     add(check_disk(tg, cfg, nproc))
     if not args.warm_compile:
         add(eval_budget_pointer(cfg))

@@ -64,32 +64,32 @@ def flip_a_token(path: Path) -> None:
 
 
 def test_a_built_folder_passes_by_sha256_and_each_kind_of_damage_fails(built, tmp_path):
-    good = preflight.check_data(cfg_for(built))
+    good = preflight.check_data(train_gpt, cfg_for(built))
     shards = len(list(built.glob("*.bin")))
     assert good.status == "PASS" and f"sha256 of {shards + 1} files matches" in good.figure, good  # + the tokenizer
-    assert preflight.check_data(cfg_for(built), hash_files=False).figure.endswith("sizes only (--no-hash) against "
+    assert preflight.check_data(train_gpt, cfg_for(built), hash_files=False).figure.endswith("sizes only (--no-hash) against "
                                                                                  f"{built / 'summary.json'}")
     flipped = copy_of(built, tmp_path / "a")
     flip_a_token(flipped / "fineweb_train_000001.bin")
-    bad = preflight.check_data(cfg_for(flipped))
+    bad = preflight.check_data(train_gpt, cfg_for(flipped))
     assert bad.status == "FAIL" and "fineweb_train_000001.bin: sha256 " in bad.figure, bad
-    assert preflight.check_data(cfg_for(flipped), hash_files=False).status == "PASS"  # sizes cannot see it
+    assert preflight.check_data(train_gpt, cfg_for(flipped), hash_files=False).status == "PASS"  # sizes cannot see it
     cut = copy_of(built, tmp_path / "b")
     path = cut / "fineweb_val_000000.bin"
     path.write_bytes(path.read_bytes()[:-2])
-    bad = preflight.check_data(cfg_for(cut))
+    bad = preflight.check_data(train_gpt, cfg_for(cut))
     assert bad.status == "FAIL" and "fineweb_val_000000.bin: " in bad.figure and "its header says" in bad.figure, bad
     extra = copy_of(built, tmp_path / "c")
     shutil.copy(extra / "fineweb_train_000000.bin", extra / "fineweb_train_000099.bin")
     (extra / "fineweb_train_000001.bin").unlink()
-    bad = preflight.check_data(cfg_for(extra))
+    bad = preflight.check_data(train_gpt, cfg_for(extra))
     assert "fineweb_train_000099.bin: not listed in" in bad.figure, bad
     assert "fineweb_train_000001.bin: listed in" in bad.figure and "not in DATA_PATH" in bad.figure, bad
-    other = preflight.check_data(cfg_for(built, TOKENIZER_PATH=tokenizer_path(8192), VOCAB_SIZE=8192))
+    other = preflight.check_data(train_gpt, cfg_for(built, TOKENIZER_PATH=tokenizer_path(8192), VOCAB_SIZE=8192))
     assert other.status == "FAIL" and "fineweb_8192_bpe.model: sha256 " in other.figure, other  # not the shards' one
-    wrong_vocab = preflight.check_data(cfg_for(built, VOCAB_SIZE=512))
+    wrong_vocab = preflight.check_data(train_gpt, cfg_for(built, VOCAB_SIZE=512))
     assert "1024 pieces, VOCAB_SIZE=512" in wrong_vocab.figure, wrong_vocab
-    missing = preflight.check_data(cfg_for(tmp_path / "nowhere"))
+    missing = preflight.check_data(train_gpt, cfg_for(tmp_path / "nowhere"))
     assert missing.status == "FAIL" and "folder not found" in missing.figure
 
 
@@ -104,12 +104,12 @@ def test_a_caseops_folder_passes_with_its_byte_sidecars_hashed_and_checked(tmp_p
     sidecars = sorted(out.glob("fineweb_val_bytes_*.bin"))
     assert sidecars
     cfg = cfg_for(out, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=8192)
-    good = preflight.check_data(cfg)
+    good = preflight.check_data(train_gpt, cfg)
     files = len(list(out.glob("*.bin"))) + 1  # the shards, the sidecars and the tokenizer
     assert good.status == "PASS" and f"+ {len(sidecars)} byte sidecar(s)" in good.figure, good
     assert f"sha256 of {files} files matches" in good.figure, good
     flip_a_token(sidecars[0])
-    bad = preflight.check_data(cfg)
+    bad = preflight.check_data(train_gpt, cfg)
     assert bad.status == "FAIL" and f"{sidecars[0].name}: sha256 " in bad.figure, bad
 
 
@@ -124,25 +124,25 @@ def test_a_downloaded_folder_is_checked_by_size_unless_its_manifest_lists_hashes
                                    stats=dict(files_train=train + 5, files_val=1))],  # a subset of the train shards
                     tokenizers=[dict(name="sp_bpe_1024", model_path="tokenizers/fineweb_1024_bpe.model")])
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    sizes = preflight.check_data(cfg_for(data))
+    sizes = preflight.check_data(train_gpt, cfg_for(data))
     assert sizes.status == "PASS" and f"sizes only: {tmp_path / 'manifest.json'} lists no sha256" in sizes.figure
     manifest["files"] = [dict(path=f"datasets/fineweb10B_sp1024/{p.name}", bytes=p.stat().st_size,
                               sha256=preflight.sha256_of(p)) for p in sorted(data.glob("*.bin"))]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert f"sha256 of {train + 1} files matches" in preflight.check_data(cfg_for(data)).figure
+    assert f"sha256 of {train + 1} files matches" in preflight.check_data(train_gpt, cfg_for(data)).figure
     flip_a_token(data / "fineweb_val_000000.bin")
-    assert "fineweb_val_000000.bin: sha256" in preflight.check_data(cfg_for(data)).figure
+    assert "fineweb_val_000000.bin: sha256" in preflight.check_data(train_gpt, cfg_for(data)).figure
     (data / "fineweb_val_000000.bin").unlink()
-    gone = preflight.check_data(cfg_for(data))
+    gone = preflight.check_data(train_gpt, cfg_for(data))
     assert gone.status == "FAIL" and "no fineweb_val_*.bin" in gone.figure and "fineweb_val_000000.bin: listed" in \
         gone.figure
     alone = copy_of(built, tmp_path / "a" / "b")  # no manifest.json in the two folders above it
     (alone / "summary.json").unlink()
-    warned = preflight.check_data(cfg_for(alone))
+    warned = preflight.check_data(train_gpt, cfg_for(alone))
     assert warned.status == "WARN" and "headers and sizes only" in warned.figure
     other = tmp_path / "datasets" / "fineweb10B_sp4096"  # beside the one the manifest describes, not in it
     shutil.copytree(alone, other)
-    assert preflight.check_data(cfg_for(other)).status == "WARN"
+    assert preflight.check_data(train_gpt, cfg_for(other)).status == "WARN"
 
 
 # ---------------------------------------------------------------------------------------------
