@@ -20,7 +20,8 @@ import torch
 from conftest import ROOT, clean_environ, final_summary, logged_losses, run_script, tiny_env
 from train_gpt import (GPT, RESUME_FREE_KNOBS, ConfigError, Interrupted, Runtime, ShuffledLoader, TrainState, UserError,
                        WeightAverages, build_config, build_optimizers, check_free_space, check_inputs, find_shards,
-                       load_checkpoint, save_checkpoint)
+                       load_checkpoint, make_train_loader, plan_for, save_checkpoint, train_step, training_repeats,
+                       warmup)
 
 # Everything a checkpoint must carry moves in these runs: the depth grows (1 core pass, then 2 from t = 0.2),
 # EMA and SWA run from then on, micro-steps (4 a step on one rank, 2 on two) read the shuffled batches, validation
@@ -159,6 +160,29 @@ def tiny_training(tiny_data):
     optimizers = build_optimizers(cfg, model, 0, 1, fused=False)
     parts = dict(model=model, averages=WeightAverages(cfg, model), optimizer0=optimizers[0], optimizer1=optimizers[1])
     return cfg, model, parts
+
+
+def test_the_compile_warmup_leaves_no_trace_in_the_training_that_follows(tiny_data):
+    """WARMUP_STEPS trains on real batches to compile and prime (every depth, here 1 and 2 core passes), then puts
+    the weights and every optimizer state back: the steps after it are bit for bit the steps without it. (A warmup
+    that kept, say, Muon's momentum would train before the clock starts: the 2026-04-27 record's sharded Muon
+    keeps its momentum outside its state_dict, so its restore leaves the warmup's momentum in place.)"""
+    cfg = build_config(tiny_env(tiny_data, WARMUP_STEPS=4, NUM_UNIQUE_LAYERS=1, PROG_DEPTH="0.5:1,1.0:2"))
+    rt = Runtime(0, 1, 0, torch.device("cpu"))
+    plans = {passes: plan_for(cfg, passes) for passes in training_repeats(cfg)}
+    runs = []
+    for warm in (True, False):
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg)
+        optimizers = build_optimizers(cfg, model, 0, 1, fused=False)
+        if warm:
+            warmup(model, model, cfg, rt, plans, optimizers, lambda: make_train_loader(cfg, rt))
+            assert all(not opt.state for opt in optimizers)  # no momentum, no Adam moments, no step counts
+        loader = make_train_loader(cfg, rt)
+        losses = [train_step(model, loader, rt, cfg, plans[passes], optimizers).item() for passes in (1, 2, 2)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (warm_losses, warm_weights), (cold_losses, cold_weights) = runs
+    assert warm_losses == cold_losses and all(torch.equal(a, b) for a, b in zip(warm_weights, cold_weights))
 
 
 def test_a_signal_during_a_checkpoint_write_leaves_the_previous_one(tiny_data, tmp_path, monkeypatch):
