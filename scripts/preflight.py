@@ -286,7 +286,8 @@ def run_doc_attention(tg, cfg, ids: torch.Tensor):
     (GPT.attention_mask outside the blocks, Attention.attend compiled inside them): FA3's varlen kernel over the
     batch's segments when it imports, else flex_attention under a compiled block mask. q, k, v: (B, heads, T, dim)."""
     backend = tg.attention_backend_name(cfg, "cuda")
-    model = tg.GPT(cfg, compile=True, fa3=backend.startswith("fa3"))  # on the CPU: its weights are not used
+    with ids.device:  # made where it runs (its orthogonal init takes seconds on a CPU); its weights are not used
+        model = tg.GPT(cfg, compile=True, fa3=backend.startswith("fa3"))
     mask = model.attention_mask(ids, False, None)
     attend = torch.compile(model.blocks[0].attn.attend, fullgraph=True)
     return (lambda q, k, v: attend(q, k, v, mask)), backend
@@ -606,9 +607,10 @@ def run_checks(args, env: dict, say=print) -> list[Result]:
             cfg = tg.build_config({k: env[k] for k in names if k in env}, 1)
     shape = (cfg.micro_batch_seqs, cfg.train_seq_len, cfg.num_heads, cfg.num_kv_heads,
              cfg.model_dim // cfg.num_heads) if cfg is not None and config.status == "PASS" else (1, 2048, 8, 4, 64)
-    add(*check_fa3(shape, fa3_device()))
+    device = fa3_device()
+    add(*check_fa3(shape, device))
     if cfg is not None and config.status == "PASS":
-        add(*check_doc_mask(tg, cfg, fa3_device()))
+        add(*check_doc_mask(tg, cfg, device))
     if cfg is None:
         add(Result("SKIP", "data", "the settings do not parse"), Result("SKIP", "disk", "the settings do not parse"))
         return results
