@@ -1298,6 +1298,7 @@ class GPT(nn.Module):
         own twins, whose shapes turn dynamic once seen to change (check_eval_budget primes them)."""
         self.compiled_blocks, self.dynamic_blocks = [], []
         self.block_mask, self.head_loss = create_block_mask, softcap_cross_entropy
+        self.skip_mix, self.final_norm = mix_skip, final_norm
         if not compile:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -1305,6 +1306,9 @@ class GPT(nn.Module):
         self.dynamic_blocks = [torch.compile(b, dynamic=None, fullgraph=True) for b in self.blocks]
         self.block_mask = torch.compile(create_block_mask)  # compiled: no B*T*T mask is materialized
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True)
+        # the glue between the blocks in a few fused kernels, not eager ops (5.8% of a step: docs/perf.md)
+        self.skip_mix = torch.compile(mix_skip, dynamic=False, fullgraph=True)
+        self.final_norm = torch.compile(final_norm, dynamic=False, fullgraph=True)
 
     def block_modules(self, blocks: Blocks) -> tuple[list, bool]:
         """The modules that run the blocks, and whether they are the plain (eager) ones."""
@@ -1345,6 +1349,8 @@ class GPT(nn.Module):
         dt = self.compute_dtype
         modules, eager = self.block_modules(blocks)
         mask = self.attention_mask(input_ids, eager, adapter)
+        fast = blocks is Blocks.COMPILED and not eager  # fixed shapes: the compiled glue between the blocks
+        mix = self.skip_mix if fast else mix_skip
         x = rms_norm(self.smeared_embedding(input_ids)).to(dt)
         x0, outputs, lane1 = x, {}, None
         head_dim = self.cfg.model_dim // self.cfg.num_heads
@@ -1354,7 +1360,8 @@ class GPT(nn.Module):
             if layer.lanes and lane1 is None:  # the split: x is lane 0 from here on
                 lane1 = x
             if layer.skip_from >= 0:
-                x = self.add_skip(x, outputs.pop(layer.skip_from), layer.skip_slot)
+                gate = None if self.skip_gate is None else self.skip_gate[layer.skip_slot].to(dt)
+                x = mix(x, outputs.pop(layer.skip_from), self.skip_weight[layer.skip_slot].to(dt), gate)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
             r = layer.row
@@ -1374,15 +1381,7 @@ class GPT(nn.Module):
             x = x + 0 * self.skip_weight[0].to(dt)
             if self.skip_gate is not None:
                 x = x + 0 * self.skip_gate[0].to(dt)
-        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
-
-    def add_skip(self, x: torch.Tensor, skip: torch.Tensor, slot: int) -> torch.Tensor:
-        """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
-        through a sigmoid gate (zero-init: half the weighted skip, half the stream)."""
-        skip, gate = self.skip_weight[slot].to(x.dtype) * skip, self.skip_gate
-        if gate is None:
-            return x + skip
-        return torch.lerp(skip, x, torch.sigmoid(gate[slot].to(x.dtype)))
+        return (self.final_norm if fast else final_norm)(x, lane1)
 
     def logits(self, input_ids, plan: Plan, blocks: Blocks = Blocks.COMPILED, adapter: LoraAdapter | None = None):
         """Evaluation runs compiled blocks if any (minutes of forwards): score_windows keeps one shape, one compile."""
@@ -1392,6 +1391,17 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
         return self.head_loss(self.hidden(input_ids, plan), self.tok_emb.weight, target_ids, self.cfg.logit_softcap)
+
+
+def mix_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
+    through a sigmoid gate (zero-init: half the weighted skip, half the stream)."""
+    skip = weight * skip
+    return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate))
+
+
+def final_norm(x: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
+    return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
 
 
 def document_mask(input_ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from conftest import PLAIN_SHAPE
 import torch.nn.functional as F
 
-from train_gpt import (GPT, Muon, apply_rotary, build_config, build_optimizers, lr_multiplier, plan_for, rms_norm,
+from train_gpt import (GPT, Muon, apply_rotary, build_config, build_optimizers, lr_multiplier, mix_skip, plan_for, rms_norm,
                        rotary_tables)
 
 FRONTIER = dict(NUM_UNIQUE_LAYERS=6, NUM_LAYERS=10, LOOP_START=2, LOOP_END=3, XSA_LAST_N=10, ROPE_DIMS=4,
@@ -74,9 +74,10 @@ def test_skip_gate_at_init_averages_weighted_skip_and_stream():
     x, skip = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
     with torch.no_grad():
         model.skip_weight[1].fill_(2.0)
-    assert torch.allclose(model.add_skip(x, skip, 1), 0.5 * x + 0.5 * 2.0 * skip, atol=1e-6)
+    mixed = mix_skip(x, skip, model.skip_weight[1], model.skip_gate[1])
+    assert torch.allclose(mixed, 0.5 * x + 0.5 * 2.0 * skip, atol=1e-6)
     plain = GPT(cfg_of(NUM_LAYERS=4, SKIP_GATES_ENABLED=0))
-    assert torch.allclose(plain.add_skip(x, skip, 0), x + skip)
+    assert plain.skip_gate is None and torch.allclose(mix_skip(x, skip, plain.skip_weight[0], None), x + skip)
 
 
 def test_frontier_model_is_causal_and_counts_the_record_parameters():
@@ -110,8 +111,9 @@ def test_per_layer_constants_compile_once():
     for passes in (1, 2):
         model(x, x, plan_for(cfg, passes)).backward()
     assert sum(counters["recompiles"].values()) == 0
-    # the block, the first layer's block (its input is x0 itself: dynamo guards on that aliasing) and the loss head
-    assert counters["stats"]["unique_graphs"] <= 3
+    # the block, the first layer's block (its input is x0 itself: dynamo guards on that aliasing), the loss head, the
+    # skip mix (twice: the innermost skip is the stream itself) and the final norm
+    assert counters["stats"]["unique_graphs"] <= 6
 
 
 def test_row_normalized_muon_ignores_row_scale_of_the_gradient():
