@@ -1349,7 +1349,7 @@ class GPT(nn.Module):
         dt = self.compute_dtype
         modules, eager = self.block_modules(blocks)
         mask = self.attention_mask(input_ids, eager, adapter)
-        fast = blocks is Blocks.COMPILED and not eager  # fixed shapes: the compiled glue between the blocks
+        fast = blocks is Blocks.COMPILED  # fixed shapes: the compiled glue between the blocks (plain without compile)
         mix = self.skip_mix if fast else mix_skip
         x = rms_norm(self.smeared_embedding(input_ids)).to(dt)
         x0, outputs, lane1 = x, {}, None
@@ -1360,8 +1360,8 @@ class GPT(nn.Module):
             if layer.lanes and lane1 is None:  # the split: x is lane 0 from here on
                 lane1 = x
             if layer.skip_from >= 0:
-                gate = None if self.skip_gate is None else self.skip_gate[layer.skip_slot].to(dt)
-                x = mix(x, outputs.pop(layer.skip_from), self.skip_weight[layer.skip_slot].to(dt), gate)
+                gate = None if self.skip_gate is None else self.skip_gate[layer.skip_slot]
+                x = mix(x, outputs.pop(layer.skip_from), self.skip_weight[layer.skip_slot], gate)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
             r = layer.row
@@ -1395,9 +1395,9 @@ class GPT(nn.Module):
 
 def mix_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
-    through a sigmoid gate (zero-init: half the weighted skip, half the stream)."""
-    skip = weight * skip
-    return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate))
+    through a sigmoid gate (zero-init: half the weighted skip, half the stream). Weight and gate in x's dtype."""
+    skip = weight.to(x.dtype) * skip
+    return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate.to(x.dtype)))
 
 
 def final_norm(x: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:

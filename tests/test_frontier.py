@@ -9,8 +9,8 @@ import torch
 from conftest import PLAIN_SHAPE
 import torch.nn.functional as F
 
-from train_gpt import (GPT, Muon, apply_rotary, build_config, build_optimizers, lr_multiplier, mix_skip, plan_for, rms_norm,
-                       rotary_tables)
+from train_gpt import (GPT, Muon, apply_rotary, build_config, build_optimizers, lr_multiplier, mix_skip, plan_for,
+                       rms_norm, rotary_tables)
 
 FRONTIER = dict(NUM_UNIQUE_LAYERS=6, NUM_LAYERS=10, LOOP_START=2, LOOP_END=3, XSA_LAST_N=10, ROPE_DIMS=4,
                 LN_SCALE=1, PARALLEL_RESIDUAL_START=4, SKIP_GATES_ENABLED=1, LAYER_ROWS="block", LOOP_EMBED=0)
