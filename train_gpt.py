@@ -1298,7 +1298,7 @@ class GPT(nn.Module):
         own twins, whose shapes turn dynamic once seen to change (check_eval_budget primes them)."""
         self.compiled_blocks, self.dynamic_blocks = [], []
         self.block_mask, self.head_loss = create_block_mask, softcap_cross_entropy
-        self.skip_mix, self.final_norm = mix_skip, final_norm
+        self.smear_norm, self.skip_mix, self.final_norm = smear_and_norm, mix_skip, final_norm
         if not compile:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -1307,6 +1307,7 @@ class GPT(nn.Module):
         self.block_mask = torch.compile(create_block_mask)  # compiled: no B*T*T mask is materialized
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True)
         # the glue between the blocks in a few fused kernels, not eager ops (5.8% of a step: docs/perf.md)
+        self.smear_norm = torch.compile(smear_and_norm, dynamic=False, fullgraph=True)
         self.skip_mix = torch.compile(mix_skip, dynamic=False, fullgraph=True)
         self.final_norm = torch.compile(final_norm, dynamic=False, fullgraph=True)
 
@@ -1316,16 +1317,6 @@ class GPT(nn.Module):
         if twins:
             return twins, False
         return list(self.blocks), True
-
-    def smeared_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The token embedding plus, with SMEAR_GATE, the previous token's through a learned gate (modded-nanogpt,
-        as in the 2026-04-16 record), masked at a BOS (the 2026-04-27 record's fix: no document sees the last)."""
-        x = self.tok_emb(input_ids)
-        if self.smear is None:
-            return x
-        lam, w = self.smear[0], self.smear[1:]
-        gate = lam * torch.sigmoid(x[:, 1:, : len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
-        return torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
 
     def attention_mask(self, input_ids: torch.Tensor, eager: bool, adapter: LoraAdapter | None) -> AttentionMask:
         """CAUSAL, or with DOC_MASK each token's own document only (each starts with a BOS), in the form the blocks'
@@ -1351,7 +1342,7 @@ class GPT(nn.Module):
         mask = self.attention_mask(input_ids, eager, adapter)
         fast = blocks is Blocks.COMPILED  # fixed shapes: the compiled glue between the blocks (plain without compile)
         mix = self.skip_mix if fast else mix_skip
-        x = rms_norm(self.smeared_embedding(input_ids)).to(dt)
+        x = (self.smear_norm if fast else smear_and_norm)(self.tok_emb(input_ids), input_ids, self.smear, dt)
         x0, outputs, lane1 = x, {}, None
         head_dim = self.cfg.model_dim // self.cfg.num_heads
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, x.device)
@@ -1391,6 +1382,17 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
         return self.head_loss(self.hidden(input_ids, plan), self.tok_emb.weight, target_ids, self.cfg.logit_softcap)
+
+
+def smear_and_norm(x: torch.Tensor, input_ids: torch.Tensor, smear: torch.Tensor | None, dtype: torch.dtype):
+    """The token embeddings x plus, with SMEAR_GATE (smear: lambda, w), the previous token's through a learned gate
+    (modded-nanogpt, as in the 2026-04-16 record), masked at a BOS (the 2026-04-27 record's fix: no document sees
+    the last); RMS-normed, in the blocks' dtype."""
+    if smear is not None:
+        lam, w = smear[0], smear[1:]
+        gate = lam * torch.sigmoid(x[:, 1:, : len(w)] @ w) * (input_ids[:, 1:] != BOS_ID)
+        x = torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+    return rms_norm(x).to(dtype)
 
 
 def mix_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
