@@ -1299,7 +1299,7 @@ class GPT(nn.Module):
         own twins, whose shapes turn dynamic once seen to change (check_eval_budget primes them)."""
         self.compiled_blocks, self.dynamic_blocks = [], []
         self.block_mask, self.head_loss = create_block_mask, softcap_cross_entropy
-        self.smear_norm, self.skip_mix, self.final_norm = smear_and_norm, mix_skip, final_norm
+        self.smear_norm, self.skip_mix, self.final_norm = PLAIN_GLUE
         if not compile:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -1341,9 +1341,10 @@ class GPT(nn.Module):
         dt = self.compute_dtype
         modules, eager = self.block_modules(blocks)
         mask = self.attention_mask(input_ids, eager, adapter)
-        fast = blocks is Blocks.COMPILED  # fixed shapes: the compiled glue between the blocks (plain without compile)
-        mix = self.skip_mix if fast else mix_skip
-        x = (self.smear_norm if fast else smear_and_norm)(self.tok_emb(input_ids), input_ids, self.smear, dt)
+        # fixed shapes: the compiled glue between the blocks (the plain functions without compile)
+        compiled = (self.smear_norm, self.skip_mix, self.final_norm)
+        smear_norm, mix, norm = compiled if blocks is Blocks.COMPILED else PLAIN_GLUE
+        x = smear_norm(self.tok_emb(input_ids), input_ids, self.smear, dt)
         x0, outputs, lane1 = x, {}, None
         head_dim = self.cfg.model_dim // self.cfg.num_heads
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, x.device)
@@ -1378,7 +1379,7 @@ class GPT(nn.Module):
             x = x + 0 * self.skip_weight[0].to(dt)
             if self.skip_gate is not None:
                 x = x + 0 * self.skip_gate[0].to(dt)
-        return (self.final_norm if fast else final_norm)(x, lane1)
+        return norm(x, lane1)
 
     def logits(self, input_ids, plan: Plan, blocks: Blocks = Blocks.COMPILED, adapter: LoraAdapter | None = None):
         """Evaluation runs compiled blocks if any (minutes of forwards): score_windows keeps one shape, one compile."""
@@ -1410,6 +1411,9 @@ def mix_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: to
 
 def final_norm(x: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
     return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
+
+
+PLAIN_GLUE = (smear_and_norm, mix_skip, final_norm)  # the work between the blocks, uncompiled
 
 
 def document_mask(input_ids: torch.Tensor) -> torch.Tensor:
