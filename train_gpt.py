@@ -1235,10 +1235,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.model_dim, cfg.mlp_mult, cfg.mlp_act)
 
     def forward(self, x, x0, rows: tuple, rope, consts, mask: AttentionMask = CAUSAL, adapter=None, lanes=None):
-        """rows = (residual mix, attention scale, MLP scale) of this layer, float32, cast here (in the graph, not a
-        kernel each); consts = (norm scale, parallel 0/1, xsa 0/1) as a tensor: per-layer values, one graph.
-        `lanes`: (lane 1, lane mix) on a two-lane layer."""
-        mix, attn_scale, mlp_scale = (row.to(x.dtype) for row in rows)
+        """rows = (residual mix, attention scale, MLP scale) of this layer; consts = (norm scale, parallel 0/1,
+        xsa 0/1) as a tensor: per-layer values, one graph. `lanes`: (lane 1, lane mix) on a two-lane layer."""
+        mix, attn_scale, mlp_scale = rows
         scale, parallel = consts[0].to(x.dtype), consts[1].to(x.dtype)
         lane0, x = x, mix[0] * x + mix[1] * x0
         a = attn_scale * self.attn(rms_norm(x) * scale, rope, consts[2], mask, adapter)
@@ -1250,7 +1249,7 @@ class Block(nn.Module):
         if lanes is None:
             return x + a + m
         # a lane layer (x is lane 0): lane j = w[0, j] * lane j + w[1, j] * attention + w[2, j] * MLP
-        lane1, w = lanes[0], lanes[1].to(x.dtype)
+        lane1, w = lanes
         return w[0, 0] * lane0 + w[1, 0] * a + w[2, 0] * m, w[0, 1] * lane1 + w[1, 1] * a + w[2, 1] * m
 
 
@@ -1349,22 +1348,17 @@ class GPT(nn.Module):
         head_dim = self.cfg.model_dim // self.cfg.num_heads
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, x.device)
         consts = layer_consts(plan, x.device)
-        # the per-layer rows as views: one gradient kernel per parameter (unbind's stack), not one per layer
-        mixes, attn_scales, mlp_scales = self.resid_mix.unbind(0), self.attn_scale.unbind(0), self.mlp_scale.unbind(0)
-        lane_mixes = None if self.lane_mix is None else self.lane_mix.unbind(0)
-        skip_weights = self.skip_weight.unbind(0)
-        skip_gates = None if self.skip_gate is None else self.skip_gate.unbind(0)
         for v, layer in enumerate(plan.layers):
             if layer.lanes and lane1 is None:  # the split: x is lane 0 from here on
                 lane1 = x
             if layer.skip_from >= 0:
-                gate = None if skip_gates is None else skip_gates[layer.skip_slot]
-                x = mix(x, outputs.pop(layer.skip_from), skip_weights[layer.skip_slot], gate)
+                gate = None if self.skip_gate is None else self.skip_gate[layer.skip_slot]
+                x = mix(x, outputs.pop(layer.skip_from), self.skip_weight[layer.skip_slot], gate)
             if self.loop_emb is not None:
                 x = x + self.loop_emb[v].to(dt)
             r = layer.row
-            rows = (mixes[r], attn_scales[r], mlp_scales[r])
-            lanes = (lane1, lane_mixes[r]) if layer.lanes else None
+            rows = (self.resid_mix[r].to(dt), self.attn_scale[r].to(dt), self.mlp_scale[r].to(dt))
+            lanes = (lane1, self.lane_mix[r].to(dt)) if layer.lanes else None
             block_adapter = None if adapter is None else adapter.blocks[layer.block]
             out = modules[layer.block](x, x0, rows, rope, consts[v], mask, block_adapter, lanes)
             if layer.lanes:
