@@ -1298,7 +1298,7 @@ class GPT(nn.Module):
         own twins, whose shapes turn dynamic once seen to change (check_eval_budget primes them)."""
         self.compiled_blocks, self.dynamic_blocks = [], []
         self.block_mask, self.head_loss = create_block_mask, softcap_cross_entropy
-        self.smear_norm, self.skip_mix, self.final_norm = PLAIN_GLUE
+        self.glue = PLAIN_GLUE  # the work between the blocks: (smear and norm, skip mix, final norm)
         if not compile:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -1307,9 +1307,7 @@ class GPT(nn.Module):
         self.block_mask = torch.compile(create_block_mask)  # compiled: no B*T*T mask is materialized
         self.head_loss = torch.compile(softcap_cross_entropy, dynamic=False, fullgraph=True)
         # the glue between the blocks in a few fused kernels, not eager ops (5.8% of a step: docs/perf.md)
-        self.smear_norm = torch.compile(smear_and_norm, dynamic=False, fullgraph=True)
-        self.skip_mix = torch.compile(mix_skip, dynamic=False, fullgraph=True)
-        self.final_norm = torch.compile(final_norm, dynamic=False, fullgraph=True)
+        self.glue = tuple(torch.compile(f, dynamic=False, fullgraph=True) for f in PLAIN_GLUE)
 
     def block_modules(self, blocks: Blocks) -> tuple[list, bool]:
         """The modules that run the blocks, and whether they are the plain (eager) ones."""
@@ -1341,8 +1339,7 @@ class GPT(nn.Module):
         modules, eager = self.block_modules(blocks)
         mask = self.attention_mask(input_ids, eager, adapter)
         # fixed shapes: the compiled glue between the blocks (the plain functions without compile)
-        compiled = (self.smear_norm, self.skip_mix, self.final_norm)
-        smear_norm, mix, norm = compiled if blocks is Blocks.COMPILED else PLAIN_GLUE
+        smear_norm, mix, norm = self.glue if blocks is Blocks.COMPILED else PLAIN_GLUE
         x = smear_norm(self.tok_emb(input_ids), input_ids, self.smear, dt)
         x0, outputs, lane1 = x, {}, None
         head_dim = self.cfg.model_dim // self.cfg.num_heads
