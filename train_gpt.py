@@ -1298,7 +1298,7 @@ class GPT(nn.Module):
         own twins, whose shapes turn dynamic once seen to change (check_eval_budget primes them)."""
         self.compiled_blocks, self.dynamic_blocks = [], []
         self.block_mask, self.head_loss = create_block_mask, softcap_cross_entropy
-        self.glue = PLAIN_GLUE  # the work between the blocks: (smear and norm, skip mix, final norm)
+        self.glue = PLAIN_GLUE  # the work between the blocks: (smear and norm, skip mix, final norm, grad sum)
         if not compile:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -1339,9 +1339,11 @@ class GPT(nn.Module):
         modules, eager = self.block_modules(blocks)
         mask = self.attention_mask(input_ids, eager, adapter)
         # fixed shapes: the compiled glue between the blocks (the plain functions without compile)
-        smear_norm, mix, norm = self.glue if blocks is Blocks.COMPILED else PLAIN_GLUE
+        smear_norm, mix, norm, grad_sum = self.glue if blocks is Blocks.COMPILED else PLAIN_GLUE
         x = smear_norm(self.tok_emb(input_ids), input_ids, self.smear, dt)
-        x0, outputs, lane1 = x, {}, None
+        # x0 feeds every layer: its gradients summed in one pass, not autograd's pairwise adds (eager: docs/perf.md)
+        fanned = Fanout.apply(x, len(plan.layers) + 1, grad_sum)
+        x, outputs, lane1 = fanned[0], {}, None
         head_dim = self.cfg.model_dim // self.cfg.num_heads
         rope = rotary_tables(input_ids.size(1), self.cfg.rope_dims or head_dim, self.cfg.rope_base, x.device)
         consts = layer_consts(plan, x.device)
@@ -1357,7 +1359,7 @@ class GPT(nn.Module):
             rows = (self.resid_mix[r].to(dt), self.attn_scale[r].to(dt), self.mlp_scale[r].to(dt))
             lanes = (lane1, self.lane_mix[r].to(dt)) if layer.lanes else None
             block_adapter = None if adapter is None else adapter.blocks[layer.block]
-            out = modules[layer.block](x, x0, rows, rope, consts[v], mask, block_adapter, lanes)
+            out = modules[layer.block](x, fanned[v + 1], rows, rope, consts[v], mask, block_adapter, lanes)
             if layer.lanes:
                 x, lane1 = out
             else:
@@ -1393,6 +1395,27 @@ def smear_and_norm(x: torch.Tensor, input_ids: torch.Tensor, smear: torch.Tensor
     return rms_norm(x).to(dtype)
 
 
+class Fanout(torch.autograd.Function):
+    """x to n consumers as n aliases of it; backward sums their gradients with `summed` (compiled: one kernel that
+    reads each once) where autograd would add them pairwise, each add a kernel of its own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int, summed) -> tuple:
+        ctx.summed = summed
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return ctx.summed([g for g in grads if g is not None]), None, None
+
+
+def sum_tensors(tensors: list) -> torch.Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
 def mix_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """U-Net skip: added with a learned per-channel weight, or, with SKIP_GATES_ENABLED, mixed in
     through a sigmoid gate (zero-init: half the weighted skip, half the stream). Weight and gate in x's dtype."""
@@ -1404,7 +1427,7 @@ def final_norm(x: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
     return rms_norm(x if lane1 is None else 0.5 * (x + lane1))  # two lanes: their mean
 
 
-PLAIN_GLUE = (smear_and_norm, mix_skip, final_norm)  # the work between the blocks, uncompiled
+PLAIN_GLUE = (smear_and_norm, mix_skip, final_norm, sum_tensors)  # the work between the blocks, uncompiled
 
 
 def document_mask(input_ids: torch.Tensor) -> torch.Tensor:

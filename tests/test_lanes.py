@@ -206,9 +206,9 @@ def test_compiled_lane_blocks_match_eager_and_compile_once():
         assert torch.allclose(eager(x, y, plan), compiled(x, y, plan), rtol=1e-5, atol=1e-5)
         for (name, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
             assert torch.allclose(pe.grad, pc.grad, rtol=1e-4, atol=1e-6), name
-    # the first layer's block (its input is x0 itself: dynamo guards on that aliasing), the lane blocks, the loss head,
-    # the embedding's smear and norm, the skip mix (twice: the innermost skip is the stream itself), the final norm
-    assert sum(counters["recompiles"].values()) == 0 and counters["stats"]["unique_graphs"] <= 7
+    # the first layer's block (not a lane block), the lane blocks, the loss head, the embedding's smear and norm, the
+    # skip mix (twice: the innermost skip is the stream itself), the final norm, the sum of x0's gradients per depth
+    assert sum(counters["recompiles"].values()) == 0 and counters["stats"]["unique_graphs"] <= 9
 
 
 def test_the_artifact_carries_the_lanes_and_scores_as_the_weights_it_holds():
