@@ -1410,10 +1410,7 @@ class Fanout(torch.autograd.Function):
 
 
 def sum_tensors(tensors: list) -> torch.Tensor:
-    total = tensors[0]
-    for t in tensors[1:]:
-        total = total + t
-    return total
+    return sum(tensors[1:], tensors[0])  # Python's sum from the first tensor: no 0 + to start
 
 
 def mix_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
