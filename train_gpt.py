@@ -1147,7 +1147,7 @@ def lora_pair(adapter: dict | None, name: str) -> tuple | None:
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos()[None, None], angles.sin()[None, None]
+    return angles.cos()[None, :, None], angles.sin()[None, :, None]  # for (B, T, H, D)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -1174,21 +1174,21 @@ class Attention(nn.Module):
     def forward(self, x, rope, xsa: torch.Tensor, mask: AttentionMask = CAUSAL, adapter: dict | None = None):
         """`xsa` is a 0/1 tensor (not a Python bool), so layers with and without XSA share one compiled graph."""
         B, T, _ = x.shape
-        q = self.c_q(x, lora_pair(adapter, "attn.c_q")).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x, lora_pair(adapter, "attn.c_k")).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x, lora_pair(adapter, "attn.c_v")).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.c_q(x, lora_pair(adapter, "attn.c_q")).view(B, T, self.heads, self.head_dim)
+        k = self.c_k(x, lora_pair(adapter, "attn.c_k")).view(B, T, self.kv_heads, self.head_dim)
+        v = self.c_v(x, lora_pair(adapter, "attn.c_v")).view(B, T, self.kv_heads, self.head_dim)
+        # all but attention itself in the projections' own (B, T, H, D) layout; attention reads (B, H, T, D) views
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = self.attend(q, k, v, mask)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
-            y = y.view(B, self.kv_heads, self.heads // self.kv_heads, T, self.head_dim)
-            own = F.normalize(v, dim=-1)[:, :, None]
+            y = y.reshape(B, T, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            own = F.normalize(v, dim=-1)[:, :, :, None]
             y = y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own
-            y = y.view(B, self.heads, T, self.head_dim)
         if self.gate is not None:  # ATTN_GATE: a per-head gate read from this token's input alone
             g = torch.sigmoid(self.gate_scale * x[..., : self.gate.size(1)] @ self.gate.to(x.dtype).T)
-            y = y * g.transpose(1, 2)[..., None]
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1), lora_pair(adapter, "attn.proj"))
+            y = y.reshape(B, T, self.heads, self.head_dim) * g[..., None]
+        return self.proj(y.reshape(B, T, -1), lora_pair(adapter, "attn.proj"))
 
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
         """Causal attention of (B, H, T, D) queries over (B, H_kv, T, D) keys and values (GQA), within `mask`."""

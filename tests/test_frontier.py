@@ -38,12 +38,12 @@ def test_plan_records_carry_the_record_layout():
 def test_partial_rope_rotates_only_the_first_dims_and_keeps_relative_positions():
     torch.manual_seed(0)
     cos, sin = rotary_tables(12, 4, 10000.0, "cpu")
-    x = torch.randn(1, 1, 12, 8)
+    x = torch.randn(1, 12, 1, 8)  # (B, T, H, D)
     y = apply_rotary(x, cos, sin)
     assert torch.equal(y[..., 4:], x[..., 4:]) and not torch.allclose(y[..., :4], x[..., :4])
-    q = torch.randn(8).expand(1, 1, 12, 8)  # the same vector at every position
-    k = torch.randn(8).expand(1, 1, 12, 8)
-    dots = (apply_rotary(q, cos, sin)[0, 0, :, None] * apply_rotary(k, cos, sin)[0, 0, None]).sum(-1)
+    q = torch.randn(8).expand(1, 12, 1, 8)  # the same vector at every position
+    k = torch.randn(8).expand(1, 12, 1, 8)
+    dots = (apply_rotary(q, cos, sin)[0, :, 0, None] * apply_rotary(k, cos, sin)[0, None, :, 0]).sum(-1)
     assert torch.allclose(dots[5, 2], dots[9, 6], atol=1e-5)  # depends on the offset only
 
 
