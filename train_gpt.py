@@ -1177,10 +1177,10 @@ class Attention(nn.Module):
         q = self.c_q(x, lora_pair(adapter, "attn.c_q")).view(B, T, self.heads, self.head_dim)
         k = self.c_k(x, lora_pair(adapter, "attn.c_k")).view(B, T, self.kv_heads, self.head_dim)
         v = self.c_v(x, lora_pair(adapter, "attn.c_v")).view(B, T, self.kv_heads, self.head_dim)
-        # all but attention itself in the projections' own (B, T, H, D) layout; attention reads (B, H, T, D) views
+        # everything in the projections' own (B, T, H, D) layout; PyTorch's attention kernels get (B, H, T, D) views
         q, k = apply_rotary(rms_norm(q), *rope), apply_rotary(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+        y = self.attend(q, k, v, mask)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
             y = y.reshape(B, T, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
             own = F.normalize(v, dim=-1)[:, :, :, None]
@@ -1191,17 +1191,19 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, T, -1), lora_pair(adapter, "attn.proj"))
 
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
-        """Causal attention of (B, H, T, D) queries over (B, H_kv, T, D) keys and values (GQA), within `mask`."""
-        gqa = self.heads != self.kv_heads
-        if mask.kind == "flex":
-            return flex_attention(q, k, v, block_mask=mask.data, enable_gqa=gqa)
-        if mask.kind == "dense":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.data, enable_gqa=gqa)
-        if self.fa3 is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        # FlashAttention 3, as the records call it: bf16 in its (B, T, H, D) layout, GQA by itself
-        B, _, T, D = q.shape
-        q, k, v = (t.transpose(1, 2).bfloat16() for t in (q, k, v))
+        """Causal attention of (B, T, H, D) queries over (B, T, H_kv, D) keys and values (GQA), within `mask`."""
+        if mask.kind in ("flex", "dense") or self.fa3 is None:  # PyTorch's kernels, on (B, H, T, D) views
+            q, k, v, gqa = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.heads != self.kv_heads
+            if mask.kind == "flex":
+                y = flex_attention(q, k, v, block_mask=mask.data, enable_gqa=gqa)
+            elif mask.kind == "dense":
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.data, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return y.transpose(1, 2)
+        # FlashAttention 3, as the records call it: bf16 in this (B, T, H, D) layout, GQA by itself
+        B, T, _, D = q.shape
+        q, k, v = (t.bfloat16() for t in (q, k, v))
         if mask.kind == "varlen":  # the batch flattened to (B*T, H, D); segments from GPT.attention_mask
             cu, flat = mask.data, [t.flatten(0, 1) for t in (q, k, v)]
             y = self.fa3.flash_attn_varlen_func(
@@ -1210,7 +1212,7 @@ class Attention(nn.Module):
         else:
             y = self.fa3.flash_attn_func(q, k, v, causal=True)
         y = y[0] if isinstance(y, tuple) else y  # some FA3 builds return (out, logsumexp)
-        return y.reshape(B, T, -1, D).transpose(1, 2)
+        return y.reshape(B, T, -1, D)
 
 
 class MLP(nn.Module):
@@ -3151,9 +3153,9 @@ def flash_attention_fault(cfg: Config, fa3, device) -> str | None:
         masks.append((AttentionMask("varlen", varlen_segments(ids)), AttentionMask("dense", document_mask(ids))))
     for fast_mask, reference_mask in masks:
         q, k, v = (
-            torch.randn(B, h, T, D, device=device, generator=generator, dtype=torch.bfloat16) for h in (H, KV, KV)
+            torch.randn(B, T, h, D, device=device, generator=generator, dtype=torch.bfloat16) for h in (H, KV, KV)
         )
-        cotangent = torch.randn(B, H, T, D, device=device, generator=generator, dtype=torch.bfloat16)
+        cotangent = torch.randn(B, T, H, D, device=device, generator=generator, dtype=torch.bfloat16)
         results = []
         for attention, mask in ((fast, fast_mask), (reference, reference_mask)):
             inputs = [t.clone().requires_grad_() for t in (q, k, v)]
