@@ -1449,8 +1449,30 @@ def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, lora: 
     return softcap * torch.tanh(logits / softcap)
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of softcapped logits, whose forward also forms the logits' gradient (softmax minus
+    one-hot, times the softcap's slope 1 - (z / softcap)^2) in the pass that reads them, saved in the matmuls' dtype:
+    the [tokens, vocab] logits are read once, and the backward is the two matmuls (docs/perf.md)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+        z = softcap * torch.tanh(F.linear(h, weight).float() / softcap)  # h: [tokens, dim], weight: h's dtype
+        lse, targets = torch.logsumexp(z, dim=-1, keepdim=True), targets[:, None]
+        hit = torch.arange(z.shape[-1], device=z.device) == targets
+        dz = (torch.exp(z - lse) - hit.float()) * (1 - (z / softcap).square()) / len(z)
+        ctx.save_for_backward(h, weight, dz.to(h.dtype))
+        return (lse - z.gather(1, targets)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight, dz = ctx.saved_tensors
+        dz = dz * grad.to(dz.dtype)
+        return dz @ weight, dz.t() @ h, None, None
+
+
 def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    return F.cross_entropy(softcap_logits(h, weight, softcap).flatten(0, -2), targets.reshape(-1))
+    """Training's loss, its logits' gradient formed in the forward (autograd keeps the weight's cast to h's dtype)."""
+    return SoftcapCrossEntropy.apply(h.flatten(0, -2), weight.to(h.dtype), targets.reshape(-1), softcap)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from conftest import PLAIN_SHAPE
 
 from train_gpt import (GPT, ConfigError, build_config, core_repeats, depth_plan, newton_schulz, plan_for,
-                       unet_pairs)
+                       softcap_cross_entropy, softcap_logits, unet_pairs)
 
 
 @pytest.mark.parametrize("unique, start, end, layers, expected", [
@@ -73,6 +73,36 @@ def test_parameters_grow_with_passes_only_by_per_layer_rows():
     assert count(three) - count(one) == rows(9) - rows(3)
     block = sum(p.numel() for p in unshared.blocks[0].parameters())
     assert count(unshared) - count(three) == 6 * block
+
+
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.bfloat16, False),
+                                             (torch.bfloat16, True)])
+def test_loss_head_gradient_formed_in_forward_matches_autograd(dtype, compiled):
+    """The training loss forms its logits' gradient in the forward: its loss and gradients are as close to float64 as
+    plain autograd through F.cross_entropy on the same softcapped logits is, and the float32 weight gets a float32
+    gradient."""
+    torch.manual_seed(0)
+    h0, w0, targets, cap = torch.randn(2, 96, 32), torch.randn(512, 32) * 0.3, torch.randint(0, 512, (2, 96)), 30.0
+
+    def plain(h, w):
+        return torch.nn.functional.cross_entropy(softcap_logits(h, w, cap).flatten(0, -2), targets.reshape(-1))
+
+    def fused(h, w):
+        return softcap_cross_entropy(h, w, targets, cap)
+
+    def run(loss_fn, h_dtype, w_dtype):
+        h, w = h0.to(h_dtype).clone().requires_grad_(), w0.to(w_dtype).clone().requires_grad_()
+        loss = loss_fn(h, w)
+        loss.backward()
+        return [t.double() for t in (loss, h.grad, w.grad)], w.grad.dtype
+
+    gold = run(plain, torch.float64, torch.float64)[0]
+    plain_out = run(plain, dtype, torch.float32)[0]
+    fused_out, w_grad_dtype = run(torch.compile(fused, fullgraph=True) if compiled else fused, dtype, torch.float32)
+    assert w_grad_dtype == torch.float32
+    for got, ref, exact in zip(fused_out, plain_out, gold):
+        scale = exact.abs().max()
+        assert (got - exact).abs().max() / scale <= 1.5 * (ref - exact).abs().max() / scale + 1e-6
 
 
 def test_loss_at_init_is_log_vocab():
