@@ -1456,7 +1456,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-        z = softcap * torch.tanh(F.linear(h, weight).float() / softcap)  # h: [tokens, dim], weight: h's dtype
+        z = softcap_logits(h, weight, softcap)  # h: [tokens, dim], weight: h's dtype
         lse, targets = torch.logsumexp(z, dim=-1, keepdim=True), targets[:, None]
         hit = torch.arange(z.shape[-1], device=z.device) == targets
         dz = (torch.exp(z - lse) - hit.float()) * (1 - (z / softcap).square()) / len(z)
