@@ -726,9 +726,10 @@ NEWTON_SCHULZ = {
 
 def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7, method: str = "quintic") -> torch.Tensor:
     """Approximately orthogonalize each matrix of `grad` (..., m, n): U S V^T -> U V^T, with quintic
-    iterations in bf16 (NEWTON_SCHULZ[method]). Batched: one call handles a stack of same-shape matrices."""
+    iterations (NEWTON_SCHULZ[method]) in bf16 on a GPU and in float32 on a CPU, whose bf16 matmuls are emulated and
+    ~10x slower; the result is bf16. Batched: one call handles a stack of same-shape matrices."""
     coefficients = NEWTON_SCHULZ[method]
-    x = grad.bfloat16()
+    x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = x.size(-2) > x.size(-1)
     if tall:
@@ -737,7 +738,7 @@ def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7, method: str
         a, b, c = coefficients[min(i, len(coefficients) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if tall else x
+    return (x.mT if tall else x).bfloat16()
 
 
 class Muon(torch.optim.Optimizer):

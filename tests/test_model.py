@@ -8,7 +8,7 @@ import torch
 
 from conftest import PLAIN_SHAPE
 
-from train_gpt import (GPT, ConfigError, build_config, core_repeats, depth_plan, newton_schulz, plan_for,
+from train_gpt import (GPT, NEWTON_SCHULZ, ConfigError, build_config, core_repeats, depth_plan, newton_schulz, plan_for,
                        softcap_cross_entropy, softcap_logits, unet_pairs)
 
 
@@ -155,6 +155,19 @@ def test_newton_schulz_singular_values(shape):
     s = torch.linalg.svdvals(newton_schulz(g, 5).float())
     assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
     assert newton_schulz(g, 5).shape == g.shape
+
+
+def test_newton_schulz_on_the_cpu_iterates_in_float32_and_returns_bf16():
+    """A CPU emulates bf16 matmuls (10-25x slower there), so the iterations run in float32 and only the result is
+    rounded to bf16: within bf16's rounding of the float64 iteration (5e-4 here), where bf16 iterations drift 1.5e-2."""
+    torch.manual_seed(0)
+    g = torch.randn(4, 128, 512)
+    x = (g / g.norm(dim=(-2, -1), keepdim=True)).double()
+    for a, b, c in NEWTON_SCHULZ["polar"][:5]:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    out = newton_schulz(g, 5, method="polar")
+    assert out.dtype == torch.bfloat16 and (out.double() - x).abs().max() < 2e-3
 
 
 def test_polar_express_lands_closer_to_orthogonal_than_the_quintic_in_five_steps():
