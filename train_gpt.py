@@ -1184,8 +1184,9 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, mask)
         if self.any_xsa:  # each head's output loses its component along its own token's value vector
             y = y.reshape(B, T, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-            own = F.normalize(v, dim=-1)[:, :, :, None]
-            y = y - xsa.to(y.dtype) * (y * own).sum(-1, keepdim=True) * own
+            own = v[:, :, :, None]  # y minus its projection on v: (y . v) / (v . v) v, no normalized copy of v
+            share = (y * own).sum(-1, keepdim=True) / (own * own).sum(-1, keepdim=True).clamp_min(1e-24)
+            y = y - xsa.to(y.dtype) * share * own
         if self.gate is not None:  # ATTN_GATE: a per-head gate read from this token's input alone
             g = torch.sigmoid(self.gate_scale * x[..., : self.gate.size(1)] @ self.gate.to(x.dtype).T)
             y = y.reshape(B, T, self.heads, self.head_dim) * g[..., None]

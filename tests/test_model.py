@@ -148,6 +148,25 @@ def test_xsa_removes_the_component_along_the_own_value():
     assert along_own_value.abs().max() < 1e-5 and y[:, 1:].norm() > 1.0
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_xsa_equals_the_projection_on_the_normalized_own_value(dtype, tol):
+    """XSA at strength s is y - s (y . v)/(v . v) v: the same as y - s (y . n) n with n = v/|v|, checked in float64
+    against what the layer computes from its own attention output and values, in float32 and bf16."""
+    torch.manual_seed(4)
+    cfg = tiny_cfg(NUM_LAYERS=1, XSA_LAST_N=1)
+    attn = GPT(cfg).blocks[0].attn.to(dtype)
+    seen, attend = {}, attn.attend
+    attn.attend = lambda q, k, v, mask: seen.setdefault("y", attend(q, k, v, mask))
+    attn.proj.register_forward_hook(lambda m, inp, out: seen.setdefault("out", inp[0]))
+    x = torch.randn(2, 16, 32, dtype=dtype)
+    from train_gpt import rotary_tables
+    attn(x, rotary_tables(16, 8, 10000.0, x.device), xsa=torch.tensor(0.7))
+    y = seen["y"].double().reshape(2, 16, 2, 2, 8)
+    n = torch.nn.functional.normalize(attn.c_v(x).double().view(2, 16, 2, 8), dim=-1)[:, :, :, None]
+    expected = (y - 0.7 * (y * n).sum(-1, keepdim=True) * n).reshape(2, 16, 32)
+    assert (seen["out"].double().reshape(2, 16, 32) - expected).abs().max() < tol * expected.abs().max()
+
+
 @pytest.mark.parametrize("shape", [(64, 128), (256, 64), (128, 512), (96, 300)])
 def test_newton_schulz_singular_values(shape):
     torch.manual_seed(3)
