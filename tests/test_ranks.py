@@ -29,7 +29,8 @@ from conftest import PLAIN_SHAPE, final_summary, logged_losses, run_script, tiny
 from test_signals import final_scores, interrupted_segment, worker_traceback
 from train_gpt import build_config, document_bounds, map_shard
 
-pytestmark = pytest.mark.slow
+# one worker for the module under `pytest -n 2 --dist loadgroup`: its fixtures (an eight-rank run) are built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ranks")]
 
 RANKS = 8
 ARTIFACT = "runs/whole/final_model.mixedgptq_brotli.ptz"

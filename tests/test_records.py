@@ -26,6 +26,8 @@ import train_gpt  # noqa: E402
 import welch  # noqa: E402
 from runlog import RunLog, read_log  # noqa: E402
 
+# one worker for the module under `pytest -n 2 --dist loadgroup`: its fixture (five runs) is built once
+pytestmark = pytest.mark.xdist_group("records")
 SEEDS = (1, 2, 3)
 FAST = dict(ITERATIONS=6, TRAIN_LOG_EVERY=2, EVAL_STRIDE=32, MIX_ETA=1, MIX_BUCKETS=4096)  # the default mixed score
 

@@ -24,6 +24,8 @@ from runlog import read_log  # noqa: E402
 GRID = ("--grid", "MATRIX_LR=0.02,0.05", "--seeds", "1", "--set", "NUM_UNIQUE_LAYERS=1", "--set",
         "PROG_DEPTH=0.5:1,1.0:2")  # one shared block: 1 pass for the first half, then 2
 RUNS = ("matrix_lr0.02_seed1", "matrix_lr0.05_seed1")
+# one worker for the module under `pytest -n 2 --dist loadgroup`: its fixture (a sweep) is built once
+pytestmark = pytest.mark.xdist_group("sweep")
 
 
 def run_sweep(data: Path, out: Path, *args) -> subprocess.CompletedProcess:
