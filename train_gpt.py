@@ -727,7 +727,7 @@ NEWTON_SCHULZ = {
 def newton_schulz(grad: torch.Tensor, steps: int, eps: float = 1e-7, method: str = "quintic") -> torch.Tensor:
     """Approximately orthogonalize each matrix of `grad` (..., m, n): U S V^T -> U V^T, with quintic
     iterations (NEWTON_SCHULZ[method]) in bf16 on a GPU and in float32 on a CPU, whose bf16 matmuls are emulated and
-    ~10x slower; the result is bf16. Batched: one call handles a stack of same-shape matrices."""
+    6-25x slower; the result is bf16. Batched: one call handles a stack of same-shape matrices."""
     coefficients = NEWTON_SCHULZ[method]
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)

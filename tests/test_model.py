@@ -177,8 +177,9 @@ def test_newton_schulz_singular_values(shape):
 
 
 def test_newton_schulz_on_the_cpu_iterates_in_float32_and_returns_bf16():
-    """A CPU emulates bf16 matmuls (10-25x slower there), so the iterations run in float32 and only the result is
-    rounded to bf16: within bf16's rounding of the float64 iteration (5e-4 here), where bf16 iterations drift 1.5e-2."""
+    """A CPU emulates bf16 matmuls (6-25x slower there on Muon's shapes), so the iterations run in float32 and only
+    the result is rounded to bf16: within bf16's rounding of the float64 iteration (5e-4 here), where bf16 iterations
+    drift 1.5e-2."""
     torch.manual_seed(0)
     g = torch.randn(4, 128, 512)
     x = (g / g.norm(dim=(-2, -1), keepdim=True)).double()
