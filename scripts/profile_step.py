@@ -8,7 +8,8 @@ For each pass count: the training FLOPs per token (counted as printed), the medi
 step's parts measured with CUDA events (forward and backward per micro-batch; Muon, Adam,
 zero_grad per step), tokens/s and MFU against --peak-tflops (the bf16 matmul rate you measured on
 the card), then a profiler pass that sorts every CUDA kernel of two steps into attention, matmul,
-norms/elementwise (Inductor's Triton kernels), the loss head, the optimizers and communication.
+norms/elementwise (Inductor's Triton kernels), the loss head, the optimizers and communication. With --top N it
+lists the N costliest kernels, then what the list leaves out: how many kernels, their time and launches, by part.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def measure_parts(model, x, y, plan, optimizers, cfg, rt, steps: int) -> dict[st
 def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> tuple[dict[str, float], list]:
     """CUDA milliseconds per step of each part, from the profiler's kernels over two steps (the loss head's kernels
     are those launched inside its compiled function: a record_function range around it), and every kernel as
-    (milliseconds per step, part, name), costliest first."""
+    (milliseconds per step, part, name, launches per step), costliest first."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     head_loss = base.head_loss
@@ -131,9 +132,25 @@ def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> tuple[dict
             continue
         part = next((name for name, pattern in KERNEL_PARTS if pattern.search(event.key)), "other")
         totals[part] += device_us
-        kernels.append((device_us / 2 / 1000, part, event.key))
+        kernels.append((device_us / 2 / 1000, part, event.key, event.count / 2))
     totals["loss head (forward, within the above)"] = head_us
     return {name: us / 2 / 1000 for name, us in totals.items()}, sorted(kernels, reverse=True)
+
+
+def beyond_the_top(kernels: list, top: int, kernel_ms: float) -> list[str]:
+    """What the list of the `top` costliest kernels leaves out: how many distinct kernels, their time and launches a
+    step, the costliest of them, and their time by part (a long tail of small kernels shows here, not in the list)."""
+    rest = kernels[top:]
+    if not top or not rest:
+        return []
+    ms, launches = sum(k[0] for k in rest), sum(k[3] for k in rest)
+    lines = [(f"  the other {len(rest)} kernels: {ms:.1f} ms ({100 * ms / kernel_ms:.1f}%), {launches:.0f} launches "
+              f"a step, the costliest {rest[0][0]:.2f} ms")]
+    for part in dict.fromkeys(k[1] for k in rest):
+        in_part = [k for k in rest if k[1] == part]
+        lines.append(f"    {part:>17}: {sum(k[0] for k in in_part):7.1f} ms in {len(in_part)} kernels, "
+                     f"{sum(k[3] for k in in_part):.0f} launches")
+    return lines
 
 
 def attention_backends(cfg: tg.Config, device) -> None:
@@ -227,8 +244,10 @@ def main() -> None:
             print(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
             for name, ms in breakdown.items():
                 print(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
-            for ms, part, name in kernels[: args.top]:
+            for ms, part, name, _ in kernels[: args.top]:
                 print(f"  {ms:7.2f} ms {100 * ms / kernel_ms:5.1f}% {part:>17}  {name[:110]}")
+            for line in beyond_the_top(kernels, args.top, kernel_ms):
+                print(line)
     print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.attention:
         attention_backends(cfg, rt.device)
