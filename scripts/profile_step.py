@@ -3,6 +3,10 @@
 Usage (same variables as train_gpt.py; the tokens are random, so no DATA_PATH is needed):
     python scripts/profile_step.py                      # the default shape at 1 and at 3 core passes
     python scripts/profile_step.py --passes 3 --steps 8 --peak-tflops 790 --top 25
+    DOC_MASK=1 python scripts/profile_step.py --doc-tokens 900   # documents as long as FineWeb's pages
+
+The random tokens hold no BOS unless --doc-tokens asks for documents: every row is then one document, as in
+the bench's books, and DOC_MASK=1 costs its most. Causal windows (DOC_MASK=0) cost the same either way.
 
 For each pass count: the training FLOPs per token (counted as printed), the median time of the
 step's parts measured with CUDA events (forward and backward per micro-batch; Muon, Adam,
@@ -52,6 +56,17 @@ def flops_per_token(cfg: tg.Config, passes: int) -> tuple[float, str]:
     how = (f"6 x ({blocks / 1e6:.2f}M block + {head / 1e6:.2f}M head weights) + attention 6 x {len(plan.blocks)} "
            f"layers x {cfg.train_seq_len} x {cfg.model_dim} = {total / 1e6:.1f} MFLOP/token")
     return total, how
+
+
+def random_batch(cfg: tg.Config, doc_tokens: float, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of random inputs and targets. No token is a BOS except, with doc_tokens > 0, each position
+    with probability 1 / doc_tokens: documents of doc_tokens tokens on average, placed at random."""
+    shape = (cfg.micro_batch_seqs, cfg.train_seq_len)
+    x = torch.randint(tg.BOS_ID + 1, cfg.vocab_size, shape, device=device, generator=generator)
+    if doc_tokens > 0:
+        starts = torch.rand(shape, device=device, generator=generator) < 1 / doc_tokens
+        x = x.masked_fill(starts, tg.BOS_ID)
+    return x, torch.randint(0, cfg.vocab_size, shape, device=device, generator=generator)
 
 
 def timed(fn, events: list) -> None:
@@ -206,7 +221,12 @@ def main() -> None:
     parser.add_argument("--no-kernels", action="store_true", help="skip the profiler pass")
     parser.add_argument("--attention", action="store_true", help="also time each attention kernel at this shape")
     parser.add_argument("--top", type=int, default=0, help="list the N costliest kernels a step (name, part, ms)")
+    parser.add_argument("--doc-tokens", type=float, default=0.0,
+                        help="mean document length of the random tokens (a BOS in 1 of N places; 0: no BOS, one "
+                             "document a row, as in books; ~900: FineWeb's pages at sp8192)")
     args = parser.parse_args()
+    if args.doc_tokens < 0 or 0 < args.doc_tokens < 1:
+        sys.exit(f"error: --doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
     if not torch.cuda.is_available():
         sys.exit("error: profile_step.py needs a CUDA GPU")
     try:
@@ -219,11 +239,11 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     base, model = tg.build_model(cfg, rt)
     optimizers = tg.build_optimizers(cfg, base, 0, 1, fused=True)
-    x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_seqs, cfg.train_seq_len), device=rt.device)
-    y = torch.randint(0, cfg.vocab_size, x.shape, device=rt.device)
+    x, y = random_batch(cfg, args.doc_tokens, rt.device)
     print(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
           f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} micro_steps={cfg.micro_steps} "
-          f"attention={tg.attention_backend_name(cfg, 'cuda')} gpu={torch.cuda.get_device_name()}")
+          f"attention={tg.attention_backend_name(cfg, 'cuda')} gpu={torch.cuda.get_device_name()} "
+          f"bos_per_row={(x == tg.BOS_ID).sum().item() / x.size(0):.2f}")
     for n in passes:
         plan = tg.plan_for(cfg, n)
         start = time.perf_counter()
