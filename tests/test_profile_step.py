@@ -1,4 +1,4 @@
-"""scripts/profile_step.py's accounting, on made-up kernel lists (the script itself needs a GPU)."""
+"""scripts/profile_step.py's kernel accounting and random batches (the script itself needs a GPU)."""
 from __future__ import annotations
 
 import subprocess
