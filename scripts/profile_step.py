@@ -58,6 +58,9 @@ def flops_per_token(cfg: tg.Config, passes: int) -> tuple[float, str]:
     return total, how
 
 
+FINEWEB_DOC_TOKENS = 900.0  # the FineWeb sample at sp8192 has ~2.3 BOS per 2,048-token window (docs/perf.md)
+
+
 def random_batch(cfg: tg.Config, doc_tokens: float, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch of random inputs and targets. No token is a BOS except, with doc_tokens > 0, each position
     with probability 1 / doc_tokens: documents of doc_tokens tokens on average, placed at random."""
@@ -168,10 +171,10 @@ def beyond_the_top(kernels: list, top: int, kernel_ms: float) -> list[str]:
     return lines
 
 
-def attention_backends(cfg: tg.Config, device) -> None:
+def attention_backends(cfg: tg.Config, device, doc_tokens: float) -> None:
     """Forward + backward of one layer's attention at the run's shape (a micro-batch of TRAIN_SEQ_LEN rows; GQA; bf16),
     through each kernel PyTorch offers: SDPA's cuDNN, flash and memory-efficient backends, and flex_attention causal
-    and with a document mask (documents of ~400 tokens, as FineWeb's pages)."""
+    and with a document mask over random_batch's documents of `doc_tokens` tokens on average."""
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -181,8 +184,7 @@ def attention_backends(cfg: tg.Config, device) -> None:
     q = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(B, KV, T, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     cotangent = torch.randn_like(q)
-    ids = torch.randint(2, cfg.vocab_size, (B, T), device=device)
-    ids[:, ::400] = tg.BOS_ID
+    ids, _ = random_batch(cfg, doc_tokens, device)
     doc = torch.cumsum(ids == tg.BOS_ID, 1)
     flex = torch.compile(flex_attention, dynamic=False)
     causal = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T, device=device)
@@ -202,7 +204,7 @@ def attention_backends(cfg: tg.Config, device) -> None:
 
     cases = [("sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION)),
              ("sdpa efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION)), ("sdpa (PyTorch's choice)", sdpa(None)),
-             ("flex causal", flex_run(causal)), ("flex documents", flex_run(documents))]
+             ("flex causal", flex_run(causal)), (f"flex documents of ~{doc_tokens:g}", flex_run(documents))]
     flops = 4 * B * H * T * T * D / 2 * 3.5  # QK^T and AV, causal half, forward + backward (2.5x)
     print(f"\n== attention, fwd+bwd of one layer: B={B} T={T} H={H} KV={KV} D={D} bf16")
     for name, run in cases:
@@ -223,7 +225,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="list the N costliest kernels a step (name, part, ms)")
     parser.add_argument("--doc-tokens", type=float, default=0.0,
                         help="mean document length of the random tokens (a BOS in 1 of N places; 0: no BOS, one "
-                             "document a row, as in books; ~900: FineWeb's pages at sp8192)")
+                             "document a row, as in books; ~900: FineWeb's pages at sp8192); --attention's "
+                             f"document mask uses it too ({FINEWEB_DOC_TOKENS:g} when 0)")
     args = parser.parse_args()
     if args.doc_tokens < 0 or 0 < args.doc_tokens < 1:
         sys.exit(f"error: --doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
@@ -270,7 +273,7 @@ def main() -> None:
                 print(line)
     print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.attention:
-        attention_backends(cfg, rt.device)
+        attention_backends(cfg, rt.device, args.doc_tokens or FINEWEB_DOC_TOKENS)
 
 
 if __name__ == "__main__":
