@@ -2274,17 +2274,10 @@ def unshuffle_bytes(data: bytes, dtype: str) -> np.ndarray:
 
 
 def codec(recipe: ExportRecipe) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-    """(compress, decompress) of one stream; a fresh zstd object per call (they are not thread-safe)."""
+    """(compress, decompress) of one stream; zstd's one-shot functions build a fresh object per call (thread-safe)."""
     if recipe.compressor == "brotli":
         return partial(brotli.compress, quality=11), brotli.decompress
-
-    def zstd_compress(data: bytes) -> bytes:
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
-
-    def zstd_decompress(data: bytes) -> bytes:
-        return zstandard.ZstdDecompressor().decompress(data)
-
-    return zstd_compress, zstd_decompress
+    return partial(zstandard.compress, level=ZSTD_LEVEL), zstandard.decompress
 
 
 def codec_installed(compressor: str) -> bool:
@@ -3615,9 +3608,17 @@ def eval_only(cfg: Config, rt: Runtime, out: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def report(error: UserError, rank: int = 0) -> int:
-    """Print the run's one `error:` line (naming the rank that found it, when not rank 0); return its exit code."""
-    print(f"error: {f'[rank {rank}] ' if rank else ''}{error}", file=sys.stderr, flush=True)
+def report(error: UserError, rank: int = 0, echo: bool = True) -> int:
+    """Print the run's one `error:` line (naming the rank that found it, when not rank 0); return its exit code.
+    Under torchrun the line also goes to the error file it gives each rank (`echo` off: the file only, for the ranks
+    that leave the printing to rank 0), so its failure summary shows the line as the root cause, whichever rank it
+    picks for it, instead of `error_file: <N/A>` and a link to its docs."""
+    line = f"error: {f'[rank {rank}] ' if rank and echo else ''}{error}"  # the agreed error's line is rank 0's
+    if echo:
+        print(line, file=sys.stderr, flush=True)
+    if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(OSError):  # the report itself never fails
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
     return error.exit_code
 
 
@@ -3682,9 +3683,9 @@ def main(phase: Callable[[Config, Runtime, Path | None], None] | None = None) ->
         SIGNAL_STATE["stopping"] = True  # on its way out: torchrun's signal, once a peer has exited, must wait
         if (error := as_user_error(exc)) is None:
             raise
-        if rt.main or isinstance(error, DataError):  # a data error may be one rank's alone
-            report(error, rt.rank)
-            rt.log(f"error: {error}\nexit_code:{error.exit_code}", console=False)
+        # a data error may be one rank's alone, which prints it; the others are agreed, printed by rank 0
+        report(error, rt.rank, echo=rt.main or isinstance(error, DataError))
+        rt.log(f"error: {error}\nexit_code:{error.exit_code}", console=False)
         if isinstance(error, Refused) and rt.log_path and list(rt.log_path.parent.iterdir()) == [rt.log_path]:
             shutil.rmtree(rt.log_path.parent)  # a refused run leaves no folder behind: its log was all there was
         return error.exit_code

@@ -103,6 +103,8 @@ def test_bad_input_reaches_the_shell_on_one_process_and_under_torchrun(tiny_data
         errors = [line for line in ranks.stderr.splitlines() if line.startswith("error:")]
         assert ranks.returncode == 1 and errors == [plain.stderr.strip()], ranks.stderr[-3000:]
         assert "exitcode  : 2" in ranks.stderr and "[rank" not in ranks.stderr.split("error:")[0]
+        root_cause = ranks.stderr.split("Root Cause")[-1]  # torchrun's summary shows the line, read from rank 0's file
+        assert f"traceback : {plain.stderr.strip()}" in root_cause and "rank      : 0" in root_cause, root_cause
 
 
 def spread_shards(tiny_data: Path, folder: Path, count: int, bad: int) -> Path:
@@ -128,6 +130,23 @@ def test_an_error_only_one_rank_finds_is_printed_once_naming_it(tiny_data, tmp_p
                                                  "1500 >= VOCAB_SIZE=1024; the shards were built with another "
                                                  "tokenizer"], result.stderr[-3000:]
     assert "exitcode  : 2" in result.stderr and not (tmp_path / "runs").exists()
+    assert f"traceback : {errors[0]}" in result.stderr.split("Root Cause")[-1]
+
+
+def test_the_error_line_goes_to_the_file_torchrun_names_and_a_bad_file_changes_nothing(tiny_data, tmp_path, main_with):
+    """torchrun gives each worker TORCHELASTIC_ERROR_FILE and shows what its root-cause rank wrote there in its
+    failure summary; torch's own reader gets the line back. A path that cannot be written leaves the run as it was."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    env, culprit = bad_input("out_dir_under_a_file", tiny_data, tmp_path)
+    error_file = tmp_path / "error.json"
+    code, lines = main_with(tiny_env(tiny_data, RUN_ID="bad", TORCHELASTIC_ERROR_FILE=error_file, **env), tmp_path)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {culprit}"), lines
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=code, error_file=str(error_file))
+    assert failure.message == lines[0] and abs(failure.timestamp - time.time()) < 60
+    for unwritable in (tmp_path, tmp_path / "no_such_folder" / "error.json"):
+        again = main_with(tiny_env(tiny_data, RUN_ID="bad", TORCHELASTIC_ERROR_FILE=unwritable, **env), tmp_path)
+        assert again == (code, lines)
 
 
 def free_port() -> int:
