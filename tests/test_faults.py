@@ -103,8 +103,8 @@ def test_bad_input_reaches_the_shell_on_one_process_and_under_torchrun(tiny_data
         errors = [line for line in ranks.stderr.splitlines() if line.startswith("error:")]
         assert ranks.returncode == 1 and errors == [plain.stderr.strip()], ranks.stderr[-3000:]
         assert "exitcode  : 2" in ranks.stderr and "[rank" not in ranks.stderr.split("error:")[0]
-        root_cause = ranks.stderr.split("Root Cause")[-1]  # torchrun's summary shows the line, read from rank 0's file
-        assert f"traceback : {plain.stderr.strip()}" in root_cause and "rank      : 0" in root_cause, root_cause
+        root_cause = ranks.stderr.split("Root Cause")[-1]  # torchrun's summary: the line, from whichever rank's file
+        assert f"traceback : {plain.stderr.strip()}" in root_cause, root_cause
 
 
 def spread_shards(tiny_data: Path, folder: Path, count: int, bad: int) -> Path:
