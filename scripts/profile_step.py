@@ -225,8 +225,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="list the N costliest kernels a step (name, part, ms)")
     parser.add_argument("--doc-tokens", type=float, default=0.0,
                         help="mean document length of the random tokens (a BOS in 1 of N places; 0: no BOS, one "
-                             "document a row, as in books; ~900: FineWeb's pages at sp8192); --attention's "
-                             f"document mask uses it too ({FINEWEB_DOC_TOKENS:g} when 0)")
+                             f"document a row, as in books; ~{FINEWEB_DOC_TOKENS:g}: FineWeb's pages at sp8192); "
+                             "--attention's document mask uses it too (FineWeb's when 0)")
     args = parser.parse_args()
     if args.doc_tokens < 0 or 0 < args.doc_tokens < 1:
         sys.exit(f"error: --doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
