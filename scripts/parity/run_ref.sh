@@ -75,7 +75,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/runs/ref_cache/triton}
 log=$out/ref_${mode}_${secs}.log
 { cat "$work/patch.txt"; echo "run_ref.sh: ${record[*]} ${bench[*]} $*"; } > "$log"
 if [ "${DRY_RUN:-0}" = 1 ]; then cat "$log"; exit 0; fi
-# setsid: the run is its own process group, so a caller can stop it whole (kill -- -PGID)
+# torchrun stays in this script's process group, so `timeout` (which signals its whole group) stops the run too
 (cd "$work" && env PYTHONUNBUFFERED=1 "${record[@]}" "${bench[@]}" "$@" \
-  setsid torchrun --standalone --nproc_per_node="$nproc" train_gpt.py) 2>&1 | tee -a "$log"
+  torchrun --standalone --nproc_per_node="$nproc" train_gpt.py) 2>&1 | tee -a "$log"
 exit "${PIPESTATUS[0]}"
