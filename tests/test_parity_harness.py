@@ -278,6 +278,11 @@ def test_run_ref_scales_the_record_to_the_bench(tmp_path):
                    "PREQUANT_ONLY=1", "REF_LOADER=shuffled", "WARMDOWN_FRAC=0.85"):
             assert kv in settings
         assert settings[-1] == "SEED=42"
+    # the record runs from the caller's folder with every path it is given made absolute
+    result = run_ref(["parity", "150"], tmp_path, **{**env, "CASEOPS_DIR": "shards", "REF_SCRIPT": "record/train_gpt.py"})
+    settings = result.stdout.splitlines()[-1].split()
+    assert f"DATA_PATH={shards}" in settings
+    assert f"TOKENIZER_PATH={record}/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model" in settings
     for args, extra, message in (
         (["fast", "300"], {}, "MODE 'fast'"),
         (["parity", "5m"], {}, "SECONDS '5m'"),

@@ -29,9 +29,10 @@ case $mode in parity) prequant=1 ;; full) prequant=0 ;; *) die "MODE '$mode': ex
 [[ $secs =~ ^[0-9]+$ ]] && [ "$secs" -ge 20 ] || die "SECONDS '$secs': expected a whole number of seconds >= 20"
 for kv in "$@"; do [[ $kv =~ ^[A-Z_][A-Z0-9_]*=.*$ ]] || die "'$kv': expected VAR=VALUE"; done
 [ -f "${REF_SCRIPT:-}" ] || die "REF_SCRIPT='${REF_SCRIPT:-}': not a file (the record's train_gpt.py)"
-tokenizer=$(dirname "$REF_SCRIPT")/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+tokenizer=$(cd "$(dirname "$REF_SCRIPT")" && pwd)/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
 [ -f "$tokenizer" ] || die "REF_SCRIPT's folder has no tokenizers/$(basename "$tokenizer")"
 [ -d "${CASEOPS_DIR:-}" ] || die "CASEOPS_DIR='${CASEOPS_DIR:-}': not a folder"
+caseops=$(cd "$CASEOPS_DIR" && pwd)
 ls "$CASEOPS_DIR"/fineweb_val_bytes_*.bin > /dev/null 2>&1 || die "CASEOPS_DIR=$CASEOPS_DIR: no fineweb_val_bytes_*.bin (build it with --transform caseops)"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 nproc=${NPROC:-1}
@@ -65,7 +66,7 @@ record=(VOCAB_SIZE=8192 CASEOPS_ENABLED=1 ITERATIONS=20000 PHASED_TTT_ENABLED=1 
   GPTQ_CALIBRATION_BATCHES=16 GATED_ATTN_QUANT_GATE=1 SPARSE_ATTN_GATE_ENABLED=1 GATE_WINDOW=12
   SMEAR_GATE_ENABLED=1 LQER_ENABLED=1 LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64
   LQER_TOP_K=3 FUSED_CE_ENABLED=1)
-bench=(DATA_PATH="$CASEOPS_DIR" TOKENIZER_PATH="$tokenizer" MAX_WALLCLOCK_SECONDS="$secs" EMA_DECAY="$ema"
+bench=(DATA_PATH="$caseops" TOKENIZER_PATH="$tokenizer" MAX_WALLCLOCK_SECONDS="$secs" EMA_DECAY="$ema"
   MUON_MOMENTUM_WARMUP_STEPS="$warm" VAL_BATCH_TOKENS="$val_batch" VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=14
   COMPRESSOR=brotli GPTQ_RESERVE_SECONDS=4 PREQUANT_ONLY=$prequant TTT_ENABLED=0
   FA_SHIM_MASK=blocks REF_CU_BUCKETS=64 REF_RESET_MOMENTUM=1 REF_SKIP_LAST_VAL=1 REF_LOADER=shuffled
@@ -76,6 +77,7 @@ log=$out/ref_${mode}_${secs}.log
 { cat "$work/patch.txt"; echo "run_ref.sh: ${record[*]} ${bench[*]} $*"; } > "$log"
 if [ "${DRY_RUN:-0}" = 1 ]; then cat "$log"; exit 0; fi
 # torchrun stays in this script's process group, so `timeout` (which signals its whole group) stops the run too
-(cd "$work" && env PYTHONUNBUFFERED=1 "${record[@]}" "${bench[@]}" "$@" \
-  torchrun --standalone --nproc_per_node="$nproc" train_gpt.py) 2>&1 | tee -a "$log"
+# from the caller's folder, so that relative paths among the caller's VAR=VALUE (ARTIFACT_DIR) mean what they say
+env PYTHONUNBUFFERED=1 "${record[@]}" "${bench[@]}" "$@" \
+  torchrun --standalone --nproc_per_node="$nproc" "$work/train_gpt.py" 2>&1 | tee -a "$log"
 exit "${PIPESTATUS[0]}"
