@@ -161,6 +161,9 @@ def test_hooks_are_off_unless_set(monkeypatch):
     ref_hooks.after_warmup_restore(optimizers)
     assert meta[0]["shard_mom"].sum() == 0 and ref_hooks.warmup_cu_buckets((64, 128)) == (64,)
     assert not ref_hooks.should_validate(True, True) and ref_hooks.should_validate(True, False)
+    monkeypatch.setenv("REF_CU_BUCKETS", "64,x")
+    with pytest.raises(ValueError, match="REF_CU_BUCKETS='64,x'"):
+        ref_hooks.warmup_cu_buckets((64,))
     monkeypatch.setenv("REF_TTT_EAGER", "yes")
     with pytest.raises(ValueError, match="REF_TTT_EAGER='yes'"):
         ref_hooks.ttt_warmup_sizes([64])

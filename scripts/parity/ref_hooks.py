@@ -67,14 +67,22 @@ def strict(namespace: dict, parts: tuple = STRICT_PARTS) -> None:
 
 def warmup_cu_buckets(buckets: tuple) -> tuple:
     text = os.environ.get("REF_CU_BUCKETS", "")
-    return tuple(int(b) for b in text.split(",")) if text else buckets
+    if not text:
+        return buckets
+    if not all(b.isdigit() and int(b) > 0 for b in text.split(",")):
+        raise ValueError(f"REF_CU_BUCKETS={text!r}: expected lengths such as 64 or 64,128")
+    return tuple(int(b) for b in text.split(","))
 
 
 def after_warmup_restore(optimizers) -> None:
     muon = optimizers.optimizer_muon
     if flag("REF_RESET_MOMENTUM") and getattr(muon, "_built", False):
-        for meta in muon._bank_meta:
-            meta["shard_mom"].zero_()
+        buffers = [meta["shard_mom"] for meta in muon._bank_meta]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.float()) for b in buffers]))
+        for b in buffers:
+            b.zero_()
+        log = REF.get("namespace", {}).get("log", print)
+        log(f"ref_hooks: zeroed the sharded Muon momentum the warmup left (norm {norm.item():.3f})")
 
 
 def should_validate(validate: bool, last_step: bool) -> bool:
