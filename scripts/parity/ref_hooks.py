@@ -139,6 +139,8 @@ class ShuffledWindows:
     """REF_LOADER=shuffled: the record's loader interface (x, y, cu_seqlens, max_seqlen) over ours' windows."""
 
     def __init__(self, h, device, cu_bucket_size=64):
+        if REF["namespace"].get("BOS_ID") is None:  # the record's loader sets its global BOS_ID; the model reads it
+            REF["namespace"]["BOS_ID"] = 1
         ours = load_ours()
         self.device, self.cu_bucket_size, self.seq_len = device, cu_bucket_size, h.train_seq_len
         self.seqs = h.train_batch_tokens // (h.world_size * h.grad_accum_steps * h.train_seq_len)
@@ -152,7 +154,7 @@ class ShuffledWindows:
             raise ValueError(
                 f"REF_LOADER=shuffled: a batch of {global_tokens} tokens is not {self.seqs} windows a rank"
             )
-        bos_id = REF["namespace"].get("BOS_ID") or 1
+        bos_id = REF["namespace"]["BOS_ID"]
         cu = packed_cu_seqlens(segment_starts(x.numpy(), bos_id), x.numel(), self.cu_bucket_size)
         move = dict(device=self.device, non_blocking=True)
         return x.reshape(1, -1).to(**move), y.reshape(1, -1).to(**move), cu.to(**move), self.seq_len
