@@ -68,14 +68,33 @@ def indices(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None, None], order[None, None]
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, n: int, mode: str) -> BlockMask:
-    doc = document_ids(cu_seqlens, n)
-    mod = causal_document_mod(doc)
-    if mode == "full":
-        return create_block_mask(mod, None, None, n, n, device=cu_seqlens.device, BLOCK_SIZE=BLOCK)
+@torch.library.custom_op("parity_shim::document_blocks", mutates_args=())
+def document_blocks(cu_seqlens: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The segment of each position, then BlockMask's eight tables (kv side partial and full, then the q side the
+    backward reads), in an op of its own so that a compiled graph receives them as realized buffers: built from
+    traced ops inside the record's compiled evaluation (no backward), Inductor left them unrealized and failed to
+    lower flex attention ("convert FlexibleLayout to FixedLayout first", H100, torch 2.11)."""
+    doc = document_ids(cu_seqlens, n).to(torch.int32)
     partial, full = block_tables(doc, n)
-    return BlockMask.from_kv_blocks(
-        *indices(partial), *indices(full), BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(n, n)
+    return [doc, *indices(partial), *indices(full), *indices(partial.mT), *indices(full.mT)]
+
+
+@document_blocks.register_fake
+def _(cu_seqlens, n):
+    blocks = -(-n // BLOCK)
+    tables = [cu_seqlens.new_empty((1, 1, blocks) + (blocks,) * (i % 2), dtype=torch.int32) for i in range(8)]
+    return [cu_seqlens.new_empty((n,), dtype=torch.int32), *tables]
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, n: int, mode: str) -> BlockMask:
+    if mode == "full":
+        mod = causal_document_mod(document_ids(cu_seqlens, n))
+        return create_block_mask(mod, None, None, n, n, device=cu_seqlens.device, BLOCK_SIZE=BLOCK)
+    doc, *tables = torch.ops.parity_shim.document_blocks(cu_seqlens, n)
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    names += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    return BlockMask(
+        seq_lengths=(n, n), BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=causal_document_mod(doc), **dict(zip(names, tables))
     )
 
 

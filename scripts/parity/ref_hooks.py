@@ -25,6 +25,7 @@ set, so the patched script without them behaves as the record's own. run_ref.sh 
 import importlib.util
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -136,7 +137,9 @@ def packed_cu_seqlens(starts: list[int], total: int, bucket: int) -> torch.Tenso
 
 
 class ShuffledWindows:
-    """REF_LOADER=shuffled: the record's loader interface (x, y, cu_seqlens, max_seqlen) over ours' windows."""
+    """REF_LOADER=shuffled: the record's loader interface (x, y, cu_seqlens, max_seqlen) over ours' windows. Like
+    the record's own loader, it prepares the next batch in a thread while the GPU works and copies from pinned
+    memory (a copy from pageable memory can wait for the GPU)."""
 
     def __init__(self, h, device, cu_bucket_size=64):
         if REF["namespace"].get("BOS_ID") is None:  # the record's loader sets its global BOS_ID; the model reads it
@@ -147,17 +150,22 @@ class ShuffledWindows:
         paths = ours.find_shards(h.datasets_dir, "train")
         cpu = torch.device("cpu")
         self.windows = ours.ShuffledLoader(paths, h.rank, h.world_size, self.seqs, h.train_seq_len, cpu, h.seed)
+        self.pool, self.pending = ThreadPoolExecutor(1), None
+
+    def prepare(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = self.windows.next_batch()
+        cu = packed_cu_seqlens(segment_starts(x.numpy(), REF["namespace"]["BOS_ID"]), x.numel(), self.cu_bucket_size)
+        batch = (x.reshape(1, -1), y.reshape(1, -1), cu)
+        return tuple(t.pin_memory() for t in batch) if self.device.type == "cuda" else batch
 
     def next_batch(self, global_tokens, grad_accum_steps):
-        x, y = self.windows.next_batch()
-        if x.shape[0] * x.shape[1] != global_tokens // (grad_accum_steps * self.windows.world_size):
+        if self.seqs * self.seq_len != global_tokens // (grad_accum_steps * self.windows.world_size):
             raise ValueError(
                 f"REF_LOADER=shuffled: a batch of {global_tokens} tokens is not {self.seqs} windows a rank"
             )
-        bos_id = REF["namespace"]["BOS_ID"]
-        cu = packed_cu_seqlens(segment_starts(x.numpy(), bos_id), x.numel(), self.cu_bucket_size)
-        move = dict(device=self.device, non_blocking=True)
-        return x.reshape(1, -1).to(**move), y.reshape(1, -1).to(**move), cu.to(**move), self.seq_len
+        batch = (self.pending or self.pool.submit(self.prepare)).result()
+        self.pending = self.pool.submit(self.prepare)
+        return (*(t.to(self.device, non_blocking=True) for t in batch), self.seq_len)
 
 
 def stream_order_batches(doc_entries, h, ascending=False):
