@@ -38,7 +38,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 nproc=${NPROC:-1}
 out=${OUT:-runs/ref}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-python3 "$root/scripts/parity/patch_reference.py" "$REF_SCRIPT" "$work" > "$work/patch.txt" || die "patching failed"
+python3 "$root/scripts/parity/patch_reference.py" "$REF_SCRIPT" "$work" > "$work/patch.txt" || exit 2  # its one line said why
 
 # the scaled constants, and the largest validation batch that scores every whole sequence: the record cuts each
 # rank's sequences to a multiple of its batch (VAL_BATCH_TOKENS / 8 tokens a rank and micro-step)
