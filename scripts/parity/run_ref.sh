@@ -23,6 +23,7 @@
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 die() { echo "run_ref.sh: $*" >&2; exit 2; }
+case ${1:-} in -h | --help) usage; exit 0 ;; esac
 [ $# -ge 2 ] || { usage >&2; exit 2; }
 mode=$1 secs=$2; shift 2
 case $mode in parity) prequant=1 ;; full) prequant=0 ;; *) die "MODE '$mode': expected parity or full" ;; esac
