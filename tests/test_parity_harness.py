@@ -85,20 +85,10 @@ def test_dense_stand_in_is_causal_sdpa():
     assert torch.allclose(fa.flash_attn_func(q, k, v, causal=True), expected.transpose(1, 2), atol=1e-6)
 
 
-def test_segments_are_ours_with_doc_mask():
-    """REF_LOADER=shuffled: each window and each document in it its own segment, exactly ours' DOC_MASK=1 segments
-    (train_gpt.varlen_segments), padded as the record pads."""
-    rng = np.random.default_rng(0)
-    inputs = rng.integers(2, 50, size=(48, 64))
-    inputs[3, 0] = inputs[3, 10] = inputs[47, 63] = inputs[0, 1] = train_gpt.BOS_ID
-    ours = train_gpt.varlen_segments(torch.from_numpy(inputs))
-    theirs = ref_hooks.packed_cu_seqlens(ref_hooks.segment_starts(inputs, train_gpt.BOS_ID), inputs.size, 64)
-    assert torch.equal(theirs, ours)
-
-
 def test_shuffled_windows_are_ours_in_order(tmp_path, monkeypatch):
     """The reference fed by REF_LOADER=shuffled reads, at its 48 windows a micro-step, the very windows ours reads
-    at its 64, in the same order, for the same seed: the stream does not depend on the micro-batch."""
+    at its 64, in the same order, for the same seed: the stream does not depend on the micro-batch. Its segments
+    are ours' with DOC_MASK=1 (each window, each BOS in one), BOSes included here."""
     tokens = np.random.default_rng(1).integers(2, 1000, size=40_000)
     tokens[::997] = train_gpt.BOS_ID
     write_shard(tmp_path / "fineweb_train_000000.bin", tokens)

@@ -27,7 +27,6 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 REF: dict = {}  # the reference module's globals, from install()
@@ -122,20 +121,6 @@ def load_ours():
     return module
 
 
-def segment_starts(inputs: np.ndarray, bos_id: int) -> list[int]:
-    """Where each segment of the flattened [windows, T] inputs starts: every window, and every BOS inside one."""
-    windows, length = inputs.shape
-    starts = set(range(0, windows * length, length))
-    starts.update(np.flatnonzero(inputs.reshape(-1) == bos_id).tolist())
-    return sorted(starts)
-
-
-def packed_cu_seqlens(starts: list[int], total: int, bucket: int) -> torch.Tensor:
-    """FA3 varlen's cu_seqlens: the segment starts, then `total`, padded with `total` to a multiple of `bucket`."""
-    padded = -(-(len(starts) + 1) // bucket) * bucket
-    return torch.tensor(starts + [total] * (padded - len(starts)), dtype=torch.int32)
-
-
 class ShuffledWindows:
     """REF_LOADER=shuffled: the record's loader interface (x, y, cu_seqlens, max_seqlen) over ours' windows. Like
     the record's own loader, it prepares the next batch in a thread while the GPU works and copies from pinned
@@ -144,18 +129,20 @@ class ShuffledWindows:
     def __init__(self, h, device, cu_bucket_size=64):
         if REF["namespace"].get("BOS_ID") is None:  # the record's loader sets its global BOS_ID; the model reads it
             REF["namespace"]["BOS_ID"] = 1
+        if cu_bucket_size != 64:
+            raise ValueError(f"REF_LOADER=shuffled: ours' segments pad cu_seqlens to 64 entries, not {cu_bucket_size}")
         ours = load_ours()
-        self.device, self.cu_bucket_size, self.seq_len = device, cu_bucket_size, h.train_seq_len
+        self.device, self.cu_bucket_size, self.seq_len = device, cu_bucket_size, h.train_seq_len  # its warmup reads it
         self.seqs = h.train_batch_tokens // (h.world_size * h.grad_accum_steps * h.train_seq_len)
         paths = ours.find_shards(h.datasets_dir, "train")
         cpu = torch.device("cpu")
         self.windows = ours.ShuffledLoader(paths, h.rank, h.world_size, self.seqs, h.train_seq_len, cpu, h.seed)
+        self.segments = ours.varlen_segments  # ours' DOC_MASK=1 segments: each window, each BOS; padded to 64
         self.pool, self.pending = ThreadPoolExecutor(1), None
 
     def prepare(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = self.windows.next_batch()
-        cu = packed_cu_seqlens(segment_starts(x.numpy(), REF["namespace"]["BOS_ID"]), x.numel(), self.cu_bucket_size)
-        batch = (x.reshape(1, -1), y.reshape(1, -1), cu)
+        batch = (x.reshape(1, -1), y.reshape(1, -1), self.segments(x))
         return tuple(t.pin_memory() for t in batch) if self.device.type == "cuda" else batch
 
     def next_batch(self, global_tokens, grad_accum_steps):

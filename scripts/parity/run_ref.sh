@@ -43,21 +43,25 @@ python3 "$root/scripts/parity/patch_reference.py" "$REF_SCRIPT" "$work" > "$work
 
 # the scaled constants, and the largest validation batch that scores every whole sequence: the record cuts each
 # rank's sequences to a multiple of its batch (VAL_BATCH_TOKENS / 8 tokens a rank and micro-step)
-read -r ema warm val_batch < <(python3 - "$secs" "$CASEOPS_DIR" "$nproc" <<'EOF'
-import math, sys
+read -r ema warm val_batch < <(python3 - "$secs" "$caseops" "$nproc" "$root" <<'EOF'
+import sys
 from pathlib import Path
-import numpy as np
 secs, folder, world = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+import train_gpt  # ours: its shard reader (the header checked, the byte sidecars left out)
 n = int(secs / 1.05)
-tokens = sum(int(np.fromfile(p, dtype="<i4", count=3)[2]) for p in folder.glob("fineweb_val_*.bin") if "_bytes_" not in p.name)
+try:
+    tokens = sum(train_gpt.read_shard_header(p) for p in train_gpt.find_shards(str(folder), "val"))
+except train_gpt.UserError as e:
+    sys.exit(f"run_ref.sh: CASEOPS_DIR: {e}")
 seqs = (tokens - 1) // 2048
 shares = [seqs * (r + 1) // world - seqs * r // world for r in range(world)]
 most = 524288 // 8 // 2048  # the record's default batch, in sequences per rank and micro-step
 batch = max(d for d in range(1, most + 1) if all(s % d == 0 for s in shares))
 print(f"{1 - 1 / (0.058 * n):.4f} {round(0.304 * n)} {batch * 8 * 2048}")
 EOF
-)
-[ -n "${val_batch:-}" ] || die "could not read the validation shards in CASEOPS_DIR=$CASEOPS_DIR"
+) || true
+[ -n "${val_batch:-}" ] || exit 2  # its one line said why
 
 # the record's README command (its configuration), then the bench's settings, then the caller's
 record=(VOCAB_SIZE=8192 CASEOPS_ENABLED=1 ITERATIONS=20000 PHASED_TTT_ENABLED=1 PHASED_TTT_NUM_PHASES=3
