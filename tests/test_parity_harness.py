@@ -85,6 +85,35 @@ def test_dense_stand_in_is_causal_sdpa():
     assert torch.allclose(fa.flash_attn_func(q, k, v, causal=True), expected.transpose(1, 2), atol=1e-6)
 
 
+def test_varlen_stand_in_lowers_in_an_evaluation_graph(monkeypatch):
+    """The record's evaluation compiles its model (fullgraph, static shapes) and calls it without gradients, with
+    cu_seqlens made outside the graph. Inductor must lower the stand-in there, on the block tables of its op, and
+    give what the uncompiled model gives. (Block tables built from traced operations failed to lower in such a
+    graph: on an H100 and, with another lowering error, on the CPU too.)"""
+    monkeypatch.setenv("FA_SHIM_MASK", "blocks")
+    torch.manual_seed(0)
+    heads, kv_heads, dim, n = 4, 2, 16, 512
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, (heads + 2 * kv_heads) * dim, bias=False)
+            self.out = torch.nn.Linear(heads * dim, 32, bias=False)
+
+        def forward(self, x, cu):
+            q, k, v = self.qkv(x).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+            q, k, v = q.view(n, heads, dim), k.view(n, kv_heads, dim), v.view(n, kv_heads, dim)
+            y = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
+            return self.out(y.reshape(n, heads * dim))
+
+    model, x = Model(), torch.randn(n, 32)
+    cu = torch.tensor([0, 5, 128, 300] + [n] * 61, dtype=torch.int32)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)(x, cu)
+        monkeypatch.setenv("FA_SHIM_COMPILE", "0")
+        assert (compiled - model(x, cu)).abs().max() < 1e-5
+
+
 def test_shuffled_windows_are_ours_in_order(tmp_path, monkeypatch):
     """The reference fed by REF_LOADER=shuffled reads, at its 48 windows a micro-step, the very windows ours reads
     at its 64, in the same order, for the same seed: the stream does not depend on the micro-batch. Its segments
