@@ -310,12 +310,12 @@ def test_run_ref_scales_the_record_to_the_bench(tmp_path):
     settings = result.stdout.splitlines()[-1].split()
     assert f"DATA_PATH={shards}" in settings
     assert f"TOKENIZER_PATH={record}/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model" in settings
+    result = run_ref(["--help"], tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("Run the 2026-04-27 record's script on the golf bench")
     other = tmp_path / "other"
     (other / "tokenizers").mkdir(parents=True)
     (other / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model").write_bytes(b"")
     (other / "train_gpt.py").write_text("print('not the record')\n")
-    result = run_ref(["--help"], tmp_path)
-    assert result.returncode == 0 and result.stdout.startswith("Run the 2026-04-27 record's script on the golf bench")
     for args, extra, message in (
         (["parity", "300"], {"REF_SCRIPT": str(other / "train_gpt.py")}, "is it the 2026-04-27 record's?"),
         (["fast", "300"], {}, "MODE 'fast'"),

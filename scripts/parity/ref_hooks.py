@@ -127,12 +127,12 @@ class ShuffledWindows:
     memory (a copy from pageable memory can wait for the GPU)."""
 
     def __init__(self, h, device, cu_bucket_size=64):
-        if REF["namespace"].get("BOS_ID") is None:  # the record's loader sets its global BOS_ID; the model reads it
-            REF["namespace"]["BOS_ID"] = 1
         if cu_bucket_size != 64:
             raise ValueError(f"REF_LOADER=shuffled: ours' segments pad cu_seqlens to 64 entries, not {cu_bucket_size}")
         ours = load_ours()
-        self.device, self.cu_bucket_size, self.seq_len = device, cu_bucket_size, h.train_seq_len  # its warmup reads it
+        if REF["namespace"].get("BOS_ID") is None:  # the record's loader sets its global BOS_ID; the model reads it
+            REF["namespace"]["BOS_ID"] = ours.BOS_ID  # the id ours' segments split at
+        self.device, self.seq_len = device, h.train_seq_len
         self.seqs = h.train_batch_tokens // (h.world_size * h.grad_accum_steps * h.train_seq_len)
         paths = ours.find_shards(h.datasets_dir, "train")
         cpu = torch.device("cpu")
