@@ -4,6 +4,7 @@ Usage (same variables as train_gpt.py; the tokens are random, so no DATA_PATH is
     python scripts/profile_step.py                      # the default shape at 1 and at 3 core passes
     python scripts/profile_step.py --passes 3 --steps 8 --peak-tflops 790 --top 25
     DOC_MASK=1 python scripts/profile_step.py --doc-tokens 900   # documents as long as FineWeb's pages
+    torchrun --standalone --nproc_per_node=2 scripts/profile_step.py   # several GPUs: what the all-reduce costs
 
 The random tokens hold no BOS unless --doc-tokens asks for documents: every row is then one document, as in
 the bench's books, and DOC_MASK=1 costs its most. Causal windows (DOC_MASK=0) cost the same either way.
@@ -14,6 +15,12 @@ zero_grad per step), tokens/s and MFU against --peak-tflops (the bf16 matmul rat
 the card), then a profiler pass that sorts every CUDA kernel of two steps into attention, matmul,
 norms/elementwise (Inductor's Triton kernels), the loss head, the optimizers and communication. With --top N it
 lists the N costliest kernels, then what the list leaves out: how many kernels, their time and launches, by part.
+
+Under torchrun each rank steps as train_gpt.py's training does: DDP around the model, the gradients all-reduced in
+the last micro-step's backward, Muon's updates shared by its own all-reduce; the global batch is split over the
+ranks. The step is then timed a second time with DDP's gradient all-reduce left out (every micro-step as the ones
+before the last), and the difference is printed: what the gradient all-reduce adds to a step where it does not
+overlap the backward. Rank 0 prints. On the CPU (gloo) the script runs for checking only, without the profiler.
 """
 from __future__ import annotations
 
@@ -72,41 +79,63 @@ def random_batch(cfg: tg.Config, doc_tokens: float, device, generator=None) -> t
     return x, torch.randint(0, cfg.vocab_size, shape, device=device, generator=generator)
 
 
-def timed(fn, events: list) -> None:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+class HostEvent:
+    """torch.cuda.Event's timing on the CPU, where the work is done when the call returns."""
+
+    def record(self) -> None:
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        return 1000 * (end.time - self.time)
+
+
+def new_event(rt: tg.Runtime):
+    return torch.cuda.Event(enable_timing=True) if rt.device.type == "cuda" else HostEvent()
+
+
+def timed(fn, events: list, rt: tg.Runtime) -> None:
+    start, end = new_event(rt), new_event(rt)
     start.record()
     fn()
     end.record()
     events.append((start, end))
 
 
-def measure_parts(model, x, y, plan, optimizers, cfg, rt, steps: int) -> dict[str, float]:
-    """Median milliseconds of each part over `steps` steps, after 3 steps that compile and warm up."""
+def set_sync(model, rt: tg.Runtime, sync: bool) -> None:
+    """Whether DDP all-reduces the gradients in the coming backward (train_gpt.train_step: the last micro-step's)."""
+    if rt.distributed:
+        model.require_backward_grad_sync = sync
+
+
+def measure_parts(model, x, y, plan, optimizers, cfg, rt, steps: int, sync: bool = True) -> dict[str, float]:
+    """Median milliseconds of each part over `steps` steps, after 3 steps that compile and warm up. sync=False leaves
+    out DDP's gradient all-reduce (several ranks)."""
     adam, muon = optimizers
     parts = {name: [] for name in ("forward", "backward", "muon", "adam", "zero_grad", "step")}
     for step in range(steps + 3):
-        step_start = torch.cuda.Event(enable_timing=True)
+        step_start = new_event(rt)
         step_start.record()
-        for _ in range(cfg.micro_steps):
+        for micro in range(cfg.micro_steps):
             holder = {}
+            set_sync(model, rt, sync and micro == cfg.micro_steps - 1)
 
             def forward():
                 with rt.autocast():
                     holder["loss"] = model(x, y, plan)
 
-            timed(forward, parts["forward"])
-            timed(lambda: (holder["loss"] / cfg.micro_steps).backward(), parts["backward"])
-        timed(muon.step, parts["muon"])
-        timed(adam.step, parts["adam"])
-        timed(lambda: [o.zero_grad(set_to_none=True) for o in optimizers], parts["zero_grad"])
-        step_end = torch.cuda.Event(enable_timing=True)
+            timed(forward, parts["forward"], rt)
+            timed(lambda: (holder["loss"] / cfg.micro_steps).backward(), parts["backward"], rt)
+        timed(muon.step, parts["muon"], rt)
+        timed(adam.step, parts["adam"], rt)
+        timed(lambda: [o.zero_grad(set_to_none=True) for o in optimizers], parts["zero_grad"], rt)
+        step_end = new_event(rt)
         step_end.record()
         parts["step"].append((step_start, step_end))
         if step < 3:
-            torch.cuda.synchronize()
+            rt.synchronize()
             for events in parts.values():
                 events.clear()
-    torch.cuda.synchronize()
+    rt.synchronize()
     return {name: statistics.median(s.elapsed_time(e) for s, e in events) for name, events in parts.items()}
 
 
@@ -125,7 +154,8 @@ def kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt) -> tuple[dict
     base.head_loss = labelled_head
 
     def step():
-        for _ in range(cfg.micro_steps):
+        for micro in range(cfg.micro_steps):
+            set_sync(model, rt, micro == cfg.micro_steps - 1)
             with rt.autocast():
                 loss = model(x, y, plan)
             (loss / cfg.micro_steps).backward()
@@ -230,50 +260,61 @@ def main() -> None:
     args = parser.parse_args()
     if args.doc_tokens < 0 or 0 < args.doc_tokens < 1:
         sys.exit(f"error: --doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
-    if not torch.cuda.is_available():
-        sys.exit("error: profile_step.py needs a CUDA GPU")
     try:
-        cfg = tg.build_config(dict(os.environ))
+        rt = tg.setup_runtime()  # torchrun's ranks, or one
+        cfg = tg.build_config(dict(os.environ), rt.world_size)
         passes = [int(p) for p in args.passes.split(",")] if args.passes else sorted({1, cfg.repeats})
     except (tg.UserError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    rt = tg.Runtime(0, 1, 0, torch.device("cuda", 0))
-    torch.cuda.set_device(rt.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    cuda = rt.device.type == "cuda"
+    if args.attention and not cuda:
+        sys.exit("error: --attention times the GPU's attention kernels: it needs a CUDA GPU")
+    say = print if rt.main else lambda *args, **kwargs: None
     base, model = tg.build_model(cfg, rt)
-    optimizers = tg.build_optimizers(cfg, base, 0, 1, fused=True)
+    optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=cuda)
+    torch.manual_seed(cfg.seed + rt.rank)  # each rank its own tokens
     x, y = random_batch(cfg, args.doc_tokens, rt.device)
-    print(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
-          f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} micro_steps={cfg.micro_steps} "
-          f"attention={tg.attention_backend_name(cfg, 'cuda')} gpu={torch.cuda.get_device_name()} "
-          f"bos_per_row={(x == tg.BOS_ID).sum().item() / x.size(0):.2f}")
+    say(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
+        f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} ranks={rt.world_size} "
+        f"micro_steps={cfg.micro_steps} attention={tg.attention_backend_name(cfg, rt.device.type)} "
+        f"gpu={torch.cuda.get_device_name() if cuda else 'none (CPU: for checking the script, not for timings)'} "
+        f"bos_per_row={(x == tg.BOS_ID).sum().item() / x.size(0):.2f}")
     for n in passes:
         plan = tg.plan_for(cfg, n)
         start = time.perf_counter()
         parts = measure_parts(model, x, y, plan, optimizers, cfg, rt, args.steps)
         fpt, how = flops_per_token(cfg, n)
-        tokens_per_s = cfg.train_batch_tokens / (parts["step"] / 1000)
+        tokens_per_s = cfg.train_batch_tokens / rt.world_size / (parts["step"] / 1000)  # per rank
         mfu = 100 * fpt * tokens_per_s / (args.peak_tflops * 1e12)
-        print(f"\n== {n} core pass(es), {len(plan.layers)} layers ({time.perf_counter() - start:.0f} s with compile)")
-        print(f"flops: {how}")
+        say(f"\n== {n} core pass(es), {len(plan.layers)} layers ({time.perf_counter() - start:.0f} s with compile)")
+        say(f"flops: {how}")
         for name, ms in parts.items():
             per = "per micro-batch" if name in ("forward", "backward") else "per step"
-            print(f"{name:>10}: {ms:8.2f} ms {per}")
-        print(f"step: {parts['step']:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M  "
-              f"MFU: {mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
-        if not args.no_kernels:
+            say(f"{name:>10}: {ms:8.2f} ms {per}")
+        in_all = f" ({tokens_per_s * rt.world_size / 1e6:.3f}M over {rt.world_size} ranks)" if rt.distributed else ""
+        say(f"step: {parts['step']:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M{in_all}  "
+            f"MFU: {mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+        if rt.distributed:
+            alone = measure_parts(model, x, y, plan, optimizers, cfg, rt, args.steps, sync=False)["step"]
+            added = parts["step"] - alone
+            say(f"gradient all-reduce: step {parts['step']:.1f} ms with it, {alone:.1f} ms without: "
+                f"{added:+.1f} ms ({100 * added / parts['step']:+.1f}% of the step)")
+        if not args.no_kernels and cuda:
             breakdown, kernels = kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt)
             kernel_ms = sum(v for k, v in breakdown.items() if not k.startswith("loss head"))
-            print(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
+            say(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
             for name, ms in breakdown.items():
-                print(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
+                say(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
             for ms, part, name, _ in kernels[: args.top]:
-                print(f"  {ms:7.2f} ms {100 * ms / kernel_ms:5.1f}% {part:>17}  {name[:110]}")
+                say(f"  {ms:7.2f} ms {100 * ms / kernel_ms:5.1f}% {part:>17}  {name[:110]}")
             for line in beyond_the_top(kernels, args.top, kernel_ms):
-                print(line)
-    print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    if args.attention:
+                say(line)
+    if cuda:
+        say(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if args.attention and rt.main:
         attention_backends(cfg, rt.device, args.doc_tokens or FINEWEB_DOC_TOKENS)
+    if rt.distributed:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

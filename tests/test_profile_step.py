@@ -1,11 +1,12 @@
-"""scripts/profile_step.py's kernel accounting and random batches (the script itself needs a GPU)."""
+"""scripts/profile_step.py's kernel accounting and random batches, and the script on the CPU as one process and as
+two torchrun ranks (its timings and profiler need a GPU; the CPU checks that it runs and splits the batch)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, clean_environ
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import profile_step  # noqa: E402
@@ -45,3 +46,24 @@ def test_a_doc_tokens_below_one_is_refused_in_one_line():
     assert run.returncode != 0 and run.stderr.strip().splitlines() == [
         "error: --doc-tokens 0.5: give 0 (no BOS) or a mean document length of at least 1"
     ]
+
+
+TINY = {"VOCAB_SIZE": "1024", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "NUM_UNIQUE_LAYERS": "3",
+        "LOOP_START": "1", "LOOP_END": "1", "NUM_LAYERS": "5", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048",
+        "MICRO_BATCH_TOKENS": "512"}
+
+
+def test_under_torchrun_the_ranks_split_the_batch_and_the_gradient_all_reduce_is_timed_on_rank_0_alone():
+    script, runs = str(ROOT / "scripts" / "profile_step.py"), {}
+    for ranks in (1, 2):
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] * (ranks > 1))
+        runs[ranks] = subprocess.run([*launch, script, "--steps", "1"], capture_output=True, text=True, timeout=240,
+                                     env={**clean_environ(), **TINY})
+        assert runs[ranks].returncode == 0, runs[ranks].stderr[-2000:]
+    one, two = runs[1].stdout, runs[2].stdout
+    # 2,048 tokens a step: 32 rows of 64; micro-batches of 8 rows: 4 micro-steps on one rank, 2 on each of two
+    assert one.count("shape:") == 1 and "ranks=1 micro_steps=4" in one
+    assert two.count("shape:") == 1 and "ranks=2 micro_steps=2" in two  # rank 1 prints nothing
+    assert two.count("== ") == one.count("== ") == 2  # 1 and 3 core passes
+    assert "gradient all-reduce" not in one and two.count("gradient all-reduce: step ") == 2
+    assert two.count("M over 2 ranks)") == 2 and "over 1 ranks" not in one
