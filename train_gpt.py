@@ -3140,7 +3140,8 @@ def build_model(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module]:
     model = base
     if rt.distributed:
         device_ids = [rt.local_rank] if cuda else None
-        model = nn.parallel.DistributedDataParallel(base, device_ids=device_ids, broadcast_buffers=False)
+        # GPT holds no buffers, so DDP's defaults broadcast nothing (torch 2.13 warns on broadcast_buffers)
+        model = nn.parallel.DistributedDataParallel(base, device_ids=device_ids)
     params = sum(p.numel() for p in base.parameters())
     if not cuda and params > 5_000_000:
         rt.log(

@@ -244,3 +244,9 @@ def test_export_reserve_shortens_the_training_clock():
     assert training_seconds(cfg) == 90 and run_fraction(cfg, 5, 45.0) == 0.5 and run_fraction(cfg, 9, 95.0) == 1.0
     with pytest.raises(ConfigError, match="EXPORT_RESERVE_SECONDS"):
         build_config({"MAX_WALLCLOCK_SECONDS": "100", "EXPORT_RESERVE_SECONDS": "100"})
+
+
+def test_the_model_holds_no_buffers_so_ddp_broadcasts_nothing():
+    """build_model leaves DDP's buffer broadcast at its default: with no buffers it sends nothing each forward."""
+    for env in ({}, {"LOOP_EMBED": "1", "ATTN_GATE": "0.5", "LAYER_ROWS": "virtual", "PARALLEL_LANES_START": "-1"}):
+        assert list(GPT(build_config(env)).buffers()) == []
