@@ -258,17 +258,20 @@ def main() -> None:
                              f"document a row, as in books; ~{FINEWEB_DOC_TOKENS:g}: FineWeb's pages at sp8192); "
                              "--attention's document mask uses it too (FineWeb's when 0)")
     args = parser.parse_args()
-    if args.doc_tokens < 0 or 0 < args.doc_tokens < 1:
-        sys.exit(f"error: --doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
     try:
-        rt = tg.setup_runtime()  # torchrun's ranks, or one
-        cfg = tg.build_config(dict(os.environ), rt.world_size)
+        tg.require(args.doc_tokens == 0 or args.doc_tokens >= 1,
+                f"--doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
+        tg.require(re.fullmatch(r"(\d+,)*\d+|", args.passes) is not None,
+                f"--passes {args.passes}: give core pass counts separated by commas, e.g. 1,3")
+        tg.require(not args.attention or torch.cuda.is_available(),
+                "--attention times the GPU's attention kernels: it needs a CUDA GPU")
+        cfg = tg.build_config(dict(os.environ), int(os.environ.get("WORLD_SIZE", "1")))
         passes = [int(p) for p in args.passes.split(",")] if args.passes else sorted({1, cfg.repeats})
-    except (tg.UserError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
+        rt = tg.setup_runtime()  # torchrun's ranks, or one
+    except tg.UserError as error:  # every rank finds the same: rank 0 prints it, each gives it to torchrun's summary
+        rank = int(os.environ.get("RANK", "0"))
+        sys.exit(tg.report(error, rank, echo=rank == 0))
     cuda = rt.device.type == "cuda"
-    if args.attention and not cuda:
-        sys.exit("error: --attention times the GPU's attention kernels: it needs a CUDA GPU")
     say = print if rt.main else lambda *args, **kwargs: None
     base, model = tg.build_model(cfg, rt)
     optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=cuda)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, clean_environ
 
@@ -40,12 +41,24 @@ def test_random_batch_holds_no_bos_unless_documents_are_asked_for():
     assert abs(rate - 1 / 32) < 0.005, rate
 
 
-def test_a_doc_tokens_below_one_is_refused_in_one_line():
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--doc-tokens", "0.5"],
+@pytest.mark.parametrize("argument, line", [
+    ("--doc-tokens=0.5", "error: --doc-tokens 0.5: give 0 (no BOS) or a mean document length of at least 1"),
+    ("--passes=1,x", "error: --passes 1,x: give core pass counts separated by commas, e.g. 1,3"),
+])
+def test_a_bad_argument_is_refused_in_one_line(argument, line):
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), argument],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
-        "error: --doc-tokens 0.5: give 0 (no BOS) or a mean document length of at least 1"
-    ]
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [line]
+
+
+def test_under_torchrun_a_bad_setting_is_one_line_and_torchruns_summary_names_it():
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.run([*launch, str(ROOT / "scripts" / "profile_step.py")], capture_output=True, text=True,
+                         timeout=120, env={**clean_environ(), "NUM_LAYERS": "2"})
+    line = "error: NUM_LAYERS=2: with NUM_UNIQUE_LAYERS=11 and core 3..5 it must be 11, 14, 17, 20, ..."
+    assert run.returncode != 0
+    assert [x for x in run.stderr.splitlines() if x.startswith("error:")] == [line]  # rank 0 alone prints it
+    assert f"traceback : {line}" in run.stderr  # the root cause torchrun reports, not a link to its docs
 
 
 TINY = {"VOCAB_SIZE": "1024", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "NUM_UNIQUE_LAYERS": "3",
