@@ -260,19 +260,21 @@ def main() -> None:
     args = parser.parse_args()
     try:
         tg.require(args.doc_tokens == 0 or args.doc_tokens >= 1,
-                f"--doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
+                   f"--doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
         tg.require(re.fullmatch(r"(\d+,)*\d+|", args.passes) is not None,
-                f"--passes {args.passes}: give core pass counts separated by commas, e.g. 1,3")
+                   f"--passes {args.passes}: give core pass counts separated by commas, e.g. 1,3")
         tg.require(not args.attention or torch.cuda.is_available(),
-                "--attention times the GPU's attention kernels: it needs a CUDA GPU")
+                   "--attention times the GPU's attention kernels: it needs a CUDA GPU")
         cfg = tg.build_config(dict(os.environ), int(os.environ.get("WORLD_SIZE", "1")))
         passes = [int(p) for p in args.passes.split(",")] if args.passes else sorted({1, cfg.repeats})
+        tg.require(all(1 <= n <= cfg.repeats for n in passes),
+                   f"--passes {args.passes}: each from 1 to {cfg.repeats}, the core passes of this shape")
         rt = tg.setup_runtime()  # torchrun's ranks, or one
     except tg.UserError as error:  # every rank finds the same: rank 0 prints it, each gives it to torchrun's summary
         rank = int(os.environ.get("RANK", "0"))
         sys.exit(tg.report(error, rank, echo=rank == 0))
     cuda = rt.device.type == "cuda"
-    say = print if rt.main else lambda *args, **kwargs: None
+    say = print if rt.main else lambda *_, **__: None
     base, model = tg.build_model(cfg, rt)
     optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=cuda)
     torch.manual_seed(cfg.seed + rt.rank)  # each rank its own tokens

@@ -44,6 +44,8 @@ def test_random_batch_holds_no_bos_unless_documents_are_asked_for():
 @pytest.mark.parametrize("argument, line", [
     ("--doc-tokens=0.5", "error: --doc-tokens 0.5: give 0 (no BOS) or a mean document length of at least 1"),
     ("--passes=1,x", "error: --passes 1,x: give core pass counts separated by commas, e.g. 1,3"),
+    ("--passes=0,3", "error: --passes 0,3: each from 1 to 3, the core passes of this shape"),
+    ("--passes=4", "error: --passes 4: each from 1 to 3, the core passes of this shape"),
 ])
 def test_a_bad_argument_is_refused_in_one_line(argument, line):
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), argument],
