@@ -259,6 +259,9 @@ def main() -> None:
                              "--attention's document mask uses it too (FineWeb's when 0)")
     args = parser.parse_args()
     try:
+        tg.require(args.steps >= 1, f"--steps {args.steps}: give at least 1 timed step")
+        tg.require(args.peak_tflops > 0, f"--peak-tflops {args.peak_tflops:g}: give the card's rate, above 0")
+        tg.require(args.top >= 0, f"--top {args.top}: give 0 (no list) or the number of kernels to list")
         tg.require(args.doc_tokens == 0 or args.doc_tokens >= 1,
                    f"--doc-tokens {args.doc_tokens:g}: give 0 (no BOS) or a mean document length of at least 1")
         tg.require(re.fullmatch(r"(\d+,)*\d+|", args.passes) is not None,

@@ -46,6 +46,9 @@ def test_random_batch_holds_no_bos_unless_documents_are_asked_for():
     ("--passes=1,x", "error: --passes 1,x: give core pass counts separated by commas, e.g. 1,3"),
     ("--passes=0,3", "error: --passes 0,3: each from 1 to 3, the core passes of this shape"),
     ("--passes=4", "error: --passes 4: each from 1 to 3, the core passes of this shape"),
+    ("--steps=0", "error: --steps 0: give at least 1 timed step"),
+    ("--peak-tflops=-5", "error: --peak-tflops -5: give the card's rate, above 0"),
+    ("--top=-1", "error: --top -1: give 0 (no list) or the number of kernels to list"),
 ])
 def test_a_bad_argument_is_refused_in_one_line(argument, line):
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), argument],
