@@ -606,6 +606,8 @@ def parse_args(argv=None):
         p.error(f"--nproc {args.nproc}: must be >= 0")
     if args.lanes < 1:
         p.error(f"--lanes {args.lanes}: must be >= 1")
+    if args.timeout < 0:
+        p.error(f"--timeout {args.timeout:g}: must be >= 0 (0: no limit)")
     if args.gpus is not None and args.lanes == 1:
         p.error("--gpus goes with --lanes N > 1 (for one run at a time, set CUDA_VISIBLE_DEVICES)")
     if not args.script.is_file():

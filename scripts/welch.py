@@ -178,6 +178,8 @@ def main() -> None:
                         help="val_loss/val_bpb of the new runs, to state the improvement in nats "
                              "(default: from NEW's seed_results when it is a records folder)")
     args = parser.parse_args()
+    if args.nats_per_bpb is not None and not args.nats_per_bpb > 0:
+        parser.error(f"--nats-per-bpb {args.nats_per_bpb:g}: must be above 0 (val_loss / val_bpb of the new runs)")
     try:
         new, _ = load_scores(args.new)
         previous, _ = load_scores(args.previous)

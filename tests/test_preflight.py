@@ -385,3 +385,14 @@ def test_main_passes_on_a_box_of_stand_ins_and_fails_on_a_corrupted_shard(built,
     assert preflight.main([]) == 1 and "FAIL data:" in capsys.readouterr().out
     env["NUM_LAYERZ"] = "3"
     assert preflight.main([]) == 1 and "FAIL config: NUM_LAYERZ: unknown variable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--nccl-timeout", "-1"], "error: --nccl-timeout -1: must be above 0 seconds"),
+    (["--warm-timeout", "0"], "error: --warm-timeout 0: must be above 0 seconds"),
+    (["--min-busbw", "-3"], "error: --min-busbw -3: must be >= 0 GB/s"),
+])
+def test_timeouts_and_the_bandwidth_floor_are_refused_when_they_cannot_mean_anything(capsys, argv, line):
+    with pytest.raises(SystemExit) as stop:
+        preflight.parse_args(argv)
+    assert stop.value.code == 2 and line in capsys.readouterr().err

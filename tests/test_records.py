@@ -445,3 +445,11 @@ def test_previous_scores_from_published_entries(tmp_path):
             welch.load_scores(bad)
     with pytest.raises(welch.InputError, match="at least 2 scores"):
         welch.welch([1.0], [1.1, 1.2])
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_welch_refuses_a_conversion_to_nats_that_is_not_positive(value):
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "welch.py"), "1.1,1.2,1.3", "1.2,1.3,1.4",
+                          "--nats-per-bpb", value], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == ""
+    assert f"error: --nats-per-bpb {value}: must be above 0 (val_loss / val_bpb of the new runs)" in run.stderr

@@ -365,3 +365,11 @@ def test_lanes_share_out_gpus_or_refuse_in_one_line(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err == "error: --lanes 2 x 2 GPU(s) a run needs 4 GPUs; --gpus gives 3 (0,1,2)\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_negative_timeout_is_refused_in_one_line(capsys):
+    """A threading.Timer of a negative delay fires at once: every run would be stopped as it starts."""
+    with pytest.raises(SystemExit) as stop:
+        sweep.parse_args(["--out", "s", "--grid", "SEED=1,2", "--timeout", "-5"])
+    assert stop.value.code == 2 and "error: --timeout -5: must be >= 0 (0: no limit)" in capsys.readouterr().err
+    assert sweep.parse_args(["--out", "s", "--grid", "SEED=1,2", "--timeout", "0"]).timeout == 0
