@@ -271,7 +271,12 @@ def main(argv=None) -> int:
     if not args.code.is_file() or any("=" not in s for s in args.settings):
         p.error("--code must be a file and each setting VAR=VALUE")
     try:
-        result = probe(load_module(args.code.read_bytes()), dict(s.split("=", 1) for s in args.settings))
+        tg = load_module(args.code.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - whatever the file raises as it is imported
+        print(f"error: --code {args.code}: cannot be imported ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    try:
+        result = probe(tg, dict(s.split("=", 1) for s in args.settings))
     except ProbeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

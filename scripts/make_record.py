@@ -565,6 +565,10 @@ def parse_args(argv=None):
         p.error(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' only")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
         p.error(f"--date {args.date!r}: expected YYYY-MM-DD")
+    try:
+        datetime.date.fromisoformat(args.date)
+    except ValueError as exc:  # 2024-13-45: the right shape, no such day
+        p.error(f"--date {args.date!r}: {exc}")
     for item in args.attribution:
         if not re.fullmatch(r"[A-Za-z0-9_]+=.+", item):
             p.error(f"--attribution {item!r}: expected KEY=TEXT")
@@ -588,7 +592,7 @@ def make_record(args) -> Path:
     probes = probed(module, changed_settings(runs[0].config, defaults), runs)
     print(f"probes hold in {', '.join(k['kind'] for k in probes['evaluations'])}: causal, single pass" +
           (", the mixer normalized and score-first" if any("mixer" in k for k in probes["evaluations"]) else ""))
-    stats, stats_lines = statistics_against(runs, args.against) if args.against else (None, None)
+    stats, stats_lines = statistics_against(runs, args.against) if args.against is not None else (None, None)
     sub = submission(args, runs, code, stats, probes, blurb)
     files = {"train_gpt.py": code, **{log_name(r): r.path.read_bytes() for r in runs},
              "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),

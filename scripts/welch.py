@@ -113,13 +113,20 @@ def describe(s: dict) -> list[str]:
     ]
 
 
+def positive(score: float, where: str) -> float:
+    """A score as it is, or InputError: a val_bpb is a positive, finite number (nan, inf or <= 0 is a typo)."""
+    if not 0 < score < math.inf:
+        raise InputError(f"{where}: {score:g} is not a val_bpb (a positive, finite number)")
+    return score
+
+
 def score_of(entry, where: str) -> float:
     if isinstance(entry, (int, float)) and not isinstance(entry, bool):
-        return float(entry)
+        return positive(float(entry), where)
     if isinstance(entry, dict):
         for key in SCORE_KEYS:
             if isinstance(entry.get(key), (int, float)):
-                return float(entry[key])
+                return positive(float(entry[key]), where)
     raise InputError(f"{where}: no val_bpb in {json.dumps(entry)[:80]}")
 
 
@@ -130,6 +137,8 @@ def scores_from_submission(path: Path) -> list[float]:
         sub = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(sub, dict):
+        raise InputError(f"{path}: expected a JSON object (a submission.json), not {type(sub).__name__}")
     results = sub.get("seed_results")
     if isinstance(results, dict) and results:
         return [score_of(v, f"{path}: seed_results[{k}]") for k, v in results.items()]
@@ -153,6 +162,8 @@ def nats_per_bpb(spec: str) -> float | None:
 
 def load_scores(spec: str) -> tuple[list[float], str]:
     """Scores from a records folder (its submission.json), a submission.json, or "1.08,1.09"; and a label."""
+    if not spec.strip():
+        raise InputError(f"{spec!r}: no scores")
     path = Path(spec)
     if path.is_dir():
         path = path / "submission.json"
@@ -166,6 +177,7 @@ def load_scores(spec: str) -> tuple[list[float], str]:
         raise InputError(f"{spec!r}: neither a records folder nor comma-separated scores") from None
     if not scores:
         raise InputError(f"{spec!r}: no scores")
+    scores = [positive(s, repr(spec)) for s in scores]
     return scores, "scores " + ", ".join(f"{s:g}" for s in scores)
 
 
@@ -178,8 +190,9 @@ def main() -> None:
                         help="val_loss/val_bpb of the new runs, to state the improvement in nats "
                              "(default: from NEW's seed_results when it is a records folder)")
     args = parser.parse_args()
-    if args.nats_per_bpb is not None and not args.nats_per_bpb > 0:
-        parser.error(f"--nats-per-bpb {args.nats_per_bpb:g}: must be above 0 (val_loss / val_bpb of the new runs)")
+    if args.nats_per_bpb is not None and not 0 < args.nats_per_bpb < math.inf:
+        parser.error(f"--nats-per-bpb {args.nats_per_bpb:g}: must be a finite number above 0 (val_loss / val_bpb of "
+                     "the new runs)")
     try:
         new, _ = load_scores(args.new)
         previous, _ = load_scores(args.previous)

@@ -260,6 +260,17 @@ def test_the_probes_hold_for_this_train_gpt_and_say_what_they_measured():
         "score_calls"], targets_counted=240, problems=[])
 
 
+@pytest.mark.parametrize("source, error", [("x = (\n", "SyntaxError"), ("import no_such_module_here\n",
+                                                                        "ModuleNotFoundError")])
+def test_a_code_file_that_cannot_be_imported_is_refused_in_one_line(tmp_path, capsys, source, error):
+    """eval_probes.py --code FILE that does not import: one line naming --code and the file, exit 2 (a traceback)."""
+    code = tmp_path / "train_gpt.py"
+    code.write_text(source)
+    assert eval_probes.main(["--code", str(code)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --code {code}: cannot be imported ({error}: ") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("extra, settings, failure", [
     (LEAKY, ROUNDTRIP_ONLY, "roundtrip: not causal (changing token 3 moved the score of target "),
     (TWICE, ROUNDTRIP_ONLY, "roundtrip: not single-pass (targets written 2..2 times"),
@@ -369,6 +380,23 @@ def test_logs_whose_evaluations_are_not_their_settings_are_refused(tmp_path, cap
                          "(roundtrip_mix)" in err, err
 
 
+def test_a_date_that_is_no_day_is_refused(capsys):
+    """--date 2024-13-45 has the shape YYYY-MM-DD: it was written into the folder's name and submission.json."""
+    with pytest.raises(SystemExit) as stop:
+        make_record.parse_args(["runs/a", "--name", "x", "--date", "2024-13-45"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "error: --date '2024-13-45': month must be in 1..12" in err.splitlines()[-1]
+    assert make_record.parse_args(["runs/a", "--name", "x", "--date", "2024-02-29"]).date == "2024-02-29"
+
+
+def test_an_empty_against_is_refused_not_ignored(tmp_path, capsys):
+    """--against '' (say, an unset shell variable) was taken for no --against: the record went without its test."""
+    runs = [write_log(tmp_path / "runs", (ROOT / "train_gpt.py").read_bytes(), ROUNDTRIP_ONLY, seed, 3.7 + seed / 100)
+            for seed in (1, 2)]
+    code, err = make_in_process(tmp_path / "record", runs, "--against", "", capsys=capsys)
+    assert code == 2 and err.splitlines()[-1] == "error: '': no scores" and not (tmp_path / "record").exists()
+
+
 def test_the_blurb_is_required_when_the_runs_use_the_defaults(tmp_path, capsys):
     runs = [write_log(tmp_path / "runs", (ROOT / "train_gpt.py").read_bytes(), {}, seed, 1.08) for seed in (1, 2)]
     code, err = make_in_process(tmp_path / "record", runs, capsys=capsys)
@@ -447,9 +475,27 @@ def test_previous_scores_from_published_entries(tmp_path):
         welch.welch([1.0], [1.1, 1.2])
 
 
-@pytest.mark.parametrize("value", ["0", "-2"])
+@pytest.mark.parametrize("value", ["0", "-2", "inf"])
 def test_welch_refuses_a_conversion_to_nats_that_is_not_positive(value):
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "welch.py"), "1.1,1.2,1.3", "1.2,1.3,1.4",
                           "--nats-per-bpb", value], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
-    assert f"error: --nats-per-bpb {value}: must be above 0 (val_loss / val_bpb of the new runs)" in run.stderr
+    assert f"error: --nats-per-bpb {value}: must be a finite number above 0 (val_loss / val_bpb of the new runs)" \
+        in run.stderr
+
+
+@pytest.mark.parametrize("previous, line", [
+    ("nan,nan", "error: 'nan,nan': nan is not a val_bpb (a positive, finite number)"),  # printed "mean nan", exit 0
+    ("inf,1.2", "error: 'inf,1.2': inf is not a val_bpb (a positive, finite number)"),
+    ("-1.1,-1.2", "error: '-1.1,-1.2': -1.1 is not a val_bpb (a positive, finite number)"),
+    ("", "error: '': no scores"),  # was "error: : no submission.json in this folder" (the current folder)
+    ("list.json", "error: {tmp}/list.json: expected a JSON object (a submission.json), not list"),  # AttributeError
+    ("nan.json", "error: {tmp}/nan.json: seed_results[1]: nan is not a val_bpb (a positive, finite number)"),
+])
+def test_welch_refuses_scores_that_are_no_val_bpb_in_one_line(tmp_path, previous, line):
+    (tmp_path / "list.json").write_text("[1.1, 1.2]")
+    (tmp_path / "nan.json").write_text('{"seed_results": {"1": {"val_bpb": NaN}, "2": {"val_bpb": 1.2}}}')
+    previous = str(tmp_path / previous) if previous.endswith(".json") else previous
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "welch.py"), "--", "1.1,1.2,1.3", previous],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 2 and run.stdout == "" and run.stderr == line.format(tmp=tmp_path) + "\n", run.stderr
