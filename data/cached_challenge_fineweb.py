@@ -47,6 +47,7 @@ import errno
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import socket
@@ -467,6 +468,8 @@ def check_args(args) -> None:
     for flag, value, low in (("--train-shards", args.train_shards or 0, 0), ("--jobs", args.jobs, 1),
                              ("--retries", args.retries, 0), ("--timeout", args.timeout, 0.001),
                              ("--retry-wait", args.retry_wait, 0)):
+        if not math.isfinite(value):  # nan or inf: the socket's timeout and time.sleep raise on them
+            raise UsageError(f"{flag} {value}: must be a finite number")
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
     try:
@@ -475,6 +478,11 @@ def check_args(args) -> None:
         raise UsageError("huggingface_hub is not installed: pip install huggingface_hub") from None
     if not re.fullmatch(r"[A-Za-z0-9_]+", args.variant):
         raise UsageError(f"--variant {args.variant!r}: expected a name like sp1024")
+    from huggingface_hub import hf_hub_url
+
+    url = urllib.parse.urlsplit(hf_hub_url(args.repo_id, "manifest.json", repo_type="dataset"))
+    if url.scheme not in ("http", "https") or not url.netloc:  # urllib would raise on it ("unknown url type")
+        raise UsageError(f"HF_ENDPOINT={os.environ.get('HF_ENDPOINT', '')!r}: expected an http(s)://host URL")
     args.remote_root = args.remote_root.strip().strip("/")
     if args.remote_root:
         safe_relative(args.remote_root, "remote root")

@@ -53,6 +53,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -582,10 +583,10 @@ def parse_args(argv=None):
     if args.gpus < 0 or args.nproc < 0 or args.warm_iterations < 1:
         p.error("--gpus and --nproc must be >= 0, --warm-iterations >= 1")
     for flag, value in (("--nccl-timeout", args.nccl_timeout), ("--warm-timeout", args.warm_timeout)):
-        if not value > 0:
-            p.error(f"{flag} {value:g}: must be above 0 seconds")
-    if not args.min_busbw >= 0:
-        p.error(f"--min-busbw {args.min_busbw:g}: must be >= 0 GB/s")
+        if not 0 < value < math.inf:  # inf: subprocess's timeout cannot take it (OverflowError)
+            p.error(f"{flag} {value:g}: must be a finite number above 0 seconds")
+    if not 0 <= args.min_busbw < math.inf:  # inf: every box would FAIL
+        p.error(f"--min-busbw {args.min_busbw:g}: must be a finite number >= 0 GB/s")
     if not args.script.is_file():
         p.error(f"--script {args.script}: file not found")
     return args

@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -127,8 +128,12 @@ def grid_settings(grids: list[str]) -> list[dict]:
 def list_settings(path: Path) -> list[tuple[str | None, dict]]:
     if not path.is_file():
         raise UsageError(f"--list {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--list {path}: cannot read it as text ({exc})") from None
     settings = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -599,19 +604,22 @@ def parse_args(argv=None):
     p.add_argument("--no-plots", action="store_true", help="the table only (no matplotlib needed)")
     args = p.parse_args(argv)
     try:
-        args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else []
+        args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds is not None else []
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     if args.nproc < 0:
         p.error(f"--nproc {args.nproc}: must be >= 0")
     if args.lanes < 1:
         p.error(f"--lanes {args.lanes}: must be >= 1")
-    if args.timeout < 0:
-        p.error(f"--timeout {args.timeout:g}: must be >= 0 (0: no limit)")
+    if not 0 <= args.timeout < math.inf:  # nan stopped every run as it started; inf crashed the timer thread
+        p.error(f"--timeout {args.timeout:g}: must be a finite number >= 0 (0: no limit)")
     if args.gpus is not None and args.lanes == 1:
         p.error("--gpus goes with --lanes N > 1 (for one run at a time, set CUDA_VISIBLE_DEVICES)")
     if not args.script.is_file():
         p.error(f"--script {args.script}: file not found")
+    nearest = next(q for q in (args.out.absolute(), *args.out.absolute().parents) if q.exists())
+    if not nearest.is_dir():
+        p.error(f"--out {args.out}: {nearest} is a file, not a folder")
     return args
 
 

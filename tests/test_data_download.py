@@ -349,3 +349,19 @@ def test_unreachable_host_fails_fast_naming_it_and_the_offline_way(hub, tmp_path
     assert len(errors) == 1 and f"cannot reach 127.0.0.1:{port}" in errors[0], result.stderr
     assert "data/build_shards.py" in errors[0]
     assert result.stderr.count("retrying") == 2
+
+
+@pytest.mark.parametrize("args, endpoint, line", [
+    (("--timeout", "nan"), "http://127.0.0.1:9", "--timeout nan: must be a finite number"),  # settimeout: ValueError
+    (("--timeout", "inf"), "http://127.0.0.1:9", "--timeout inf: must be a finite number"),  # OverflowError
+    (("--retry-wait", "nan"), "http://127.0.0.1:9", "--retry-wait nan: must be a finite number"),  # time.sleep(nan)
+    ((), "", "HF_ENDPOINT='': expected an http(s)://host URL"),  # urllib: ValueError unknown url type
+    ((), "hub.example.org", "HF_ENDPOINT='hub.example.org': expected an http(s)://host URL"),
+])
+def test_values_that_would_raise_mid_request_are_usage_errors(tmp_path, args, endpoint, line):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MATCHED_FINEWEB_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"))
+    command = [sys.executable, str(DOWNLOAD), "--local-dir", str(tmp_path / "data"), "--retries", "1", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == f"cached_challenge_fineweb.py: error: {line}\n", result.stderr
+    assert not (tmp_path / "data").exists()

@@ -388,9 +388,12 @@ def test_main_passes_on_a_box_of_stand_ins_and_fails_on_a_corrupted_shard(built,
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--nccl-timeout", "-1"], "error: --nccl-timeout -1: must be above 0 seconds"),
-    (["--warm-timeout", "0"], "error: --warm-timeout 0: must be above 0 seconds"),
-    (["--min-busbw", "-3"], "error: --min-busbw -3: must be >= 0 GB/s"),
+    (["--nccl-timeout", "-1"], "error: --nccl-timeout -1: must be a finite number above 0 seconds"),
+    (["--warm-timeout", "0"], "error: --warm-timeout 0: must be a finite number above 0 seconds"),
+    (["--min-busbw", "-3"], "error: --min-busbw -3: must be a finite number >= 0 GB/s"),
+    (["--nccl-timeout", "inf"], "error: --nccl-timeout inf: must be a finite number above 0 seconds"),
+    (["--warm-timeout", "inf"], "error: --warm-timeout inf: must be a finite number above 0 seconds"),  # OverflowError
+    (["--min-busbw", "inf"], "error: --min-busbw inf: must be a finite number >= 0 GB/s"),  # every box would FAIL
 ])
 def test_timeouts_and_the_bandwidth_floor_are_refused_when_they_cannot_mean_anything(capsys, argv, line):
     with pytest.raises(SystemExit) as stop:

@@ -367,9 +367,31 @@ def test_lanes_share_out_gpus_or_refuse_in_one_line(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "o").exists()
 
 
-def test_a_negative_timeout_is_refused_in_one_line(capsys):
-    """A threading.Timer of a negative delay fires at once: every run would be stopped as it starts."""
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_a_timeout_that_cannot_mean_anything_is_refused_in_one_line(capsys, value):
+    """A threading.Timer of a negative or nan delay fires at once: every run would be stopped as it starts; one of
+    inf raises OverflowError in the timer's thread."""
     with pytest.raises(SystemExit) as stop:
-        sweep.parse_args(["--out", "s", "--grid", "SEED=1,2", "--timeout", "-5"])
-    assert stop.value.code == 2 and "error: --timeout -5: must be >= 0 (0: no limit)" in capsys.readouterr().err
+        sweep.parse_args(["--out", "s", "--grid", "SEED=1,2", "--timeout", value])
+    line = f"error: --timeout {value}: must be a finite number >= 0 (0: no limit)"
+    assert stop.value.code == 2 and line in capsys.readouterr().err
     assert sweep.parse_args(["--out", "s", "--grid", "SEED=1,2", "--timeout", "0"]).timeout == 0
+
+
+def test_unusable_out_seeds_and_list_are_refused_in_one_line(tmp_path, capsys):
+    """--out on a file (mkdir's FileExistsError after the plan was printed), an empty --seeds (taken for no seeds) and
+    a --list file that is not UTF-8 text (UnicodeDecodeError): one error line each, exit 2, nothing written."""
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "binary.txt").write_bytes(b"\xb0\xff NUM_LAYERS=2\n")
+    for argv, line in ((["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
+                       (["--out", str(tmp_path / "file" / "sub")], f"{tmp_path / 'file'} is a file, not a folder"),
+                       (["--out", str(tmp_path / "o"), "--seeds", ""], "error: --seeds '': expected comma-separated "
+                                                                        "integers")):
+        with pytest.raises(SystemExit) as stop:
+            sweep.parse_args([*argv, "--no-plots"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and line in err.splitlines()[-1], err
+    assert sweep.main(["--out", str(tmp_path / "o"), "--list", str(tmp_path / "binary.txt"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --list {tmp_path / 'binary.txt'}: cannot read it as text (") and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "keep" and not (tmp_path / "o").exists()
