@@ -638,6 +638,12 @@ def check_numbers(args) -> None:
         raise UsageError(f"--workers {args.workers}: must be at least 1")
     if args.batch_kb < 1:
         raise UsageError(f"--batch-kb {args.batch_kb}: must be positive")
+    if args.tokenizer_train_mb < 1:  # 0 or below trained on the first document alone
+        raise UsageError(f"--tokenizer-train-mb {args.tokenizer_train_mb}: must be positive")
+    for flag, given in (("--input", args.input), ("--val", args.val or []), ("--out", [args.out]),
+                        ("--tokenizer", [args.tokenizer] if args.tokenizer is not None else [])):
+        if any(not path.strip() for path in given):  # Path("") is the current folder
+            raise UsageError(f"{flag} '': an empty path")
     if args.vocab_size is not None and not 262 <= args.vocab_size <= 65536:
         raise UsageError(f"--vocab-size {args.vocab_size}: must be between 262 and 65536 (256 byte pieces + specials)")
 

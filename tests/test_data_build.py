@@ -234,3 +234,26 @@ def test_empty_train_split_fails_without_output(tmp_path):
     result = run_build("--input", SAMPLE_VAL, "--val-docs", 1000, "--tokenizer", SP1024, "--out", out)
     assert result.returncode == 1 and "train split is empty" in result.stderr
     assert not out.exists() and not no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--tokenizer", ""), "--tokenizer '': an empty path"),  # trained a "None-piece" tokenizer: ValueError
+        (("--input", ""), "--input '': an empty path"),  # read every document under the current folder
+        (("--out", ""), "--out '': an empty path"),
+        (("--vocab-size", 300, "--tokenizer-train-mb", 0), "--tokenizer-train-mb 0: must be positive"),  # 1 document
+        (("--vocab-size", 300, "--tokenizer-train-mb", -1), "--tokenizer-train-mb -1: must be positive"),
+    ],
+)
+def test_arguments_that_cannot_mean_anything_are_usage_errors(tmp_path, args, message):
+    given = dict(zip(args[::2], args[1::2]))
+    rest = {"--input": SAMPLE_TRAIN, "--out": tmp_path / "out", "--workers": 1}
+    rest.update({"--tokenizer": SP1024} if "--vocab-size" not in given else {})
+    rest.update({"--val-docs": 2} if "--val" not in given else {})
+    command = [*args, *(x for item in rest.items() if item[0] not in given for x in item)]
+    result = subprocess.run([sys.executable, str(BUILD), *map(str, command)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)  # '' is this folder
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"build_shards.py: error: {message}\n", result.stderr
+    assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)

@@ -278,6 +278,57 @@ def test_patch_writes_beside_its_modules(tmp_path):
     assert result.returncode == 2 and "OUT_DIR" in result.stderr and (tmp_path / "train_gpt.py").read_text() == SKELETON
 
 
+def test_patch_writes_into_no_file_and_over_no_file(tmp_path):
+    """OUT_DIR on a file (FileExistsError, NotADirectoryError) or holding a train_gpt.py already (overwritten: a
+    checkout's own): one line naming OUT_DIR, exit 2, the file as it was."""
+    (tmp_path / "record").mkdir()
+    (tmp_path / "record" / "train_gpt.py").write_text(SKELETON)
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "checkout" / "train_gpt.py").write_text("ours")
+    for out, says in (
+        (tmp_path / "file", "File exists"),
+        (tmp_path / "file" / "sub", "Not a directory"),
+        (tmp_path / "checkout", "already holds train_gpt.py; choose a new folder"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(PARITY / "patch_reference.py"), str(tmp_path / "record" / "train_gpt.py"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"patch_reference: OUT_DIR {out}") and says in result.stderr
+    assert (tmp_path / "file").read_text() == "keep" and (tmp_path / "checkout" / "train_gpt.py").read_text() == "ours"
+    assert sorted(p.name for p in (tmp_path / "checkout").iterdir()) == ["train_gpt.py"]
+
+
+STUBS = "".join(f"def {name}(*args, **kwargs):\n    pass\n" for name in (
+    "_build_cu_seqlens", "get_next_multiple_of_n", "_find_docs", "_build_ttt_global_batches", "_init_batch_counter",
+    "_claim_next_batch", "_compute_chunk_window", "_accumulate_bpb", "_loss_bpb_from_sums", "_add_to_counter",
+    "_init_int64_counter", "_select_ttt_doc_entries", "train_val_ttt_global_sgd_distributed", "eval_val_ttt_phased",
+)) + "class BatchedLinearLoRA:\n    pass\nclass BatchedTTTLoRA:\n    pass\n"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "source, says",
+    [
+        (b"x = (\n", "not Python: '(' was never closed"),  # the line named no file
+        (b"\xb0\xff\n", "not Python: 'utf-8' codec can't decode"),
+        (STUBS.encode(), "its eval_val_ttt_phased scored no target"),  # "0 of 45 earlier targets moved", exit 0
+    ],
+    ids=["syntax_error", "not_utf8", "scores_nothing"],
+)
+def test_check_ttt_order_names_a_script_it_cannot_check(tmp_path, source, says):
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes(source)
+    result = subprocess.run(
+        [sys.executable, str(PARITY / "check_ttt_order.py"), str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"check_ttt_order: RECORD_SCRIPT {script}: ") and says in result.stderr
+
+
 def run_ref(args, tmp_path, **env):
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("REF_", "CASEOPS"))}
     return subprocess.run(["bash", str(PARITY / "run_ref.sh"), *args], capture_output=True, text=True,

@@ -42,7 +42,10 @@ VOCAB, DIM, BOS = 64, 16, 1
 
 def load_record(path: Path) -> dict:
     """The record's TTT functions and classes, executed in a namespace of their imports (no CUDA, no Triton)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, SyntaxError) as e:
+        raise ValueError(f"RECORD_SCRIPT {path}: not Python: {e}") from None
     nodes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in TAKEN]
     missing = set(TAKEN) - {n.name for n in nodes}
     if missing:
@@ -162,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     tokens = stream()
     before = scores(namespace, tokens, "before")
+    if not before:  # nothing to move: "0 earlier targets moved" would pass a script that scores nothing
+        print(
+            f"check_ttt_order: RECORD_SCRIPT {args.record_script}: its eval_val_ttt_phased scored no target; "
+            "is it the 2026-04-27 record's?",
+            file=sys.stderr,
+        )
+        return 2
     worst = 0
     starts = (tokens == BOS).nonzero()[:, 0].tolist()
     ends = starts[1:] + [len(tokens)]

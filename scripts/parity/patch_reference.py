@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 # the record's file as published (records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611)
 RECORD_SHA256 = "454f710d174be80f4603069ca952833d694f60d1d34c0c25703528323bc8878b"
 MODULE = "<module>"
+MODULES = ("ref_hooks.py", "flash_attn_interface.py")  # copied beside the patched script
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
             f"patch_reference: OUT_DIR {args.out_dir} holds the record's script; choose another folder", file=sys.stderr
         )
         return 2
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "train_gpt.py").write_text(patched, encoding="utf-8")
-    for module in ("ref_hooks.py", "flash_attn_interface.py"):
-        shutil.copyfile(HERE / module, args.out_dir / module)
+    taken = [name for name in ("train_gpt.py", *MODULES) if (args.out_dir / name).exists()]
+    if taken:  # never overwritten: OUT_DIR might be a checkout (its own train_gpt.py)
+        print(f"patch_reference: OUT_DIR {args.out_dir} already holds {taken[0]}; choose a new folder", file=sys.stderr)
+        return 2
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "train_gpt.py").write_text(patched, encoding="utf-8")
+        for module in MODULES:
+            shutil.copyfile(HERE / module, args.out_dir / module)
+    except OSError as e:  # a file where the folder should be, or one above it
+        print(f"patch_reference: OUT_DIR {args.out_dir}: {e}", file=sys.stderr)
+        return 2
     print("\n".join(report))
     print(f"patch_reference: wrote {args.out_dir / 'train_gpt.py'} ({len(report)} lines added)")
     return 0
