@@ -277,16 +277,15 @@ def main() -> None:
         rank = int(os.environ.get("RANK", "0"))
         sys.exit(tg.report(error, rank, echo=rank == 0))
     cuda = rt.device.type == "cuda"
-    say = print if rt.main else lambda *_, **__: None
     base, model = tg.build_model(cfg, rt)
     optimizers = tg.build_optimizers(cfg, base, rt.rank, rt.world_size, fused=cuda)
     torch.manual_seed(cfg.seed + rt.rank)  # each rank its own tokens
     x, y = random_batch(cfg, args.doc_tokens, rt.device)
-    say(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
-        f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} ranks={rt.world_size} "
-        f"micro_steps={cfg.micro_steps} attention={tg.attention_backend_name(cfg, rt.device.type)} "
-        f"gpu={torch.cuda.get_device_name() if cuda else 'none (CPU: for checking the script, not for timings)'} "
-        f"bos_per_row={(x == tg.BOS_ID).sum().item() / x.size(0):.2f}")
+    rt.log(f"shape: layers={cfg.num_layers} unique={len(base.blocks)} dim={cfg.model_dim} vocab={cfg.vocab_size} "
+           f"seq={cfg.train_seq_len} batch_tokens={cfg.train_batch_tokens} ranks={rt.world_size} "
+           f"micro_steps={cfg.micro_steps} attention={tg.attention_backend_name(cfg, rt.device.type)} "
+           f"gpu={torch.cuda.get_device_name() if cuda else 'none (CPU: for checking the script, not for timings)'} "
+           f"bos_per_row={(x == tg.BOS_ID).sum().item() / x.size(0):.2f}")
     for n in passes:
         plan = tg.plan_for(cfg, n)
         start = time.perf_counter()
@@ -294,31 +293,31 @@ def main() -> None:
         fpt, how = flops_per_token(cfg, n)
         tokens_per_s = cfg.train_batch_tokens / rt.world_size / (parts["step"] / 1000)  # per rank
         mfu = 100 * fpt * tokens_per_s / (args.peak_tflops * 1e12)
-        say(f"\n== {n} core pass(es), {len(plan.layers)} layers ({time.perf_counter() - start:.0f} s with compile)")
-        say(f"flops: {how}")
+        rt.log(f"\n== {n} core pass(es), {len(plan.layers)} layers ({time.perf_counter() - start:.0f} s with compile)")
+        rt.log(f"flops: {how}")
         for name, ms in parts.items():
             per = "per micro-batch" if name in ("forward", "backward") else "per step"
-            say(f"{name:>10}: {ms:8.2f} ms {per}")
+            rt.log(f"{name:>10}: {ms:8.2f} ms {per}")
         in_all = f" ({tokens_per_s * rt.world_size / 1e6:.3f}M over {rt.world_size} ranks)" if rt.distributed else ""
-        say(f"step: {parts['step']:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M{in_all}  "
-            f"MFU: {mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+        rt.log(f"step: {parts['step']:.1f} ms  tokens/s: {tokens_per_s / 1e6:.3f}M{in_all}  "
+               f"MFU: {mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
         if rt.distributed:
             alone = measure_parts(model, x, y, plan, optimizers, cfg, rt, args.steps, sync=False)["step"]
             added = parts["step"] - alone
-            say(f"gradient all-reduce: step {parts['step']:.1f} ms with it, {alone:.1f} ms without: "
-                f"{added:+.1f} ms ({100 * added / parts['step']:+.1f}% of the step)")
+            rt.log(f"gradient all-reduce: step {parts['step']:.1f} ms with it, {alone:.1f} ms without: "
+                   f"{added:+.1f} ms ({100 * added / parts['step']:+.1f}% of the step)")
         if not args.no_kernels and cuda:
             breakdown, kernels = kernel_breakdown(model, base, x, y, plan, optimizers, cfg, rt)
             kernel_ms = sum(v for k, v in breakdown.items() if not k.startswith("loss head"))
-            say(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
+            rt.log(f"CUDA kernel time per step: {kernel_ms:.1f} ms (step wall {parts['step']:.1f} ms)")
             for name, ms in breakdown.items():
-                say(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
+                rt.log(f"  {name:>40}: {ms:8.1f} ms  {100 * ms / kernel_ms:5.1f}%")
             for ms, part, name, _ in kernels[: args.top]:
-                say(f"  {ms:7.2f} ms {100 * ms / kernel_ms:5.1f}% {part:>17}  {name[:110]}")
+                rt.log(f"  {ms:7.2f} ms {100 * ms / kernel_ms:5.1f}% {part:>17}  {name[:110]}")
             for line in beyond_the_top(kernels, args.top, kernel_ms):
-                say(line)
+                rt.log(line)
     if cuda:
-        say(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        rt.log(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.attention and rt.main:
         attention_backends(cfg, rt.device, args.doc_tokens or FINEWEB_DOC_TOKENS)
     if rt.distributed:

@@ -475,10 +475,14 @@ def test_previous_scores_from_published_entries(tmp_path):
         welch.welch([1.0], [1.1, 1.2])
 
 
+def run_welch(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "welch.py"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "inf"])
 def test_welch_refuses_a_conversion_to_nats_that_is_not_positive(value):
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "welch.py"), "1.1,1.2,1.3", "1.2,1.3,1.4",
-                          "--nats-per-bpb", value], capture_output=True, text=True, timeout=60)
+    run = run_welch("1.1,1.2,1.3", "1.2,1.3,1.4", "--nats-per-bpb", value)
     assert run.returncode == 2 and run.stdout == ""
     assert f"error: --nats-per-bpb {value}: must be a finite number above 0 (val_loss / val_bpb of the new runs)" \
         in run.stderr
@@ -496,6 +500,5 @@ def test_welch_refuses_scores_that_are_no_val_bpb_in_one_line(tmp_path, previous
     (tmp_path / "list.json").write_text("[1.1, 1.2]")
     (tmp_path / "nan.json").write_text('{"seed_results": {"1": {"val_bpb": NaN}, "2": {"val_bpb": 1.2}}}')
     previous = str(tmp_path / previous) if previous.endswith(".json") else previous
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "welch.py"), "--", "1.1,1.2,1.3", previous],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    run = run_welch("--", "1.1,1.2,1.3", previous, cwd=tmp_path)
     assert run.returncode == 2 and run.stdout == "" and run.stderr == line.format(tmp=tmp_path) + "\n", run.stderr
